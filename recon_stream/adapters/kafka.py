@@ -1,0 +1,211 @@
+"""Kafka through FastStream: the broker, topic creation, and our publishers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker
+from faststream.message import StreamMessage
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
+from recon_stream.domain.scan_requests import ScanRequest
+from recon_stream.ingest import Rejected
+from recon_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DLQ_PREFIX = "x-recon-dlq-"
+
+
+def security(settings: Settings) -> BaseSecurity | None:
+    """FastStream security for the configured protocol (None for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    context = settings.kafka_ssl_context()
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    assert settings.kafka_sasl_username is not None  # enforced by Settings
+    assert settings.kafka_sasl_password is not None
+    kinds: dict[str, type[SASLPlaintext | SASLScram256 | SASLScram512]] = {
+        "PLAIN": SASLPlaintext,
+        "SCRAM-SHA-256": SASLScram256,
+        "SCRAM-SHA-512": SASLScram512,
+    }
+    return kinds[settings.kafka_sasl_mechanism](
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        ssl_context=context,
+        use_ssl=protocol == "SASL_SSL",
+    )
+
+
+def admin_options(settings: Settings) -> dict[str, Any]:
+    """Connection options for plain aiokafka clients (admin, lag sampling, tools)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": settings.kafka_client_id,
+    }
+    context = settings.kafka_ssl_context()
+    if context is not None:
+        options["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+def build_broker(settings: Settings, middlewares: Sequence[Any] = ()) -> KafkaBroker:
+    return KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        client_id=settings.kafka_client_id,
+        security=security(settings),
+        # Every publish must be durable before its batch is committed.
+        acks="all",
+        linger_ms=5,
+        graceful_timeout=settings.graceful_timeout_seconds,
+        middlewares=tuple(middlewares),
+    )
+
+
+async def create_topics(settings: Settings) -> dict[str, str]:
+    """Create our topics if missing; returns each topic's outcome."""
+    names = [
+        settings.topic_heartbeats,
+        settings.topic_scan_requests,
+        settings.topic_exposures,
+        settings.topic_dlq,
+    ]
+    admin = AIOKafkaAdminClient(**admin_options(settings))
+    await admin.start()
+    outcome: dict[str, str] = {}
+    try:
+        existing = set(await admin.list_topics())
+        for name in names:
+            if name in existing:
+                outcome[name] = "exists"
+                continue
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=settings.kafka_topic_partitions,
+                            replication_factor=settings.kafka_topic_replication_factor,
+                        )
+                    ]
+                )
+                outcome[name] = "created"
+            except TopicAlreadyExistsError:
+                outcome[name] = "exists"
+    finally:
+        await admin.close()
+    return outcome
+
+
+def _utf8_headers(record: ConsumerRecord[Any, Any]) -> bool:
+    try:
+        for _, value in record.headers:
+            if value is not None:
+                value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _with_readable_headers(record: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:
+    kept = []
+    dropped = []
+    for name, value in record.headers:
+        try:
+            value.decode()
+            kept.append((name, value))
+        except UnicodeDecodeError:
+            dropped.append(name)
+    kept.append((DLQ_PREFIX + "undecodable-headers", ",".join(dropped).encode()))
+    return dataclasses.replace(record, headers=tuple(kept))
+
+
+async def raw_batch_parser(records: tuple[ConsumerRecord[Any, Any], ...], original: Any) -> Any:
+    """FastStream parser for heartbeat batches that tolerates binary headers.
+
+    FastStream decodes every header as UTF-8 while parsing; one producer
+    sending a binary header would otherwise make the whole batch a poison pill.
+    """
+    if not all(_utf8_headers(r) for r in records):
+        records = tuple(r if _utf8_headers(r) else _with_readable_headers(r) for r in records)
+    return await original(records)
+
+
+async def raw_batch_decoder(message: StreamMessage[Any], original: Any) -> Any:
+    """Hand the handler the raw records: we decode and validate them ourselves,
+    once, which is ~6x faster than FastStream's per-message decoding."""
+    return message.raw_message
+
+
+class KafkaScanRequests:
+    """Publishes scan requests, key = IP, and waits until the broker has them."""
+
+    def __init__(self, broker: KafkaBroker, topic: str) -> None:
+        self._broker = broker
+        self._topic = topic
+
+    async def publish(self, requests: Sequence[ScanRequest]) -> None:
+        futures = [
+            await self._broker.publish(
+                r.model_dump_json().encode(),
+                self._topic,
+                key=r.kafka_key(),
+                headers={"content-type": "application/json"},
+                no_confirm=True,
+            )
+            for r in requests
+        ]
+        await asyncio.gather(*futures)
+
+
+class KafkaDeadLetters:
+    """Publishes rejected records byte-for-byte with the reason in headers."""
+
+    def __init__(self, broker: KafkaBroker, topic: str) -> None:
+        self._broker = broker
+        self._topic = topic
+
+    async def publish(self, rejected: Sequence[Rejected]) -> None:
+        failed_at = datetime.now(UTC).isoformat()
+        futures = []
+        for r in rejected:
+            record = r.record
+            headers = {name: value.decode() for name, value in record.headers if value is not None}
+            headers.update(
+                {
+                    DLQ_PREFIX + "reason": r.reason.value,
+                    DLQ_PREFIX + "detail": r.detail[:1024],
+                    DLQ_PREFIX + "original-topic": record.topic,
+                    DLQ_PREFIX + "original-partition": str(record.partition),
+                    DLQ_PREFIX + "original-offset": str(record.offset),
+                    DLQ_PREFIX + "original-timestamp": str(record.timestamp),
+                    DLQ_PREFIX + "failed-at": failed_at,
+                }
+            )
+            futures.append(
+                await self._broker.publish(
+                    record.value or b"",
+                    self._topic,
+                    key=record.key,
+                    headers=headers,
+                    no_confirm=True,
+                )
+            )
+        await asyncio.gather(*futures)

@@ -1,0 +1,251 @@
+"""MongoDB: the client, the indexes, and the `org_ips` repository.
+
+`org_ips` holds one document per (organization, IP):
+
+    {organization_id, ip, ip_version, status: "active",
+     first_seen, last_seen,               # from heartbeats' observed_at
+     created_at, updated_at,              # our clock
+     site_ids: [...],                     # bounded
+     agents: [{agent_id, last_seen, hostname}],  # most recent first, bounded
+     scan_request: {state: "pending"|"sent", claim_until, sent_at}}
+
+`scan_request` is the outbox of the ingest stage: it is written `pending` in
+the same upsert that creates the pair, and flipped to `sent` only after the
+scan request is on Kafka. A crash in between leaves it `pending`, and the relay
+sends it once the lease has run out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from recon_stream.domain.sightings import PairKey, PairSighting
+from recon_stream.settings import Settings
+
+Document = dict[str, Any]
+ORG_IPS = "org_ips"
+_DUPLICATE_KEY = 11000
+
+
+def connect(settings: Settings) -> AsyncMongoClient[Document]:
+    """A client for `RECON_MONGODB_URI` with the TLS settings applied."""
+    options: dict[str, Any] = {
+        "serverSelectionTimeoutMS": settings.mongodb_server_selection_timeout_ms,
+        "appname": "recon-stream",
+        "tz_aware": True,
+    }
+    if settings.mongodb_tls:
+        options["tls"] = True
+        if settings.mongodb_tls_ca_file:
+            options["tlsCAFile"] = str(settings.mongodb_tls_ca_file)
+        if settings.mongodb_tls_certificate_key_file:
+            options["tlsCertificateKeyFile"] = str(settings.mongodb_tls_certificate_key_file)
+        if settings.mongodb_tls_certificate_key_file_password:
+            options["tlsCertificateKeyFilePassword"] = (
+                settings.mongodb_tls_certificate_key_file_password.get_secret_value()
+            )
+        if settings.mongodb_tls_allow_invalid_hostnames:
+            options["tlsAllowInvalidHostnames"] = True
+    return AsyncMongoClient(settings.mongodb_uri.get_secret_value(), **options)
+
+
+async def ensure_indexes(db: AsyncDatabase[Document]) -> list[str]:
+    """Create every index the workers rely on; safe to run again."""
+    org_ips = db[ORG_IPS]
+    return [
+        await org_ips.create_index(
+            [("organization_id", ASCENDING), ("ip", ASCENDING)],
+            unique=True,
+            name="org_ip_unique",
+        ),
+        await org_ips.create_index([("ip", ASCENDING)], name="ip"),
+        await org_ips.create_index(
+            [("scan_request.state", ASCENDING), ("scan_request.claim_until", ASCENDING)],
+            name="scan_request_outbox",
+        ),
+        await org_ips.create_index(
+            [("status", ASCENDING), ("last_seen", ASCENDING)], name="status_last_seen"
+        ),
+    ]
+
+
+class OrgIpStore(Protocol):
+    """What the ingest stage needs from storage."""
+
+    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> set[PairKey]:
+        """Upsert the sightings; return the pairs this call created (its to announce)."""
+        ...
+
+    async def mark_requested(self, pairs: Sequence[PairKey], now: datetime) -> None:
+        """Flip the pairs' scan-request outbox to `sent`."""
+        ...
+
+    async def claim_unsent(self, now: datetime, limit: int) -> list[PairKey]:
+        """Claim pairs whose scan request is pending past its lease."""
+        ...
+
+
+def _literal(value: Any) -> Document:
+    # Heartbeat text must never be read as a field path or an operator.
+    return {"$literal": value}
+
+
+class MongoOrgIps:
+    """`OrgIpStore` on a MongoDB collection."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        *,
+        max_agents: int = 50,
+        max_sites: int = 50,
+        lease: timedelta = timedelta(seconds=60),
+    ) -> None:
+        self._collection: AsyncCollection[Document] = db[ORG_IPS]
+        self._max_agents = max_agents
+        self._max_sites = max_sites
+        self._lease = lease
+
+    @property
+    def collection(self) -> AsyncCollection[Document]:
+        return self._collection
+
+    def _upsert(self, s: PairSighting, ip_version: int, now: datetime) -> UpdateOne:
+        agents = [
+            {"agent_id": a.agent_id, "last_seen": a.last_seen, "hostname": a.hostname}
+            for a in s.agents_most_recent_first()[: self._max_agents]
+        ]
+        new_ids = [a["agent_id"] for a in agents]
+        old = {"$ifNull": ["$agents", []]}
+        # Agents seen again keep the later of the stored and the new time (a
+        # redelivered old heartbeat must not move an agent back in time).
+        merged_new = {
+            "$map": {
+                "input": _literal(agents),
+                "as": "n",
+                "in": {
+                    "$let": {
+                        "vars": {
+                            "o": {
+                                "$first": {
+                                    "$filter": {
+                                        "input": old,
+                                        "cond": {"$eq": ["$$this.agent_id", "$$n.agent_id"]},
+                                    }
+                                }
+                            }
+                        },
+                        "in": {
+                            "agent_id": "$$n.agent_id",
+                            "last_seen": {
+                                "$max": ["$$n.last_seen", {"$ifNull": ["$$o.last_seen", None]}]
+                            },
+                            "hostname": {"$ifNull": ["$$n.hostname", "$$o.hostname"]},
+                        },
+                    }
+                },
+            }
+        }
+        untouched = {
+            "$filter": {"input": old, "cond": {"$not": [{"$in": ["$$this.agent_id", new_ids]}]}}
+        }
+        pending = {
+            "state": "pending",
+            "claim_until": now + self._lease,
+        }
+        stage = {
+            "$set": {
+                "ip_version": ip_version,
+                "first_seen": {"$min": [{"$ifNull": ["$first_seen", s.first_seen]}, s.first_seen]},
+                "last_seen": {"$max": [{"$ifNull": ["$last_seen", s.last_seen]}, s.last_seen]},
+                "created_at": {"$ifNull": ["$created_at", now]},
+                "updated_at": now,
+                "status": "active",
+                "site_ids": {
+                    "$slice": [
+                        {"$setUnion": [{"$ifNull": ["$site_ids", []]}, _literal(sorted(s.site_ids))]},
+                        self._max_sites,
+                    ]
+                },
+                "agents": {
+                    "$slice": [
+                        {
+                            "$sortArray": {
+                                "input": {"$concatArrays": [merged_new, untouched]},
+                                "sortBy": {"last_seen": -1},
+                            }
+                        },
+                        self._max_agents,
+                    ]
+                },
+                "scan_request": {"$ifNull": ["$scan_request", _literal(pending)]},
+            }
+        }
+        return UpdateOne(
+            {"organization_id": s.organization_id, "ip": s.ip}, [stage], upsert=True
+        )
+
+    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> set[PairKey]:
+        if not sightings:
+            return set()
+        ops = [self._upsert(s, 6 if ":" in s.ip else 4, now) for s in sightings]
+        created: set[PairKey] = set()
+        pending = list(range(len(ops)))
+        # Two workers upserting a new pair at once: one inserts, the other may
+        # get a duplicate-key error (mongod retries some of these itself).
+        # Re-running the loser turns it into an update of the winner's document.
+        for _attempt in range(5):
+            try:
+                result = await self._collection.bulk_write([ops[i] for i in pending], ordered=False)
+                created.update(sightings[pending[i]].key for i in result.upserted_ids)
+                return created
+            except BulkWriteError as error:
+                details = error.details
+                created.update(
+                    sightings[pending[u["index"]]].key for u in details.get("upserted", [])
+                )
+                write_errors = details.get("writeErrors", [])
+                if any(e.get("code") != _DUPLICATE_KEY for e in write_errors):
+                    raise
+                pending = [pending[e["index"]] for e in write_errors]
+        raise RuntimeError("duplicate-key conflicts did not resolve after 5 attempts")
+
+    async def mark_requested(self, pairs: Sequence[PairKey], now: datetime) -> None:
+        if not pairs:
+            return
+        ops = [
+            UpdateOne(
+                {"organization_id": org, "ip": ip, "scan_request.state": "pending"},
+                {"$set": {"scan_request.state": "sent", "scan_request.sent_at": now}},
+            )
+            for org, ip in pairs
+        ]
+        await self._collection.bulk_write(ops, ordered=False)
+
+    async def claim_unsent(self, now: datetime, limit: int) -> list[PairKey]:
+        cursor = self._collection.find(
+            {"scan_request.state": "pending", "scan_request.claim_until": {"$lt": now}},
+            {"organization_id": 1, "ip": 1},
+            limit=limit,
+        )
+        claimed: list[PairKey] = []
+        async for doc in cursor:
+            # Only one relay wins the claim; the others move on.
+            result = await self._collection.update_one(
+                {
+                    "_id": doc["_id"],
+                    "scan_request.state": "pending",
+                    "scan_request.claim_until": {"$lt": now},
+                },
+                {"$set": {"scan_request.claim_until": now + self._lease}},
+            )
+            if result.modified_count:
+                claimed.append((doc["organization_id"], doc["ip"]))
+        return claimed

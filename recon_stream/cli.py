@@ -1,0 +1,169 @@
+"""The `recon-stream` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from recon_stream.settings import Settings
+
+cli = typer.Typer(
+    name="recon-stream",
+    help="Outside-in attack-surface monitoring from endpoint-agent heartbeats.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Role(str, enum.Enum):
+    ingest = "ingest"
+    all = "all"
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        # pydantic's message names the variable and the rule, never a secret value.
+        typer.echo(f"invalid configuration:\n{error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiokafka logs every broker reconnect at ERROR with a traceback; our retry
+    # loops already report outages once per attempt.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+LogLevel = Annotated[str, typer.Option("--log-level", envvar="RECON_LOG_LEVEL")]
+
+
+@cli.command()
+def run(
+    role: Annotated[Role, typer.Argument(help="which worker to run")],
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a worker until SIGTERM/SIGINT."""
+    from recon_stream.app import ROLES, build_worker
+
+    _logging(log_level)
+    settings = _settings()
+    roles = ROLES if role is Role.all else (role.value,)
+    worker = build_worker(settings, roles)
+    asyncio.run(worker.app.run())
+
+
+@cli.command()
+def init(log_level: LogLevel = "WARNING") -> None:
+    """Create the Kafka topics and MongoDB indexes (idempotent)."""
+    from recon_stream.adapters import kafka, mongo
+
+    _logging(log_level)
+    settings = _settings()
+
+    async def go() -> None:
+        topics = await kafka.create_topics(settings)
+        for name, outcome in topics.items():
+            typer.echo(f"topic {name}: {outcome}")
+        client = mongo.connect(settings)
+        try:
+            names = await mongo.ensure_indexes(client[settings.mongodb_database])
+        finally:
+            await client.close()
+        typer.echo(f"indexes on {settings.mongodb_database}: {', '.join(names)}")
+
+    asyncio.run(go())
+
+
+@cli.command("publish-heartbeat")
+def publish_heartbeat(
+    org: Annotated[str | None, typer.Option("--org", help="organization_id")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="agent_id")] = None,
+    ip: Annotated[str | None, typer.Option("--ip", help="public_ip")] = None,
+    observed_at: Annotated[
+        str | None, typer.Option(help="RFC 3339 with offset; default: now")
+    ] = None,
+    site: Annotated[str | None, typer.Option("--site", help="site_id")] = None,
+    hostname: Annotated[str | None, typer.Option()] = None,
+    agent_version: Annotated[str | None, typer.Option()] = None,
+    event_id: Annotated[str | None, typer.Option()] = None,
+    raw: Annotated[
+        str | None,
+        typer.Option(help="publish this exact value, unvalidated ('-' reads stdin)"),
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Kafka key; default: the agent id")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Publish one heartbeat to the heartbeats topic."""
+    from aiokafka import AIOKafkaProducer
+
+    from recon_stream.adapters.kafka import admin_options
+    from recon_stream.domain.heartbeats import InvalidHeartbeat, parse_heartbeat
+
+    _logging(log_level)
+    settings = _settings()
+    if raw is not None:
+        value = (sys.stdin.read() if raw == "-" else raw).encode()
+    else:
+        if not (org and agent and ip):
+            typer.echo("--org, --agent and --ip are required (or use --raw)", err=True)
+            raise typer.Exit(2)
+        body = {
+            "organization_id": org,
+            "agent_id": agent,
+            "public_ip": ip,
+            "observed_at": observed_at or datetime.now(UTC).isoformat(),
+            "site_id": site,
+            "hostname": hostname,
+            "agent_version": agent_version,
+            "event_id": event_id,
+            "schema_version": 1,
+        }
+        value = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        try:
+            parse_heartbeat(value)
+        except InvalidHeartbeat as error:
+            typer.echo(f"not a valid heartbeat: {error}", err=True)
+            raise typer.Exit(2) from None
+    kafka_key = (key or agent or "").encode() or None
+
+    async def go() -> None:
+        producer = AIOKafkaProducer(**admin_options(settings), acks="all")
+        await producer.start()
+        try:
+            meta = await producer.send_and_wait(settings.topic_heartbeats, value, key=kafka_key)
+        finally:
+            await producer.stop()
+        typer.echo(f"published to {meta.topic}[{meta.partition}]@{meta.offset}")
+
+    asyncio.run(go())
+
+
+@cli.command()
+def schemas(
+    out: Annotated[Path, typer.Option(help="folder to write into")] = Path("schemas"),
+) -> None:
+    """Regenerate the JSON Schemas from the models."""
+    from recon_stream.contracts import write_schemas
+
+    for path in write_schemas(out):
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,1 @@
+"""Pure domain rules: no Kafka, MongoDB or Shodan imports live here."""

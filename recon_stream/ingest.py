@@ -1,0 +1,263 @@
+"""The ingest stage: heartbeats in, `org_ips` upserts and scan requests out.
+
+Per batch: validate every record (bad ones to the DLQ), drop non-public
+addresses, fold the rest by (organization, IP), skip pairs written recently,
+upsert the others in one unordered bulk write, and announce each pair that did
+not exist before with one scan request. The subscriber commits the batch only
+after all of that succeeded (see `recon_stream.retry` for what is retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from recon_stream.adapters.mongo import OrgIpStore
+from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_address
+from recon_stream.domain.heartbeats import Heartbeat, InvalidHeartbeat, RejectReason, parse_heartbeat
+from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.domain.sightings import PairKey, PairSighting
+from recon_stream.metrics import Metrics
+from recon_stream.retry import Backoff, until_done
+from recon_stream.seen import SeenEntry, SeenKey, SeenPairs
+
+log = logging.getLogger(__name__)
+
+
+class RawRecord(Protocol):
+    """The parts of a Kafka record we read (aiokafka's `ConsumerRecord` has them)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    record: RawRecord
+    reason: RejectReason
+    detail: str
+
+
+class ScanRequestSink(Protocol):
+    async def publish(self, requests: Sequence[ScanRequest]) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    async def publish(self, rejected: Sequence[Rejected]) -> None: ...
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What one batch did (returned for tests and logs)."""
+
+    records: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    non_public: int = 0
+    invalid: int = 0
+    written: int = 0
+    created: list[PairKey] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    sighting: PairSighting
+    cache: list[tuple[SeenKey, SeenEntry]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IngestService:
+    """Turns heartbeat batches into `org_ips` writes and scan requests."""
+
+    def __init__(
+        self,
+        store: OrgIpStore,
+        scan_requests: ScanRequestSink,
+        dead_letters: DeadLetterSink,
+        seen: SeenPairs,
+        metrics: Metrics,
+        backoff: Backoff,
+        *,
+        clock: Callable[[], datetime] = _now,
+        on_outage: Callable[[str, BaseException], None] | None = None,
+        on_recovery: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._scan_requests = scan_requests
+        self._dead_letters = dead_letters
+        self._seen = seen
+        self._metrics = metrics
+        self._backoff = backoff
+        self._clock = clock
+        self._on_outage = on_outage
+        self._on_recovery = on_recovery
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[object]]) -> None:
+        await until_done(
+            operation,
+            what,
+            self._backoff,
+            self._metrics,
+            on_failure=self._on_outage,
+            on_success=self._on_recovery,
+        )
+
+    def _triage(
+        self, records: Sequence[RawRecord], report: BatchReport
+    ) -> tuple[list[Rejected], dict[PairKey, _Pending]]:
+        rejected: list[Rejected] = []
+        pairs: dict[PairKey, _Pending] = {}
+        seen = self._seen
+        non_public: dict[AddressClass, int] = {}
+        for record in records:
+            try:
+                hb: Heartbeat = parse_heartbeat(record.value)
+            except InvalidHeartbeat as error:
+                rejected.append(Rejected(record, error.reason, error.detail))
+                continue
+            cache_key = (hb.organization_id, hb.public_ip)
+            entry = seen.get(cache_key)
+            if entry is None:
+                try:
+                    address = parse_address(hb.public_ip)
+                except InvalidAddress as error:
+                    rejected.append(Rejected(record, RejectReason.INVALID_IP, f"public_ip: {error}"))
+                    continue
+                entry = seen.remember(cache_key, address.cls, address.text)
+            if entry.address_class is not AddressClass.PUBLIC:
+                non_public[entry.address_class] = non_public.get(entry.address_class, 0) + 1
+                continue
+            pair_key = (hb.organization_id, entry.ip)
+            pending = pairs.get(pair_key)
+            if pending is None:
+                sighting = PairSighting(hb.organization_id, entry.ip, hb.observed_at, hb.observed_at)
+                pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)])
+            elif all(key != cache_key for key, _ in pending.cache):
+                # Another spelling of the same address (e.g. IPv6 case).
+                pending.cache.append((cache_key, entry))
+            pending.sighting.add(hb)
+        for cls, count in non_public.items():
+            self._metrics.non_public.labels(cls.value).inc(count)
+            report.non_public += count
+        report.invalid = len(rejected)
+        return rejected, pairs
+
+    async def handle_batch(self, records: Sequence[RawRecord]) -> BatchReport:
+        """Process one batch; returns only when everything it owes is durable."""
+        started = time.perf_counter()
+        report = BatchReport(records=len(records))
+        rejected, pairs = self._triage(records, report)
+
+        to_write: list[_Pending] = []
+        for pending in pairs.values():
+            s = pending.sighting
+            if all(self._seen.is_fresh(e, s.agents, s.site_ids) for _, e in pending.cache):
+                report.duplicate += s.heartbeats
+                self._metrics.cache_hits.inc(s.heartbeats)
+            else:
+                to_write.append(pending)
+                report.accepted += 1
+                report.duplicate += s.heartbeats - 1
+                self._metrics.cache_misses.inc(s.heartbeats)
+
+        if rejected:
+            await self._retrying("dead-lettering", lambda: self._dead_letters.publish(rejected))
+            for r in rejected:
+                self._metrics.dlq.labels(r.reason.value).inc()
+                log.info(
+                    "heartbeat rejected to DLQ: %s (%s) at %s/%d@%d",
+                    r.reason.value, r.detail[:200], r.record.topic, r.record.partition,
+                    r.record.offset,
+                )
+
+        if to_write:
+            await self._write(to_write, report)
+
+        m = self._metrics
+        m.heartbeats.labels("accepted").inc(report.accepted)
+        m.heartbeats.labels("duplicate").inc(report.duplicate)
+        m.heartbeats.labels("non_public").inc(report.non_public)
+        m.heartbeats.labels("invalid").inc(report.invalid)
+        m.cache_entries.set(len(self._seen))
+        m.batch_size.observe(len(records))
+        m.batch_duration.observe(time.perf_counter() - started)
+        return report
+
+    async def _write(self, to_write: list[_Pending], report: BatchReport) -> None:
+        now = self._clock()
+        sightings = [p.sighting for p in to_write]
+        created: set[PairKey] = set()
+
+        async def record() -> None:
+            created.update(await self._store.record(sightings, now))
+
+        await self._retrying("upserting org_ips", record)
+        self._metrics.mongodb_writes.labels("org_ips", "upsert").inc(len(sightings))
+        report.written = len(sightings)
+        if created:
+            self._metrics.pairs_discovered.inc(len(created))
+            report.created = sorted(created)
+            await self._announce(report.created, now, path="ingest")
+        for pending in to_write:
+            s = pending.sighting
+            for key, entry in pending.cache:
+                self._seen.written(key, entry, s.agents, s.site_ids)
+
+    async def _announce(self, pairs: Sequence[PairKey], now: datetime, *, path: str) -> None:
+        requests = [
+            ScanRequest(organization_id=org, ip=ip, reason=ScanReason.NEW, requested_at=now)
+            for org, ip in pairs
+        ]
+        await self._retrying("publishing scan requests", lambda: self._scan_requests.publish(requests))
+        self._metrics.scan_requests.labels(ScanReason.NEW.value, path).inc(len(requests))
+        await self._retrying(
+            "marking scan requests sent", lambda: self._store.mark_requested(pairs, now)
+        )
+        self._metrics.mongodb_writes.labels("org_ips", "mark_requested").inc(len(pairs))
+
+    async def relay_unsent(self, limit: int = 500) -> int:
+        """Send scan requests left pending past their lease (a crash between the
+        upsert and the publish). Returns how many were sent."""
+        now = self._clock()
+        claimed: list[PairKey] = []
+
+        async def claim() -> None:
+            claimed[:] = await self._store.claim_unsent(now, limit)
+
+        await self._retrying("claiming unsent scan requests", claim)
+        if claimed:
+            log.info("relaying %d scan requests left unsent", len(claimed))
+            await self._announce(claimed, now, path="relay")
+        return len(claimed)
+
+    async def run_relay(self, interval: float) -> None:
+        """Relay unsent scan requests now and every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                while await self.relay_unsent() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scan-request relay failed; will try again")
+            await asyncio.sleep(interval)

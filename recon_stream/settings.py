@@ -1,0 +1,118 @@
+"""Settings, read from `RECON_*` environment variables (and a `.env` file)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ShodanProvider = Literal["api", "internetdb", "sample"]
+
+
+class Settings(BaseSettings):
+    """Every setting of every worker. Secrets are `SecretStr` and never printed."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECON_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_check_hostname: bool = True
+    kafka_client_id: str = "recon-stream"
+    kafka_topic_partitions: int = Field(12, ge=1, description="used by `init`")
+    kafka_topic_replication_factor: int = Field(1, ge=1, description="used by `init`")
+
+    # MongoDB
+    mongodb_uri: SecretStr = SecretStr("mongodb://localhost:27017")
+    mongodb_database: str = "recon"
+    mongodb_tls: bool = False
+    mongodb_tls_ca_file: Path | None = None
+    mongodb_tls_certificate_key_file: Path | None = None
+    mongodb_tls_certificate_key_file_password: SecretStr | None = None
+    mongodb_tls_allow_invalid_hostnames: bool = False
+    mongodb_server_selection_timeout_ms: int = Field(5000, ge=100)
+
+    # Shodan
+    shodan_api_key: SecretStr | None = None
+    shodan_api_url: str | None = None
+    shodan_provider: ShodanProvider | None = None
+    shodan_rate: float = Field(1.0, gt=0)
+    rescan_interval_seconds: float = Field(3 * 24 * 3600, gt=0)
+    ip_retention_seconds: float = Field(30 * 24 * 3600, gt=0)
+
+    # Topics
+    topic_heartbeats: str = "agent.heartbeats.v1"
+    topic_scan_requests: str = "recon.scan-requests.v1"
+    topic_exposures: str = "recon.exposures.v1"
+    topic_dlq: str = "recon.heartbeats.dlq.v1"
+
+    # Ingest
+    ingest_group_id: str = "recon-ingest"
+    ingest_max_records: int = Field(2000, ge=1, description="records per batch")
+    ingest_batch_timeout_ms: int = Field(200, ge=1)
+    ingest_refresh_interval_seconds: float = Field(
+        300.0, ge=0, description="a known pair's last_seen is written at most this often"
+    )
+    ingest_cache_size: int = Field(500_000, ge=0, description="(org, IP) pairs kept in memory")
+    ingest_max_agents_per_ip: int = Field(50, ge=1)
+    ingest_max_sites_per_ip: int = Field(50, ge=1)
+    ingest_request_lease_seconds: float = Field(
+        60.0, gt=0, description="after this, an unsent scan request is re-sent by the relay"
+    )
+    ingest_relay_interval_seconds: float = Field(30.0, gt=0)
+
+    # Retries of MongoDB / Kafka outages
+    retry_initial_seconds: float = Field(0.5, gt=0)
+    retry_max_seconds: float = Field(30.0, gt=0)
+
+    # HTTP: /healthz, /readyz, /metrics
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    # Shutdown
+    graceful_timeout_seconds: float = Field(20.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "RECON_KAFKA_SASL_USERNAME and RECON_KAFKA_SASL_PASSWORD are required "
+                f"with RECON_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+            )
+        return self
+
+    @property
+    def effective_shodan_provider(self) -> ShodanProvider:
+        """`api` when a key is set, `sample` otherwise, unless chosen explicitly."""
+        if self.shodan_provider is not None:
+            return self.shodan_provider
+        return "api" if self.shodan_api_key is not None else "sample"
+
+    def kafka_ssl_context(self) -> ssl.SSLContext | None:
+        if self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+        )
+        if self.kafka_ssl_certfile:
+            context.load_cert_chain(
+                str(self.kafka_ssl_certfile),
+                str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+            )
+        context.check_hostname = self.kafka_ssl_check_hostname
+        return context
