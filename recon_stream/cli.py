@@ -25,7 +25,7 @@ cli = typer.Typer(
 )
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     ingest = "ingest"
     all = "all"
 

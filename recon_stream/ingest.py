@@ -19,7 +19,12 @@ from typing import Protocol
 
 from recon_stream.adapters.mongo import OrgIpStore
 from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_address
-from recon_stream.domain.heartbeats import Heartbeat, InvalidHeartbeat, RejectReason, parse_heartbeat
+from recon_stream.domain.heartbeats import (
+    Heartbeat,
+    InvalidHeartbeat,
+    RejectReason,
+    parse_heartbeat,
+)
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.metrics import Metrics
@@ -141,7 +146,9 @@ class IngestService:
                 try:
                     address = parse_address(hb.public_ip)
                 except InvalidAddress as error:
-                    rejected.append(Rejected(record, RejectReason.INVALID_IP, f"public_ip: {error}"))
+                    rejected.append(
+                        Rejected(record, RejectReason.INVALID_IP, f"public_ip: {error}")
+                    )
                     continue
                 entry = seen.remember(cache_key, address.cls, address.text)
             if entry.address_class is not AddressClass.PUBLIC:
@@ -150,7 +157,9 @@ class IngestService:
             pair_key = (hb.organization_id, entry.ip)
             pending = pairs.get(pair_key)
             if pending is None:
-                sighting = PairSighting(hb.organization_id, entry.ip, hb.observed_at, hb.observed_at)
+                sighting = PairSighting(
+                    hb.organization_id, entry.ip, hb.observed_at, hb.observed_at
+                )
                 pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)])
             elif all(key != cache_key for key, _ in pending.cache):
                 # Another spelling of the same address (e.g. IPv6 case).
@@ -186,7 +195,10 @@ class IngestService:
                 self._metrics.dlq.labels(r.reason.value).inc()
                 log.info(
                     "heartbeat rejected to DLQ: %s (%s) at %s/%d@%d",
-                    r.reason.value, r.detail[:200], r.record.topic, r.record.partition,
+                    r.reason.value,
+                    r.detail[:200],
+                    r.record.topic,
+                    r.record.partition,
                     r.record.offset,
                 )
 
@@ -228,7 +240,9 @@ class IngestService:
             ScanRequest(organization_id=org, ip=ip, reason=ScanReason.NEW, requested_at=now)
             for org, ip in pairs
         ]
-        await self._retrying("publishing scan requests", lambda: self._scan_requests.publish(requests))
+        await self._retrying(
+            "publishing scan requests", lambda: self._scan_requests.publish(requests)
+        )
         self._metrics.scan_requests.labels(ScanReason.NEW.value, path).inc(len(requests))
         await self._retrying(
             "marking scan requests sent", lambda: self._store.mark_requested(pairs, now)

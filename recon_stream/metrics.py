@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # `*_created` series double the scrape size and no dashboard reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -31,7 +31,9 @@ class Metrics:
             registry=r,
         )
         self.dlq = Counter(
-            "recon_dlq_messages", "Messages sent to the dead-letter topic, by reason.", ["reason"],
+            "recon_dlq_messages",
+            "Messages sent to the dead-letter topic, by reason.",
+            ["reason"],
             registry=r,
         )
         self.cache_hits = Counter(
@@ -54,7 +56,8 @@ class Metrics:
             registry=r,
         )
         self.pairs_discovered = Counter(
-            "recon_pairs_discovered", "(organization, IP) pairs seen for the first time.",
+            "recon_pairs_discovered",
+            "(organization, IP) pairs seen for the first time.",
             registry=r,
         )
         self.scan_requests = Counter(

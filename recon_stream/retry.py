@@ -2,14 +2,17 @@
 
 The error taxonomy of the workers, in one place:
 
-| error | what happens |
-|---|---|
-| message over 64 KiB, not JSON, schema violation, not an IP | sent to the DLQ with the reason in headers; the batch is committed |
-| address not public | counted, dropped on purpose; committed |
-| MongoDB unreachable / not primary / retryable write error | retried here with backoff; nothing is committed meanwhile |
-| Kafka publish failed (broker down, timeout, leader moved) | retried here with backoff; nothing is committed meanwhile |
-| anything else (a bug, a rejected write) | logged; the batch is nacked (offsets rewound) after a pause and redelivered |
-| shutdown during a retry | the retry is cancelled; the batch is not committed and is redelivered |
+- Message over 64 KiB, not JSON, schema violation, not an IP: sent to the DLQ
+  unchanged with the reason in headers; the batch is committed.
+- Address not public: counted, dropped on purpose; committed.
+- MongoDB unreachable, not primary, retryable write error: retried here with
+  backoff; nothing is committed meanwhile, readiness reports the outage.
+- Kafka publish failed (broker down, timeout, leader moved): retried here the
+  same way.
+- Anything else (a bug, a rejected write): logged; after a pause the batch is
+  nacked (offsets rewound) and redelivered.
+- Shutdown during a retry: the retry is cancelled; the batch is not committed
+  and is redelivered to whoever owns the partition next.
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ async def until_done(
             wait = backoff.delay(attempt)
             log.warning(
                 "%s failed (%s unavailable: %s); retry %d in %.1fs",
-                what, dependency, type(error).__name__, attempt + 1, wait,
+                what,
+                dependency,
+                type(error).__name__,
+                attempt + 1,
+                wait,
             )
             attempt += 1
             await asyncio.sleep(wait)

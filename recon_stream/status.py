@@ -48,7 +48,9 @@ class StatusServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self._host, self._port)
-        log.info("status endpoint on http://%s:%d (/healthz /readyz /metrics)", self._host, self.port)
+        log.info(
+            "status endpoint on http://%s:%d (/healthz /readyz /metrics)", self._host, self.port
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

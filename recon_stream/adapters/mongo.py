@@ -170,7 +170,12 @@ class MongoOrgIps:
                 "status": "active",
                 "site_ids": {
                     "$slice": [
-                        {"$setUnion": [{"$ifNull": ["$site_ids", []]}, _literal(sorted(s.site_ids))]},
+                        {
+                            "$setUnion": [
+                                {"$ifNull": ["$site_ids", []]},
+                                _literal(sorted(s.site_ids)),
+                            ]
+                        },
                         self._max_sites,
                     ]
                 },
@@ -188,9 +193,7 @@ class MongoOrgIps:
                 "scan_request": {"$ifNull": ["$scan_request", _literal(pending)]},
             }
         }
-        return UpdateOne(
-            {"organization_id": s.organization_id, "ip": s.ip}, [stage], upsert=True
-        )
+        return UpdateOne({"organization_id": s.organization_id, "ip": s.ip}, [stage], upsert=True)
 
     async def record(self, sightings: Sequence[PairSighting], now: datetime) -> set[PairKey]:
         if not sightings:
@@ -204,7 +207,7 @@ class MongoOrgIps:
         for _attempt in range(5):
             try:
                 result = await self._collection.bulk_write([ops[i] for i in pending], ordered=False)
-                created.update(sightings[pending[i]].key for i in result.upserted_ids)
+                created.update(sightings[pending[i]].key for i in result.upserted_ids or {})
                 return created
             except BulkWriteError as error:
                 details = error.details

@@ -10,7 +10,7 @@ from functools import lru_cache
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class AddressClass(str, enum.Enum):
+class AddressClass(enum.StrEnum):
     """Why an address is, or is not, looked up."""
 
     PUBLIC = "public"

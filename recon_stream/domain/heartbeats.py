@@ -57,7 +57,7 @@ class Heartbeat(BaseModel):
     schema_version: Literal[1] = 1
 
 
-class RejectReason(str, enum.Enum):
+class RejectReason(enum.StrEnum):
     """Why a message went to the dead-letter topic (header `x-recon-dlq-reason`)."""
 
     TOO_LARGE = "too_large"

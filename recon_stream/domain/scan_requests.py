@@ -10,7 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstrai
 from recon_stream.domain.heartbeats import Identifier, IpText
 
 
-class ScanReason(str, enum.Enum):
+class ScanReason(enum.StrEnum):
     NEW = "new"
     RESCAN = "rescan"
     MANUAL = "manual"

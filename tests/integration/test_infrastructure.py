@@ -14,9 +14,7 @@ RECORDS = 10
 
 
 @pytest.mark.asyncio
-async def test_kafka_topic_produce_consume_commit(
-    kafka_bootstrap: str, unique_name: str
-) -> None:
+async def test_kafka_topic_produce_consume_commit(kafka_bootstrap: str, unique_name: str) -> None:
     topic = f"test.infra.{unique_name}"
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
@@ -78,9 +76,7 @@ async def test_mongodb_upsert_and_read(mongodb_uri: str, unique_name: str) -> No
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_uri)
     db = client[f"test_infra_{unique_name}"]
     try:
-        result = await db.things.update_one(
-            {"_id": "a"}, {"$set": {"n": 1}}, upsert=True
-        )
+        result = await db.things.update_one({"_id": "a"}, {"$set": {"n": 1}}, upsert=True)
         assert result.upserted_id == "a"
         await db.things.update_one({"_id": "a"}, {"$inc": {"n": 1}}, upsert=True)
         assert await db.things.find_one({"_id": "a"}) == {"_id": "a", "n": 2}

@@ -1,0 +1,151 @@
+"""Helpers shared by the integration tests: settings, producers, readers, waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pymongo import AsyncMongoClient
+
+from recon_stream.adapters.kafka import create_topics
+from recon_stream.adapters.mongo import ensure_indexes
+from recon_stream.app import Worker, build_worker
+from recon_stream.settings import Settings
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def make_settings(kafka: str, mongodb: str, unique: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": kafka,
+        "mongodb_uri": mongodb,
+        "mongodb_database": f"recon_{unique}",
+        "topic_heartbeats": f"hb_{unique}",
+        "topic_scan_requests": f"sr_{unique}",
+        "topic_exposures": f"ex_{unique}",
+        "topic_dlq": f"dlq_{unique}",
+        "ingest_group_id": f"ingest_{unique}",
+        "kafka_topic_partitions": 4,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "ingest_batch_timeout_ms": 50,
+        "retry_initial_seconds": 0.05,
+        "retry_max_seconds": 1.0,
+        "mongodb_server_selection_timeout_ms": 1500,
+        "graceful_timeout_seconds": 5,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def prepare(settings: Settings) -> None:
+    await create_topics(settings)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        settings.mongodb_uri.get_secret_value(), tz_aware=True
+    )
+    try:
+        await ensure_indexes(client[settings.mongodb_database])
+    finally:
+        await client.close()
+
+
+@asynccontextmanager
+async def running(settings: Settings, roles: Iterable[str] = ("ingest",)) -> AsyncIterator[Worker]:
+    worker = build_worker(settings, list(roles))
+    await worker.app.start()
+    try:
+        yield worker
+    finally:
+        await worker.app.stop()
+
+
+def heartbeat(
+    org: str,
+    ip: str,
+    agent: str = "agent-1",
+    at: datetime = T0,
+    **extra: Any,
+) -> bytes:
+    body = {
+        "organization_id": org,
+        "agent_id": agent,
+        "public_ip": ip,
+        "observed_at": at.isoformat(),
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    values: Iterable[bytes | tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+) -> None:
+    """Produce each value as its own request (single-record batches, see DESIGN.md)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2**21)
+    await producer.start()
+    try:
+        for item in values:
+            if isinstance(item, bytes):
+                await producer.send_and_wait(topic, item)
+            else:
+                key, value, headers = item
+                await producer.send_and_wait(topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, idle: float = 2.0, limit: float = 30.0) -> list[Any]:
+    """Every record on `topic`, reading until nothing new arrives for `idle` seconds."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + limit
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            got = [r for rs in batch.values() for r in rs]
+            if got:
+                records.extend(got)
+                quiet_since = time.monotonic()
+            elif (records and time.monotonic() - quiet_since > idle) or (not records and time.monotonic() - quiet_since > idle * 3):
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 30.0, interval: float = 0.2
+) -> Any:
+    """Await `probe` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+
+
+def minutes(n: float) -> timedelta:
+    return timedelta(minutes=n)
+
+
+def sample(worker: Worker, name: str, **labels: str) -> float:
+    """A metric's current value from the worker's registry (0 when never set)."""
+    return worker.metrics.registry.get_sample_value(name, labels) or 0.0
