@@ -149,6 +149,7 @@ class _Subprocess:
     """A server subprocess with its output in a log file; the shared start/stop machinery."""
 
     name = "server"
+    stop_signal = signal.SIGTERM
 
     def __init__(self, log_path: Path, port: int | None) -> None:
         self.port = port if port is not None else free_port()
@@ -223,11 +224,11 @@ class _Subprocess:
         )
 
     def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL); safe to call repeatedly."""
+        """Terminate the server (``stop_signal``, then SIGKILL); safe to call repeatedly."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             logger.info("stopping %s (pid %d)", self.name, proc.pid)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout=_STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
@@ -264,6 +265,9 @@ class EmbeddedKafka(_Subprocess):
     """
 
     name = "tansu"
+    # On SIGTERM Tansu waits ~5s for client connections to drain; SIGINT exits at
+    # once, and an in-memory broker has nothing to flush.
+    stop_signal = signal.SIGINT
 
     def __init__(self, log_dir: Path, port: int | None = None, binary: Path | None = None) -> None:
         super().__init__(Path(log_dir) / "tansu.log", port)

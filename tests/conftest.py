@@ -21,14 +21,10 @@ _UNIT_DIR = Path(__file__).parent / "unit"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "unit: fast tests without real infrastructure")
-    config.addinivalue_line(
-        "markers", "integration: tests against real Kafka / MongoDB servers"
-    )
+    config.addinivalue_line("markers", "integration: tests against real Kafka / MongoDB servers")
 
 
-def pytest_collection_modifyitems(
-    config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Session-wide hook: it sees every item, so filter on location.
     for item in items:
         if item.path.is_relative_to(_UNIT_DIR):

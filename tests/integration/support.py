@@ -121,7 +121,7 @@ async def read_all(bootstrap: str, topic: str, idle: float = 2.0, limit: float =
             if got:
                 records.extend(got)
                 quiet_since = time.monotonic()
-            elif (records and time.monotonic() - quiet_since > idle) or (not records and time.monotonic() - quiet_since > idle * 3):
+            elif time.monotonic() - quiet_since > (idle if records else idle * 3):
                 break
     finally:
         await consumer.stop()

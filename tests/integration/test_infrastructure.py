@@ -46,6 +46,10 @@ async def test_kafka_topic_produce_consume_commit(kafka_bootstrap: str, unique_n
         group_id=f"test-infra-{unique_name}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        # Tansu's first group join takes about session_timeout/2; 6 s is the
+        # smallest session timeout Apache Kafka accepts by default.
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
     )
     await consumer.start()
     try:

@@ -1,0 +1,3 @@
+from recon_stream.cli import main
+
+main()
