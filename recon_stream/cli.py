@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -47,7 +48,10 @@ def _logging(level: str) -> None:
     )
     # aiokafka logs every broker reconnect at ERROR with a traceback; our retry
     # loops already report outages once per attempt.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    root = logging.getLogger().level
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root))
+    # FastStream logs every batch at INFO ("Received"/"Processed") on its own logger.
+    logging.getLogger("faststream").setLevel(max(logging.WARNING, root))
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", envvar="RECON_LOG_LEVEL")]
@@ -152,6 +156,23 @@ def publish_heartbeat(
         typer.echo(f"published to {meta.topic}[{meta.partition}]@{meta.offset}")
 
     asyncio.run(go())
+
+
+@cli.command()
+def dev(
+    data_dir: Annotated[Path, typer.Option(help="where SecantusDB keeps its data")] = Path(
+        ".recon-dev"
+    ),
+    keep_running: Annotated[bool, typer.Option(help="keep the workers running")] = False,
+    http_port: Annotated[int, typer.Option(help="metrics/health port")] = 8080,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """The whole pipeline on this machine, with embedded Kafka and MongoDB."""
+    from recon_stream.dev import run_dev
+
+    _logging(log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_dev(data_dir, keep_running, http_port))
 
 
 @cli.command()

@@ -232,7 +232,12 @@ class _Subprocess:
             try:
                 proc.wait(timeout=_STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, proc.pid)
+                logger.warning(
+                    "%s (pid %d) ignored %s; killing it",
+                    self.name,
+                    proc.pid,
+                    self.stop_signal.name,
+                )
                 proc.kill()
                 proc.wait()
         if self._log_file is not None:

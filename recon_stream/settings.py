@@ -16,7 +16,12 @@ class Settings(BaseSettings):
     """Every setting of every worker. Secrets are `SecretStr` and never printed."""
 
     model_config = SettingsConfigDict(
-        env_prefix="RECON_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="RECON_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # Validation errors are printed at startup; they must not echo the input.
+        hide_input_in_errors=True,
     )
 
     # Kafka

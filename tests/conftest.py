@@ -19,11 +19,6 @@ from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 _UNIT_DIR = Path(__file__).parent / "unit"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "unit: fast tests without real infrastructure")
-    config.addinivalue_line("markers", "integration: tests against real Kafka / MongoDB servers")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Session-wide hook: it sees every item, so filter on location.
     for item in items:

@@ -97,7 +97,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
                 outcome[name] = "exists"
                 continue
             try:
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [
                         NewTopic(
                             name,
@@ -106,9 +106,17 @@ async def create_topics(settings: Settings) -> dict[str, str]:
                         )
                     ]
                 )
-                outcome[name] = "created"
             except TopicAlreadyExistsError:
                 outcome[name] = "exists"
+                continue
+            # Errors come back in the response, not as exceptions.
+            codes = [error[1] for error in getattr(response, "topic_errors", [])]
+            if any(code == TopicAlreadyExistsError.errno for code in codes):
+                outcome[name] = "exists"
+            elif any(codes):
+                raise RuntimeError(f"creating topic {name} failed: Kafka error codes {codes}")
+            else:
+                outcome[name] = "created"
     finally:
         await admin.close()
     return outcome

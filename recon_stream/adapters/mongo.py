@@ -147,7 +147,19 @@ class MongoOrgIps:
                             "last_seen": {
                                 "$max": ["$$n.last_seen", {"$ifNull": ["$$o.last_seen", None]}]
                             },
-                            "hostname": {"$ifNull": ["$$n.hostname", "$$o.hostname"]},
+                            # The hostname of the latest report that had one.
+                            "hostname": {
+                                "$cond": [
+                                    {
+                                        "$or": [
+                                            {"$eq": [{"$ifNull": ["$$o.hostname", None]}, None]},
+                                            {"$gte": ["$$n.last_seen", "$$o.last_seen"]},
+                                        ]
+                                    },
+                                    {"$ifNull": ["$$n.hostname", "$$o.hostname"]},
+                                    "$$o.hostname",
+                                ]
+                            },
                         },
                     }
                 },

@@ -82,6 +82,8 @@ def classify(address: IPAddress) -> AddressClass:
     for v6network, cls in _V6:
         if address in v6network:
             return cls
+    if address.sixtofour is not None and classify(address.sixtofour) is not AddressClass.PUBLIC:
+        return AddressClass.RESERVED  # a 6to4 prefix built on a non-public IPv4
     if address not in _V6_GLOBAL_UNICAST:
         return AddressClass.RESERVED
     return AddressClass.PUBLIC
@@ -117,7 +119,9 @@ def parse_address(text: str) -> ParsedAddress:
     except ValueError:
         raise InvalidAddress(f"not an IP address: {text[:64]!r}") from None
     cls = classify(address)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+    if isinstance(address, ipaddress.IPv6Address) and (
+        address in _V6_MAPPED or address in _V6_NAT64
+    ):
         # Store the IPv4 form: Shodan and the other orgs know it by that name.
-        address = address.ipv4_mapped
+        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return ParsedAddress(text=address.compressed, version=address.version, cls=cls)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -12,9 +14,14 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
 )
 
 MAX_HEARTBEAT_BYTES = 64 * 1024
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
 
 Identifier = Annotated[
     str,
@@ -35,7 +42,6 @@ class Heartbeat(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
         frozen=True,
-        strict=True,
         title="Heartbeat",
         json_schema_extra={
             "$id": "https://recon-stream.dev/schemas/heartbeat.v1.json",
@@ -55,6 +61,26 @@ class Heartbeat(BaseModel):
     hostname: Annotated[str, StringConstraints(max_length=255)] | None = None
     agent_version: Annotated[str, StringConstraints(max_length=64)] | None = None
     schema_version: Literal[1] = 1
+
+    # Lax mode (JSON never coerces numbers to strings there) plus these two
+    # guards: strict mode would refuse the string that a wrap validator hands on.
+    @field_validator("observed_at", mode="wrap")
+    @classmethod
+    def _rfc3339_only(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # pydantic would also take "1714564800" or "2026-01-01 00:00Z"; the
+        # contract is RFC 3339 with an offset, nothing looser.
+        if isinstance(value, datetime):  # built in Python, not parsed from JSON
+            return handler(value)
+        if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+            raise ValueError("must be an RFC 3339 date-time with offset")
+        return handler(value)
+
+    @field_validator("schema_version", mode="wrap")
+    @classmethod
+    def _not_a_bool(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if type(value) is not int:  # JSON true or "1" would pass as Literal[1]
+            raise ValueError("must be the integer 1")
+        return handler(value)
 
 
 class RejectReason(enum.StrEnum):

@@ -21,6 +21,15 @@ class AgentSighting:
     agent_id: str
     last_seen: datetime
     hostname: str | None = None
+    hostname_seen: datetime | None = None
+    """When the kept hostname was reported: the latest report that had one wins."""
+
+    def saw(self, observed: datetime, hostname: str | None) -> None:
+        if observed > self.last_seen:
+            self.last_seen = observed
+        if hostname is not None and (self.hostname_seen is None or observed >= self.hostname_seen):
+            self.hostname = hostname
+            self.hostname_seen = observed
 
 
 @dataclass(slots=True)
@@ -50,13 +59,11 @@ class PairSighting:
             self.site_ids.add(hb.site_id)
         agent = self.agents.get(hb.agent_id)
         if agent is None:
-            self.agents[hb.agent_id] = AgentSighting(hb.agent_id, observed, hb.hostname)
-        elif observed >= agent.last_seen:
-            agent.last_seen = observed
-            if hb.hostname is not None:
-                agent.hostname = hb.hostname
-        elif agent.hostname is None:
-            agent.hostname = hb.hostname
+            self.agents[hb.agent_id] = AgentSighting(
+                hb.agent_id, observed, hb.hostname, observed if hb.hostname else None
+            )
+        else:
+            agent.saw(observed, hb.hostname)
 
     def merge(self, other: PairSighting) -> None:
         """Fold another sighting of the same pair (e.g. another spelling of the IP)."""
@@ -66,8 +73,14 @@ class PairSighting:
         self.site_ids |= other.site_ids
         for agent in other.agents.values():
             mine = self.agents.get(agent.agent_id)
-            if mine is None or agent.last_seen > mine.last_seen:
-                self.agents[agent.agent_id] = agent
+            if mine is None:
+                self.agents[agent.agent_id] = AgentSighting(
+                    agent.agent_id, agent.last_seen, agent.hostname, agent.hostname_seen
+                )
+            else:
+                mine.saw(agent.last_seen, None)
+                if agent.hostname_seen is not None:
+                    mine.saw(agent.hostname_seen, agent.hostname)
 
     def agents_most_recent_first(self) -> list[AgentSighting]:
         return sorted(self.agents.values(), key=lambda a: a.last_seen, reverse=True)

@@ -361,26 +361,12 @@ def test_field_violations_are_schema_errors(field: str, value: object) -> None:
     assert field in caught.value.detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a numeric *string* observed_at ('1714564800') is accepted as a Unix time "
-        "(pydantic's datetime parser); the contract says RFC 3339 with offset"
-    ),
-)
 def test_unix_time_as_string_is_not_rfc3339() -> None:
     with pytest.raises(InvalidHeartbeat) as caught:
         parse_heartbeat(encode({**valid(), "observed_at": "1714564800"}))
     assert caught.value.reason is RejectReason.SCHEMA
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: schema_version=true is accepted (Literal[1] matches True even with strict=True), "
-        "but schemas/heartbeat.v1.json says type integer, const 1, which rejects a boolean"
-    ),
-)
 def test_boolean_schema_version_is_rejected() -> None:
     with pytest.raises(InvalidHeartbeat) as caught:
         parse_heartbeat(encode({**valid(), "schema_version": True}))

@@ -166,14 +166,6 @@ def test_sasl_with_credentials_is_accepted(monkeypatch: pytest.MonkeyPatch) -> N
     assert s.kafka_sasl_username == "recon"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Settings lacks hide_input_in_errors=True; a model-level validation error (e.g. "
-        "SASL without a username) prints the whole input dict, secrets in clear text, in "
-        "str(error) (repr-truncated: here its tail shows the Shodan key)"
-    ),
-)
 def test_validation_errors_do_not_leak_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECON_MONGODB_URI", f"mongodb://recon:{MONGO_PASSWORD}@db1/")
     monkeypatch.setenv("RECON_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")

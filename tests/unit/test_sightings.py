@@ -6,7 +6,6 @@ import random as random_module
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -182,15 +181,6 @@ def test_hostname_is_order_independent_without_hostname_gaps(batch: list[Heartbe
         assert got == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: PairSighting.add keeps an agent's hostname by arrival order: after a newer "
-        "heartbeat without hostname, an older one with a hostname no longer replaces an "
-        "even older hostname, so fold([t1 'a', t3 None, t2 'b']) keeps 'a' while "
-        "fold([t2 'b', t3 None, t1 'a']) keeps 'b'"
-    ),
-)
 def test_hostname_does_not_depend_on_arrival_order() -> None:
     batch = [hb("a1", 1, hostname="a"), hb("a1", 3), hb("a1", 2, hostname="b")]
     forward = fold(batch)["org-1", "8.8.8.8"].agents["a1"].hostname

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Set-up-and-run entry point needing nothing but Python 3.11+.
+
+    python3 tasks.py dev     # install (first time) and run `recon-stream dev`
+    python3 tasks.py test    # install (first time) and run lint, types and every test
+
+It creates `.venv`, installs the pinned uv into it, and lets uv install the
+locked dependencies (`uv.lock`) before running the command.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+UV_VERSION = "0.13.9"
+
+
+def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    code = subprocess.call([str(a) for a in args], cwd=ROOT, env=env)
+    if code:
+        sys.exit(code)
+
+
+def install(dev: bool) -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"recon-stream needs Python 3.11+, this is {sys.version.split()[0]}")
+    if not (BIN / "python").exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    uv = BIN / "uv"
+    if not uv.exists():
+        sh(BIN / "python", "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(VENV)}
+    sh(uv, "sync", "--frozen", *(() if dev else ("--no-dev",)), env=env)
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else "help"
+    extra = sys.argv[2:]
+    if command == "dev":
+        install(dev=True)  # `dev` embeds Tansu and SecantusDB, shipped as dev dependencies
+        sh(BIN / "recon-stream", "dev", *extra)
+    elif command == "test":
+        install(dev=True)
+        sh(BIN / "ruff", "check", "recon_stream", "tests", "bench")
+        sh(BIN / "ruff", "format", "--check", "recon_stream", "tests", "bench")
+        sh(BIN / "mypy")
+        sh(BIN / "python", "-m", "pytest", *(extra or ["-q"]))
+    else:
+        print(__doc__)
+        sys.exit(0 if command == "help" else 2)
+
+
+if __name__ == "__main__":
+    main()
