@@ -4,8 +4,9 @@
     python3 tasks.py dev     # install (first time) and run `recon-stream dev`
     python3 tasks.py test    # install (first time) and run lint, types and every test
 
-It creates `.venv`, installs the pinned uv into it, and lets uv install the
-locked dependencies (`uv.lock`) before running the command.
+It installs the pinned uv into `.tools/` (a virtualenv of its own), and lets
+uv create `.venv` with the locked dependencies (`uv.lock`) before running the
+command.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+TOOLS = ROOT / ".tools"
+SCRIPTS = "Scripts" if os.name == "nt" else "bin"
+BIN = VENV / SCRIPTS
 UV_VERSION = "0.13.9"
 
 
@@ -32,11 +35,10 @@ def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
 def install(dev: bool) -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"recon-stream needs Python 3.11+, this is {sys.version.split()[0]}")
-    if not (BIN / "python").exists():
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    uv = BIN / "uv"
+    uv = TOOLS / SCRIPTS / "uv"
     if not uv.exists():
-        sh(BIN / "python", "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+        venv.EnvBuilder(with_pip=True, clear=True).create(TOOLS)
+        sh(TOOLS / SCRIPTS / "python", "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(VENV)}
     sh(uv, "sync", "--frozen", *(() if dev else ("--no-dev",)), env=env)
 

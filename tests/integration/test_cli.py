@@ -1,0 +1,148 @@
+"""The command line, run as users run it: a subprocess with RECON_* variables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from recon_stream.settings import Settings
+
+from .support import eventually, heartbeat, produce, read_all, running
+
+
+def _cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Any:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
+    base.update(
+        {
+            "RECON_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "RECON_MONGODB_URI": settings.mongodb_uri.get_secret_value(),
+            "RECON_MONGODB_DATABASE": settings.mongodb_database,
+            "RECON_TOPIC_HEARTBEATS": settings.topic_heartbeats,
+            "RECON_TOPIC_SCAN_REQUESTS": settings.topic_scan_requests,
+            "RECON_TOPIC_EXPOSURES": settings.topic_exposures,
+            "RECON_TOPIC_DLQ": settings.topic_dlq + "-cli",
+            "RECON_KAFKA_TOPIC_PARTITIONS": "2",
+        }
+    )
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "recon_stream", *args],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_init_is_idempotent(settings: Settings, db: Any) -> None:
+    first = _cli(settings, "init")
+    assert first.returncode == 0, first.stderr
+    assert f"topic {settings.topic_dlq}-cli: created" in first.stdout
+    assert f"topic {settings.topic_heartbeats}: exists" in first.stdout
+    second = _cli(settings, "init")
+    assert second.returncode == 0, second.stderr
+    assert f"topic {settings.topic_dlq}-cli: exists" in second.stdout
+    indexes = {ix["name"] async for ix in await db.org_ips.list_indexes()}
+    assert {"org_ip_unique", "scan_request_outbox"} <= indexes
+    unique = [ix async for ix in await db.org_ips.list_indexes() if ix["name"] == "org_ip_unique"]
+    assert unique[0]["unique"] is True
+
+
+async def test_publish_heartbeat_validates_and_publishes(settings: Settings) -> None:
+    ok = _cli(
+        settings,
+        "publish-heartbeat",
+        "--org",
+        "acme",
+        "--agent",
+        "a-1",
+        "--ip",
+        "8.8.8.8",
+        "--site",
+        "hq",
+        "--hostname",
+        "web-1",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"published to {settings.topic_heartbeats}[")
+    bad = _cli(
+        settings, "publish-heartbeat", "--org", "acme corp", "--agent", "a", "--ip", "1.1.1.1"
+    )
+    assert bad.returncode == 2
+    assert "organization_id" in bad.stderr
+    raw = _cli(settings, "publish-heartbeat", "--raw", "{not json")
+    assert raw.returncode == 0, raw.stderr
+    records = await read_all(settings.kafka_bootstrap_servers, settings.topic_heartbeats)
+    values = [r.value for r in records]
+    assert b"{not json" in values
+    body = json.loads(next(v for v in values if v.startswith(b'{"')))
+    assert body["organization_id"] == "acme"
+    assert body["hostname"] == "web-1"
+    assert records[0].key == b"a-1"
+
+
+def test_a_bad_setting_is_reported_without_echoing_secrets(settings: Settings) -> None:
+    result = _cli(
+        settings,
+        "init",
+        env={
+            "RECON_MONGODB_URI": "mongodb://admin:hunter2-secret@db:27017",
+            "RECON_SHODAN_API_KEY": "SHODANKEY-very-secret",
+            "RECON_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "RECON_KAFKA_SASL_PASSWORD": "sasl-password-secret",
+            "RECON_HTTP_PORT": "not-a-port",
+        },
+    )
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "http_port" in output
+    for secret in ("hunter2-secret", "SHODANKEY-very-secret", "sasl-password-secret"):
+        assert secret not in output
+
+
+def _get(port: int, path: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+async def test_status_endpoint_serves_health_readiness_and_metrics(settings: Settings) -> None:
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic_heartbeats,
+        [heartbeat("acme", "8.8.8.8"), heartbeat("acme", "10.0.0.1"), b"nope"],
+    )
+    async with running(settings) as worker:
+        port = worker.status.port
+
+        async def metrics_show_all_three() -> str | None:
+            _, _, text = await asyncio.to_thread(_get, port, "/metrics")
+            return text if 'recon_heartbeats_total{outcome="invalid"} 1.0' in text else None
+
+        text = await eventually(metrics_show_all_three)
+        assert 'recon_heartbeats_total{outcome="accepted"} 1.0' in text
+        assert 'recon_heartbeats_total{outcome="non_public"} 1.0' in text
+        assert 'recon_heartbeats_non_public_total{address_class="private"} 1.0' in text
+        assert 'recon_dlq_messages_total{reason="invalid_json"} 1.0' in text
+        assert "recon_ingest_batch_duration_seconds_bucket" in text
+        assert "recon_faststream_" in text  # FastStream's own Kafka metrics, same registry
+        # No organization ids or IPs as labels.
+        assert "acme" not in text
+        assert "8.8.8.8" not in text
+        status, _, body = await asyncio.to_thread(_get, port, "/healthz")
+        assert status == 200
+        status, content_type, body = await asyncio.to_thread(_get, port, "/readyz")
+        assert status == 200, body
+        assert content_type == "application/json"
+        assert json.loads(body)["checks"] == {"kafka": "ok", "mongodb": "ok", "pipeline": "ok"}
+        status, _, _ = await asyncio.to_thread(_get, port, "/nope")
+        assert status == 404
