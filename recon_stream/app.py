@@ -127,6 +127,8 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             max_records=settings.ingest_max_records,
             batch_timeout_ms=settings.ingest_batch_timeout_ms,
             ack_policy=AckPolicy.NACK_ON_ERROR,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             parser=kafka.raw_batch_parser,
             decoder=kafka.raw_batch_decoder,
         )

@@ -1,14 +1,16 @@
 """The in-process memory of recently written (organization, IP) pairs.
 
-Almost every heartbeat repeats one seen minutes ago. A pair written less than
-`refresh_interval` ago, with no agent or site we have not written yet, needs no
-MongoDB write. Entries are bounded in number (least recently used go first).
+Almost every heartbeat repeats one seen minutes ago. A heartbeat whose pair was
+written less than `refresh_interval` ago, by an agent and site already written
+for it, needs no MongoDB write, and its address needs no classification. The
+map is bounded: the least recently *written* pairs go first (a pair in use is
+rewritten every refresh interval, so it stays). Not touching the order on every
+hit keeps the hot path to one dict lookup.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ class SeenEntry:
 
 
 class SeenPairs:
-    """A bounded LRU map of pairs to what was last written for them."""
+    """A bounded map of pairs to what was last written for them."""
 
     def __init__(
         self,
@@ -39,7 +41,9 @@ class SeenPairs:
         max_members: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._entries: OrderedDict[SeenKey, SeenEntry] = OrderedDict()
+        self._entries: dict[SeenKey, SeenEntry] = {}
+        self.get: Callable[[SeenKey], SeenEntry | None] = self._entries.get
+        """The entry of a pair, if remembered (the bound dict method: hot path)."""
         self._max_entries = max_entries
         self._refresh = refresh_interval
         self._max_members = max_members
@@ -48,15 +52,13 @@ class SeenPairs:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: SeenKey) -> SeenEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+    def fresh_after(self) -> float:
+        """Entries written after this clock reading are fresh (one call per batch)."""
+        return self._clock() - self._refresh
 
     def is_fresh(self, entry: SeenEntry, agents: Iterable[str], sites: Iterable[str]) -> bool:
         """True when writing the pair again would tell MongoDB nothing new."""
-        if self._clock() - entry.written_at >= self._refresh:
+        if entry.written_at <= self.fresh_after():
             return False
         return entry.agents.issuperset(agents) and entry.sites.issuperset(sites)
 
@@ -64,11 +66,10 @@ class SeenPairs:
         """Record a classified address that has not been written (yet)."""
         entry = self._entries.get(key)
         if entry is None:
-            if self._max_entries <= 0:
-                return SeenEntry(address_class, ip)
-            entry = self._entries[key] = SeenEntry(address_class, ip)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
+            entry = SeenEntry(address_class, ip)
+            if self._max_entries > 0:
+                self._entries[key] = entry
+                self._evict()
         return entry
 
     def written(
@@ -83,6 +84,15 @@ class SeenPairs:
             entry.agents.clear()
         if len(entry.sites) > self._max_members:
             entry.sites.clear()
+        if self._max_entries > 0:
+            # Move to the young end: eviction order is write order.
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self._max_entries:
+            del self._entries[next(iter(self._entries))]
 
     def forget(self, key: SeenKey) -> None:
         self._entries.pop(key, None)

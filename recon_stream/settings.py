@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     kafka_ssl_check_hostname: bool = True
     kafka_client_id: str = "recon-stream"
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="a dead consumer's partitions move after this"
+    )
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
     kafka_topic_partitions: int = Field(12, ge=1, description="used by `init`")
     kafka_topic_replication_factor: int = Field(1, ge=1, description="used by `init`")
 

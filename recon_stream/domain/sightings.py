@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from recon_stream.domain.heartbeats import Heartbeat
+from recon_stream.domain.heartbeats import Heartbeat, observed_time
 
 PairKey = tuple[str, str]
 """(organization_id, ip text)."""
@@ -48,9 +48,9 @@ class PairSighting:
     def key(self) -> PairKey:
         return (self.organization_id, self.ip)
 
-    def add(self, hb: Heartbeat) -> None:
+    def add(self, hb: Heartbeat, observed: datetime) -> None:
+        """Fold in one heartbeat; `observed` is its parsed `observed_at`."""
         self.heartbeats += 1
-        observed = hb.observed_at
         if observed < self.first_seen:
             self.first_seen = observed
         if observed > self.last_seen:
@@ -91,10 +91,11 @@ def fold(heartbeats: Iterable[Heartbeat]) -> dict[PairKey, PairSighting]:
     pairs: dict[PairKey, PairSighting] = {}
     for hb in heartbeats:
         key = (hb.organization_id, hb.public_ip)
+        observed = observed_time(hb)
         sighting = pairs.get(key)
         if sighting is None:
             sighting = pairs[key] = PairSighting(
-                hb.organization_id, hb.public_ip, hb.observed_at, hb.observed_at
+                hb.organization_id, hb.public_ip, observed, observed
             )
-        sighting.add(hb)
+        sighting.add(hb, observed)
     return pairs

@@ -39,6 +39,12 @@ def make_settings(kafka: str, mongodb: str, unique: str, **overrides: Any) -> Se
         "retry_max_seconds": 1.0,
         "mongodb_server_selection_timeout_ms": 1500,
         "graceful_timeout_seconds": 5,
+        # The fastest group rebalancing Apache Kafka accepts by default.
+        "kafka_session_timeout_ms": 6000,
+        "kafka_heartbeat_interval_ms": 1000,
+        # A crashed worker's unsent scan requests are relayed within seconds.
+        "ingest_request_lease_seconds": 3,
+        "ingest_relay_interval_seconds": 1,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

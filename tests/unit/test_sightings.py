@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recon_stream.domain.heartbeats import Heartbeat
+from recon_stream.domain.heartbeats import Heartbeat, observed_time
 from recon_stream.domain.sightings import PairKey, PairSighting, fold
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
@@ -30,7 +30,7 @@ def hb(
         organization_id=org,
         agent_id=agent,
         public_ip=ip,
-        observed_at=(T0 + timedelta(minutes=minutes)).astimezone(tz),
+        observed_at=(T0 + timedelta(minutes=minutes)).astimezone(tz).isoformat(),
         site_id=site,
         hostname=hostname,
     )
@@ -139,13 +139,13 @@ def test_fold_merges_never_picks(batch: list[Heartbeat]) -> None:
     for key, s in pairs.items():
         mine = [h for h in batch if (h.organization_id, h.public_ip) == key]
         assert s.heartbeats == len(mine)
-        assert s.first_seen == min(h.observed_at for h in mine)
-        assert s.last_seen == max(h.observed_at for h in mine)
+        assert s.first_seen == min(observed_time(h) for h in mine)
+        assert s.last_seen == max(observed_time(h) for h in mine)
         assert s.site_ids == {h.site_id for h in mine if h.site_id is not None}
         assert set(s.agents) == {h.agent_id for h in mine}
         for agent in s.agents.values():
             assert agent.last_seen == max(
-                h.observed_at for h in mine if h.agent_id == agent.agent_id
+                observed_time(h) for h in mine if h.agent_id == agent.agent_id
             )
         ordered = [a.last_seen for a in s.agents_most_recent_first()]
         assert ordered == sorted(ordered, reverse=True)
@@ -164,13 +164,13 @@ def test_merging_two_folds_equals_folding_everything(batch: list[Heartbeat], cut
     assert summary(first) == summary(whole)
 
 
-@given(st.lists(one_heartbeat, max_size=20, unique_by=lambda h: h.observed_at))
+@given(st.lists(one_heartbeat, max_size=20, unique_by=lambda h: observed_time(h)))
 def test_hostname_is_order_independent_without_hostname_gaps(batch: list[Heartbeat]) -> None:
     # With every heartbeat carrying a hostname and distinct times, the newest wins.
     batch = [h.model_copy(update={"hostname": h.hostname or "h0"}) for h in batch]
     expected = {
         (h.organization_id, h.public_ip, h.agent_id): h.hostname
-        for h in sorted(batch, key=lambda h: h.observed_at)
+        for h in sorted(batch, key=lambda h: observed_time(h))
     }
     for order in (batch, batch[::-1]):
         got = {
