@@ -8,12 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.heartbeats import Heartbeat
 from recon_stream.domain.scan_requests import ScanRequest
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "heartbeat.v1.json": Heartbeat,
     "scan-request.v1.json": ScanRequest,
+    "exposure-event.v1.json": ExposureEvent,
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -122,38 +121,22 @@ async def create_topics(settings: Settings) -> dict[str, str]:
     return outcome
 
 
-def _utf8_headers(record: ConsumerRecord[Any, Any]) -> bool:
-    try:
-        for _, value in record.headers:
-            if value is not None:
-                value.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _with_readable_headers(record: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:
-    kept = []
-    dropped = []
-    for name, value in record.headers:
-        try:
-            value.decode()
-            kept.append((name, value))
-        except UnicodeDecodeError:
-            dropped.append(name)
-    kept.append((DLQ_PREFIX + "undecodable-headers", ",".join(dropped).encode()))
-    return dataclasses.replace(record, headers=tuple(kept))
-
-
 async def raw_batch_parser(records: tuple[ConsumerRecord[Any, Any], ...], original: Any) -> Any:
-    """FastStream parser for heartbeat batches that tolerates binary headers.
+    """FastStream parser for heartbeat batches: no per-record work at all.
 
-    FastStream decodes every header as UTF-8 while parsing; one producer
-    sending a binary header would otherwise make the whole batch a poison pill.
+    FastStream's own batch parser decodes every header of every record (a
+    third of the per-record overhead we measured, and a poison pill when a
+    producer sends a binary header). We build its message from the records
+    and leave the headers to whoever needs them (the DLQ publisher).
     """
-    if not all(_utf8_headers(r) for r in records):
-        records = tuple(r if _utf8_headers(r) else _with_readable_headers(r) for r in records)
-    return await original(records)
+    parser = original.__self__  # FastStream's batch parser: its message class and consumer
+    first, last = records[0], records[-1]
+    return parser.msg_class(
+        body=[record.value for record in records],
+        raw_message=records,
+        message_id=f"{first.topic}-{first.partition}-{first.offset}-{last.offset}",
+        consumer=parser._consumer,
+    )
 
 
 async def raw_batch_decoder(message: StreamMessage[Any], original: Any) -> Any:
@@ -183,6 +166,17 @@ class KafkaScanRequests:
         await asyncio.gather(*futures)
 
 
+def _text_headers(raw: Sequence[tuple[str, bytes | None]]) -> tuple[dict[str, str], list[str]]:
+    headers: dict[str, str] = {}
+    undecodable: list[str] = []
+    for name, value in raw:
+        try:
+            headers[name] = value.decode() if value is not None else ""
+        except UnicodeDecodeError:
+            undecodable.append(name)
+    return headers, undecodable
+
+
 class KafkaDeadLetters:
     """Publishes rejected records byte-for-byte with the reason in headers."""
 
@@ -195,7 +189,10 @@ class KafkaDeadLetters:
         futures = []
         for r in rejected:
             record = r.record
-            headers = {name: value.decode() for name, value in record.headers if value is not None}
+            headers, undecodable = _text_headers(record.headers)
+            if undecodable:
+                # FastStream carries text headers only; say what could not travel.
+                headers[DLQ_PREFIX + "undecodable-headers"] = ",".join(undecodable)
             headers.update(
                 {
                     DLQ_PREFIX + "reason": r.reason.value,

@@ -1,0 +1,146 @@
+"""`scan_queue`: the durable, de-duplicated, prioritized work list of the scanner.
+
+The scanner's Kafka consumer only moves scan requests in here (one document per
+IP, however many organizations asked) and commits; lookup loops on every
+replica then claim the most urgent IP: new and manual requests before routine
+rescans, oldest first, whatever order Kafka delivered them in.
+
+    {_id: ip, priority: 0 (new/manual) | 1 (rescan), requested_at, orgs: [...],
+     reasons: [...], seq, attempts, not_before, claim_until}
+
+`seq` grows with every request for the IP; a finished lookup deletes the item
+only if no request arrived meanwhile, otherwise releases it to run again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+
+SCAN_QUEUE = "scan_queue"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 0, ScanReason.RESCAN: 1}
+MAX_ORGS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    ip: str
+    priority: int
+    seq: int
+    attempts: int
+    reasons: tuple[str, ...]
+    orgs: tuple[str, ...]
+    claim_until: datetime
+
+    @property
+    def forced(self) -> bool:
+        """A rescan or manual request wants a fresh lookup, not a stored result."""
+        return any(r != ScanReason.NEW.value for r in self.reasons)
+
+
+async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> list[str]:
+    return [
+        await db[SCAN_QUEUE].create_index(
+            [("priority", ASCENDING), ("requested_at", ASCENDING)], name="priority_order"
+        ),
+        await db[SCAN_QUEUE].create_index([("claim_until", ASCENDING)], name="claim_until"),
+    ]
+
+
+class ScanQueue:
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._collection: AsyncCollection[dict[str, Any]] = db[SCAN_QUEUE]
+
+    async def enqueue(self, requests: Sequence[ScanRequest]) -> int:
+        """Add requests (idempotent per org and reason); returns documents touched."""
+        if not requests:
+            return 0
+        ops = [
+            UpdateOne(
+                {"_id": r.ip},
+                {
+                    "$min": {"priority": PRIORITY[r.reason], "requested_at": r.requested_at},
+                    "$addToSet": {"orgs": r.organization_id, "reasons": r.reason.value},
+                    "$inc": {"seq": 1},
+                    "$setOnInsert": {
+                        "attempts": 0,
+                        "not_before": EPOCH,
+                        "claim_until": EPOCH,
+                    },
+                },
+                upsert=True,
+            )
+            for r in requests
+        ]
+        result = await self._collection.bulk_write(ops, ordered=False)
+        return result.upserted_count + result.matched_count
+
+    async def claim(self, lease: timedelta, now: datetime | None = None) -> QueueItem | None:
+        """Claim the most urgent item that is due and not claimed by anyone alive."""
+        now = now or datetime.now(UTC)
+        doc = await self._collection.find_one_and_update(
+            {"claim_until": {"$lte": now}, "not_before": {"$lte": now}},
+            {"$set": {"claim_until": now + lease}},
+            sort=[("priority", ASCENDING), ("requested_at", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return QueueItem(
+            ip=doc["_id"],
+            priority=int(doc["priority"]),
+            seq=int(doc["seq"]),
+            attempts=int(doc.get("attempts", 0)),
+            reasons=tuple(doc.get("reasons", ())),
+            orgs=tuple(doc.get("orgs", ())[:MAX_ORGS]),
+            claim_until=doc["claim_until"],
+        )
+
+    async def complete(self, item: QueueItem) -> bool:
+        """Remove the item if nothing new arrived for it; else release it. True if removed."""
+        result = await self._collection.delete_one({"_id": item.ip, "seq": item.seq})
+        if result.deleted_count:
+            return True
+        # New requests arrived while we worked: they run again (cheaply, from
+        # the stored result) as plain "new" work.
+        await self._collection.update_one(
+            {"_id": item.ip},
+            {
+                "$set": {"claim_until": EPOCH, "attempts": 0, "reasons": [ScanReason.NEW.value]},
+                "$pullAll": {"orgs": list(item.orgs)},
+            },
+        )
+        return False
+
+    async def retry_later(self, item: QueueItem, delay: float, now: datetime | None = None) -> None:
+        """Give the item back, due again after `delay` seconds."""
+        now = now or datetime.now(UTC)
+        await self._collection.update_one(
+            {"_id": item.ip},
+            {
+                "$set": {"claim_until": EPOCH, "not_before": now + timedelta(seconds=delay)},
+                "$inc": {"attempts": 1},
+            },
+        )
+
+    async def release(self, item: QueueItem) -> None:
+        """Give the item back at once (shutdown, paused provider)."""
+        await self._collection.update_one({"_id": item.ip}, {"$set": {"claim_until": EPOCH}})
+
+    async def depth(self) -> dict[int, int]:
+        """Items waiting, by priority."""
+        counts: dict[int, int] = {}
+        async for row in await self._collection.aggregate(
+            [{"$group": {"_id": "$priority", "n": {"$sum": 1}}}]
+        ):
+            counts[int(row["_id"])] = int(row["n"])
+        return counts

@@ -1,0 +1,406 @@
+"""Shodan lookups behind one small interface, `ShodanProvider`.
+
+Three providers answer `lookup(ip) -> HostScan`:
+
+- `ApiProvider`: the official `shodan` client (`/shodan/host/{ip}`), with a key.
+- `InternetDbProvider`: the free, keyless InternetDB (ports, vulns, no banners).
+- `SampleProvider`: bundled offline sample data (`sample=True`), never real results.
+
+"Nothing known about this IP" (Shodan's 404 "No information available for that
+IP.") is not an error: `lookup` returns a `HostScan` without services.
+
+Errors, and what the scanner does with each:
+
+    ShodanError            base class; never raised itself
+    ├── RateLimited        429 / "rate limit reached": retry the same IP later and slow
+    │                      the shared budget down; `retry_after` is a hint only (None
+    │                      when absent or not positive: Shodan has sent `Retry-After: 0`)
+    ├── Unauthorized       key rejected (401 "Invalid API key", 403 "Access denied"):
+    │                      retrying cannot help until an operator fixes the key; stop
+    │                      looking up, report not-ready, keep the requests unacknowledged
+    └── Transient          5xx, timeouts, connection failures, unparseable or unknown
+                           answers: retry with backoff, never drop the request
+
+Error messages never contain the API key (the client puts it in every URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, Protocol
+
+import requests
+import shodan
+from pydantic import SecretStr
+
+from recon_stream.domain.scans import HostScan
+from recon_stream.domain.shodan_parsing import parse_host, parse_internetdb
+from recon_stream.settings import Settings
+
+INTERNETDB_URL = "https://internetdb.shodan.io"
+_KEY_IN_URL = re.compile(r"(key=)[^&\s'\"]+", re.IGNORECASE)
+# A trickling answer resets requests' read timeout with every byte; this bounds the whole call.
+_DEADLINE_FACTOR = 3.0
+
+
+class ShodanError(Exception):
+    """A lookup failed; see the module docstring for what each subclass means."""
+
+
+class RateLimited(ShodanError):
+    """Shodan refused the request because of its rate limit."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthorized(ShodanError):
+    """The API key was rejected."""
+
+
+class Transient(ShodanError):
+    """A failure that a later retry can cure: 5xx, timeout, connection, odd answer."""
+
+
+class ShodanProvider(Protocol):
+    """Looks up what Shodan knows about one IP."""
+
+    name: str
+
+    async def lookup(self, ip: str) -> HostScan:
+        """What is known about `ip`; no services when nothing is known.
+
+        Raises `RateLimited`, `Unauthorized` or `Transient`.
+        """
+        ...
+
+    async def check_key(self) -> None:
+        """Raise `Unauthorized` if the API key is rejected; no-op for keyless providers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def build_provider(settings: Settings, timeout: float = 10.0) -> ShodanProvider:
+    """The provider `settings.effective_shodan_provider` names.
+
+    `RECON_SHODAN_API_URL`, when set, replaces the base URL of the API or InternetDB.
+    """
+    kind = settings.effective_shodan_provider
+    if kind == "api":
+        if settings.shodan_api_key is None:
+            raise ValueError("RECON_SHODAN_PROVIDER=api needs RECON_SHODAN_API_KEY")
+        return ApiProvider(settings.shodan_api_key, settings.shodan_api_url, timeout)
+    if kind == "internetdb":
+        return InternetDbProvider(settings.shodan_api_url or INTERNETDB_URL, timeout)
+    return SampleProvider()
+
+
+@dataclass
+class _Outcome:
+    """What the last request of this thread did, as seen below the shodan client."""
+
+    status: int | None = None
+    retry_after: float | None = None
+    error: requests.RequestException | None = None
+
+
+class _TimeoutSession(requests.Session):
+    """A session that gives every request a timeout and remembers how it ended.
+
+    The shodan client calls `self._session.get(url, params=...)` without a timeout
+    and folds every failure into a bare "Unable to connect to Shodan"; the status
+    and the transport error recorded here (per thread) let us classify properly.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self._local = threading.local()
+
+    @property
+    def outcome(self) -> _Outcome:
+        outcome: _Outcome | None = getattr(self._local, "outcome", None)
+        if outcome is None:
+            outcome = self._local.outcome = _Outcome()
+        return outcome
+
+    def reset(self) -> None:
+        self._local.outcome = _Outcome()
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        outcome = self.outcome
+        try:
+            response = super().request(method, url, *args, **kwargs)
+        except requests.RequestException as error:
+            outcome.error = error
+            raise
+        outcome.status = response.status_code
+        outcome.retry_after = _retry_after(response.headers.get("Retry-After"))
+        return response
+
+
+class ApiProvider:
+    """Shodan's REST API through the official client, one blocking call per thread."""
+
+    name: str = "api"
+
+    def __init__(
+        self, api_key: SecretStr, base_url: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self._key = api_key
+        self._timeout = timeout
+        self._client: Any = shodan.Shodan(api_key.get_secret_value())
+        if base_url:
+            self._client.base_url = base_url.rstrip("/")
+        # The client sleeps in `_request` until 1/api_rate_limit s have passed since its
+        # last call, per instance; only when api_rate_limit > 0. The shared budget is ours.
+        self._client.api_rate_limit = 0
+        self._session = _TimeoutSession(timeout)
+        self._session.trust_env = self._client._session.trust_env
+        self._session.proxies.update(self._client._session.proxies)
+        self._client._session.close()
+        self._client._session = self._session
+
+    def __repr__(self) -> str:
+        return f"ApiProvider(base_url={self._client.base_url!r}, timeout={self._timeout})"
+
+    async def lookup(self, ip: str) -> HostScan:
+        queried_at = datetime.now(UTC)
+        payload = await self._call(lambda: self._client.host(ip))
+        if payload is None:
+            return HostScan(ip=ip, provider="api", queried_at=queried_at)
+        if not isinstance(payload, Mapping):
+            raise Transient(f"Shodan answered {type(payload).__name__} for {ip}, not an object")
+        return parse_host(ip, payload, queried_at, "api")
+
+    async def check_key(self) -> None:
+        if await self._call(self._client.info) is None:
+            raise Transient("Shodan answered /api-info with 'No information available'")
+
+    async def close(self) -> None:
+        self._session.close()
+
+    async def _call(self, operation: Callable[[], object]) -> object | None:
+        """Run `operation` in a thread; None for "no information", typed errors otherwise."""
+
+        def blocking() -> tuple[object, ShodanError | None, bool]:
+            self._session.reset()
+            try:
+                return operation(), None, False
+            except shodan.APIError as error:
+                classified = self._classify(str(error), self._session.outcome)
+                return None, classified, classified is None
+
+        deadline = self._timeout * _DEADLINE_FACTOR
+        try:
+            outcome = await asyncio.wait_for(asyncio.to_thread(blocking), deadline)
+        except TimeoutError:
+            outcome = None
+        # Raised here, outside any `except`, so that no chained exception (whose text
+        # would hold the request URL and its `key=`) travels with ours.
+        if outcome is None:
+            raise Transient(f"Shodan did not answer within {deadline}s")
+        result, error, not_found = outcome
+        if error is not None:
+            raise error
+        return None if not_found else result
+
+    def _classify(self, message: str, outcome: _Outcome) -> ShodanError | None:
+        message = _redact(message, self._key.get_secret_value())
+        lowered = message.lower()
+        status = outcome.status
+        if "no information available" in lowered:
+            return None
+        if status in (401, 403) or "invalid api key" in lowered or "access denied" in lowered:
+            return Unauthorized(f"Shodan rejected the API key: {message}")
+        if status == 429 or "rate limit" in lowered:
+            return RateLimited(f"Shodan rate limit: {message}", outcome.retry_after)
+        if isinstance(outcome.error, requests.Timeout):
+            return Transient(f"Shodan did not answer within {self._timeout}s")
+        if outcome.error is not None:
+            return Transient(f"Unable to connect to Shodan ({type(outcome.error).__name__})")
+        where = f"HTTP {status}: " if status is not None else ""
+        return Transient(f"Shodan error: {where}{message}")
+
+
+class InternetDbProvider:
+    """Shodan's free InternetDB: open ports, hostnames, tags and vulns; no key, no banners."""
+
+    name: str = "internetdb"
+
+    def __init__(self, base_url: str = INTERNETDB_URL, timeout: float = 10.0) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"InternetDbProvider(base_url={self._base_url!r}, timeout={self._timeout})"
+
+    async def lookup(self, ip: str) -> HostScan:
+        queried_at = datetime.now(UTC)
+        try:
+            response = await asyncio.wait_for(
+                asyncio.to_thread(self._get, ip), self._timeout * _DEADLINE_FACTOR
+            )
+        except TimeoutError:
+            response = None
+        if isinstance(response, ShodanError):
+            raise response
+        if response is None:
+            raise Transient(f"InternetDB did not answer within {self._timeout}s")
+        status, retry_after, body = response
+        if status == 404:
+            return HostScan(ip=ip, provider="internetdb", queried_at=queried_at)
+        if status == 429:
+            raise RateLimited("InternetDB rate limit (HTTP 429)", retry_after)
+        if status != 200:
+            raise Transient(f"InternetDB error: HTTP {status}")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise Transient("InternetDB answered something that is not JSON") from None
+        if not isinstance(payload, dict):
+            raise Transient(f"InternetDB answered {type(payload).__name__}, not an object")
+        return parse_internetdb(ip, payload, queried_at)
+
+    async def check_key(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._session.close()
+
+    def _get(self, ip: str) -> tuple[int, float | None, bytes] | ShodanError:
+        try:
+            with self._session.get(f"{self._base_url}/{ip}", timeout=self._timeout) as response:
+                return (
+                    response.status_code,
+                    _retry_after(response.headers.get("Retry-After")),
+                    response.content,
+                )
+        except requests.Timeout:
+            return Transient(f"InternetDB did not answer within {self._timeout}s")
+        except requests.RequestException as error:
+            return Transient(f"Unable to connect to InternetDB ({type(error).__name__})")
+
+
+SAMPLE_RESOURCE = "shodan_hosts.json"
+_SAMPLE_EPOCH = datetime(2025, 1, 6, tzinfo=UTC)
+# Ports, Shodan modules and products that make demos of unknown IPs look like real findings.
+_SAMPLE_POOL: tuple[tuple[int, str, str, str | None, str | None, dict[str, float]], ...] = (
+    (3389, "tcp", "rdp", "Remote Desktop Protocol", None, {}),
+    (445, "tcp", "smb", "Samba smbd", "4.6.2", {"CVE-2017-7494": 10.0}),
+    (22, "tcp", "ssh", "OpenSSH", "7.4", {"CVE-2018-15473": 5.0}),
+    (443, "tcp", "https", "nginx", "1.18.0", {"CVE-2021-23017": 7.5}),
+    (1433, "tcp", "mssql", "Microsoft SQL Server 2017", "14.00.1000", {}),
+    (6379, "tcp", "redis", "Redis key-value store", "5.0.7", {}),
+    (80, "tcp", "http", "Apache httpd", "2.4.29", {}),
+    (5900, "tcp", "vnc", "VNC", None, {}),
+    (161, "udp", "snmp", None, None, {}),
+)
+
+
+class SampleProvider:
+    """Bundled, invented data for demos without a key: every answer has `sample=True`.
+
+    Known sample IPs answer from `recon_stream/samples/shodan_hosts.json`; any other IP
+    gets a small service set derived from a hash of the address, the same every time.
+    """
+
+    name: str = "sample"
+
+    def __init__(self) -> None:
+        text = resources.files("recon_stream.samples").joinpath(SAMPLE_RESOURCE).read_text("utf-8")
+        hosts = json.loads(text)["hosts"]
+        self._hosts: dict[str, dict[str, Any] | None] = dict(hosts)
+
+    def __repr__(self) -> str:
+        return "SampleProvider()"
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """The IPs with bundled sample answers."""
+        return tuple(self._hosts)
+
+    async def lookup(self, ip: str) -> HostScan:
+        queried_at = datetime.now(UTC)
+        payload = self._hosts[ip] if ip in self._hosts else _invented_host(ip)
+        if payload is None:
+            return HostScan(ip=ip, provider="sample", queried_at=queried_at, sample=True)
+        scan = parse_host(ip, payload, queried_at, "sample")
+        return scan.model_copy(update={"sample": True})
+
+    async def check_key(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _invented_host(ip: str) -> dict[str, Any]:
+    digest = hashlib.sha256(ip.encode()).digest()
+    count = 1 + digest[0] % 3
+    chosen: list[int] = []
+    for byte in digest[1:]:
+        index = byte % len(_SAMPLE_POOL)
+        if index not in chosen:
+            chosen.append(index)
+        if len(chosen) == count:
+            break
+    banners = []
+    for n, index in enumerate(sorted(chosen)):
+        port, transport, module, product, version, vulns = _SAMPLE_POOL[index]
+        seen = _SAMPLE_EPOCH - timedelta(hours=digest[10 + n] % 72, minutes=digest[20 + n] % 60)
+        banner: dict[str, Any] = {
+            "port": port,
+            "transport": transport,
+            "timestamp": seen.replace(tzinfo=None).isoformat(timespec="microseconds"),
+            "_shodan": {"module": module},
+            "vulns": {cve: {"cvss": cvss, "verified": False} for cve, cvss in vulns.items()},
+        }
+        if product is not None:
+            banner["product"] = product
+        if version is not None:
+            banner["version"] = version
+        banners.append(banner)
+    return {
+        "ip_str": ip,
+        "ports": [b["port"] for b in banners],
+        "hostnames": [],
+        "tags": [],
+        "org": "Sample Networks (invented)",
+        "isp": "Sample Networks (invented)",
+        "asn": f"AS{64512 + int.from_bytes(digest[30:32]) % 1024}",
+        "last_update": max(b["timestamp"] for b in banners),
+        "data": banners,
+    }
+
+
+def _redact(text: str, key: str) -> str:
+    if key:
+        text = text.replace(key, "***")
+    return _KEY_IN_URL.sub(r"\1***", text)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A positive number of seconds, or None: HTTP dates and `0` carry no usable hint."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None

@@ -1,0 +1,386 @@
+"""Exposure changes and the events that announce them.
+
+`diff` compares what an organization last knew about an IP (its snapshot) with
+a new lookup and yields `Change`s; `build_events` turns changes into CloudEvents
+1.0 structured-mode messages (schemas/exposure-event.v1.json is generated from
+`ExposureEvent`), published with Kafka key = `organization_id`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from recon_stream.domain.heartbeats import Identifier, IpText
+from recon_stream.domain.risk import DEFAULT_POLICY, RiskPolicy, Severity, assess
+from recon_stream.domain.scans import HostScan, ProviderName, Service, Transport
+
+CONTENT_TYPE = "application/cloudevents+json"
+EVENT_TYPE_PREFIX = "com.recon-stream.exposure"
+SCHEMA_ID = "https://recon-stream.dev/schemas/exposure-event.v1.json"
+
+ExposureKey = tuple[str, int]
+"""(transport, port)."""
+Snapshot = dict[ExposureKey, Service]
+"""What an organization last knew to be open on one IP."""
+
+
+class ChangeKind(enum.StrEnum):
+    OPENED = "opened"
+    CLOSED = "closed"
+    CHANGED = "changed"
+
+
+class ChangeReason(enum.StrEnum):
+    PORT_CLOSED = "port_closed"
+    """The lookup no longer lists the port."""
+    IP_RETIRED = "ip_retired"
+    """The organization stopped reporting from the IP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One difference between an organization's snapshot and a new lookup."""
+
+    kind: ChangeKind
+    key: ExposureKey
+    service: Service
+    """The service now, or the last known one when closed."""
+    previous: Service | None = None
+    """The service before, for `changed`."""
+    reason: ChangeReason | None = None
+    """Why it closed; None for `opened` and `changed`."""
+
+
+# What makes two sightings of one port the same exposure. Shodan's timestamp
+# and the CVSS score (which follows from the CVE list) are deliberately absent.
+# Named as in the event's `service` shape (`name` is the Shodan module).
+IdentityField = Literal["name", "product", "version", "cpe", "vulns"]
+_IDENTITY_FIELDS: tuple[IdentityField, ...] = ("name", "product", "version", "cpe", "vulns")
+
+
+def _identity(service: Service) -> tuple[object, ...]:
+    return (
+        service.module,
+        service.product,
+        service.version,
+        frozenset(service.cpe),
+        frozenset(service.vulns),
+    )
+
+
+def same_exposure(a: Service, b: Service) -> bool:
+    """True when `a` and `b` do not differ in module, product, version, CPE or vulns."""
+    return _identity(a) == _identity(b)
+
+
+def changed_fields(previous: Service, current: Service) -> tuple[IdentityField, ...]:
+    """Which of name (the Shodan module), product, version, cpe and vulns differ."""
+    return tuple(
+        name
+        for name, old, new in zip(
+            _IDENTITY_FIELDS, _identity(previous), _identity(current), strict=True
+        )
+        if old != new
+    )
+
+
+def _order(key: ExposureKey) -> tuple[int, str]:
+    transport, port = key
+    return port, transport
+
+
+def _preference(service: Service) -> tuple[datetime, str]:
+    seen = service.shodan_timestamp
+    at = datetime.min.replace(tzinfo=UTC) if seen is None else _utc(seen)
+    return at, service.model_dump_json()
+
+
+def snapshot_of(scan: HostScan) -> Snapshot:
+    """The scan's services by (transport, port).
+
+    Should a scan hold two banners for one port, the one Shodan saw last wins,
+    then a content order, so the pick never depends on the order of `services`.
+    """
+    snapshot: Snapshot = {}
+    for service in scan.services:
+        kept = snapshot.get(service.key)
+        if kept is None or _preference(service) > _preference(kept):
+            snapshot[service.key] = service
+    return snapshot
+
+
+def diff(previous: Mapping[ExposureKey, Service], current: HostScan) -> list[Change]:
+    """The changes from `previous` to `current`, ordered by port then transport."""
+    now = snapshot_of(current)
+    changes: list[Change] = []
+    for key in sorted(previous.keys() | now.keys(), key=_order):
+        old, new = previous.get(key), now.get(key)
+        if old is None and new is not None:
+            changes.append(Change(ChangeKind.OPENED, key, new))
+        elif new is None and old is not None:
+            changes.append(Change(ChangeKind.CLOSED, key, old, reason=ChangeReason.PORT_CLOSED))
+        elif old is not None and new is not None and not same_exposure(old, new):
+            changes.append(Change(ChangeKind.CHANGED, key, new, previous=old))
+    return changes
+
+
+def retire(previous: Mapping[ExposureKey, Service]) -> list[Change]:
+    """Close every exposure of an IP the organization no longer uses."""
+    return [
+        Change(ChangeKind.CLOSED, key, previous[key], reason=ChangeReason.IP_RETIRED)
+        for key in sorted(previous, key=_order)
+    ]
+
+
+def apply_changes(previous: Mapping[ExposureKey, Service], changes: Iterable[Change]) -> Snapshot:
+    """The snapshot after `changes` (closed keys removed, the rest replaced)."""
+    snapshot = dict(previous)
+    for change in changes:
+        if change.kind is ChangeKind.CLOSED:
+            snapshot.pop(change.key, None)
+        else:
+            snapshot[change.key] = change.service
+    return snapshot
+
+
+def _canonical_ip(ip: str) -> str:
+    try:
+        return ipaddress.ip_address(ip).compressed
+    except ValueError:
+        return ip
+
+
+_EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, SCHEMA_ID)
+
+
+def event_id(
+    organization_id: str,
+    ip: str,
+    change_kind: str,
+    key: ExposureKey,
+    fingerprint: str,
+) -> str:
+    """A UUID (v5) that is the same whenever the same change is announced again.
+
+    `fingerprint` pins the change down in time, e.g. the version of the
+    organization's snapshot it was computed against.
+    """
+    transport, port = key
+    # JSON, not a joined string, so no field's text can run into its neighbour's.
+    canonical = json.dumps(
+        [organization_id, _canonical_ip(ip), str(change_kind), transport, port, fingerprint]
+    )
+    return str(uuid.uuid5(_EVENT_NAMESPACE, canonical))
+
+
+class ServiceInfo(BaseModel):
+    """What answers on the port."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str | None = Field(description="Shodan's crawler module, e.g. 'rdp', 'https'.")
+    product: str | None
+    version: str | None
+    cpe: tuple[str, ...] = Field(description="CPE 2.3 strings, sorted.")
+
+    @classmethod
+    def of(cls, service: Service) -> ServiceInfo:
+        """The public shape of a normalized `Service`."""
+        return cls(
+            name=service.module,
+            product=service.product,
+            version=service.version,
+            cpe=tuple(sorted(set(service.cpe))),
+        )
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class ExposureData(BaseModel):
+    """The `data` of an exposure event."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    organization_id: Identifier
+    ip: IpText
+    port: Port
+    transport: Transport
+    change: ChangeKind
+    reason: ChangeReason | None = Field(
+        description="Why the exposure closed: port_closed or ip_retired; null otherwise."
+    )
+    service: ServiceInfo = Field(description="The service now; the last one seen when closed.")
+    previous: ServiceInfo | None = Field(description="The service before, for `changed`.")
+    changed_fields: tuple[IdentityField, ...] = Field(
+        description="For `changed`: which of name, product, version, cpe and vulns differ."
+    )
+    vulns: tuple[str, ...]
+    previous_vulns: tuple[str, ...] | None = Field(description="For `changed`.")
+    max_cvss: float | None = Field(description="Highest CVSS score among `vulns`.")
+    severity: Severity
+    risk_reasons: tuple[str, ...]
+    first_seen: AwareDatetime = Field(description="When this org first saw the port open.")
+    last_seen: AwareDatetime = Field(
+        description="When the port was last seen open (for closed: before it closed)."
+    )
+    shodan_last_scanned: AwareDatetime | None = Field(
+        description="Shodan's own scan time for this port."
+    )
+    last_queried: AwareDatetime = Field(description="When recon-stream last looked the IP up.")
+    hostnames: tuple[str, ...]
+    candidate_agents: tuple[Identifier, ...] = Field(
+        description="Agents of the organization that reported from this IP."
+    )
+    site_ids: tuple[Identifier, ...]
+    accepted: bool = Field(description="The organization accepted this exposure as intended.")
+    sample: bool = Field(description="Built from bundled sample data, not real Shodan results.")
+    provider: ProviderName
+
+
+EventType = Literal[
+    "com.recon-stream.exposure.opened",
+    "com.recon-stream.exposure.closed",
+    "com.recon-stream.exposure.changed",
+]
+
+
+class ExposureEvent(BaseModel):
+    """A change in an organization's internet-facing exposure, as a CloudEvents 1.0
+    structured-mode JSON message (content type `application/cloudevents+json`).
+
+    Published on `recon.exposures.v1` with Kafka key = `data.organization_id`. The
+    same change always carries the same `id`, so consumers can drop redeliveries.
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        title="ExposureEvent",
+        json_schema_extra={"$id": SCHEMA_ID},
+    )
+
+    # No defaults: a default would make these optional in the published schema.
+    specversion: Literal["1.0"]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    source: Annotated[
+        str, StringConstraints(min_length=1), Field(json_schema_extra={"format": "uri-reference"})
+    ]
+    type: EventType
+    subject: Annotated[str, StringConstraints(min_length=1)] = Field(
+        description="ip/transport/port"
+    )
+    time: AwareDatetime
+    datacontenttype: Literal["application/json"]
+    data: ExposureData
+
+    def kafka_key(self) -> bytes:
+        return self.data.organization_id.encode()
+
+
+_EVENT_TYPES: dict[ChangeKind, EventType] = {
+    ChangeKind.OPENED: "com.recon-stream.exposure.opened",
+    ChangeKind.CLOSED: "com.recon-stream.exposure.closed",
+    ChangeKind.CHANGED: "com.recon-stream.exposure.changed",
+}
+
+
+def _utc(moment: datetime) -> datetime:
+    # Shodan's timestamps carry no zone but are UTC; never let a naive one through.
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def build_events(
+    organization_id: str,
+    ip: str,
+    changes: Sequence[Change],
+    scan: HostScan,
+    *,
+    version: int,
+    candidate_agents: Iterable[str],
+    site_ids: Iterable[str],
+    accepted_keys: Set[ExposureKey],
+    first_seen_by_key: Mapping[ExposureKey, datetime],
+    last_seen_by_key: Mapping[ExposureKey, datetime] | None = None,
+    occurred_at: datetime | None = None,
+    source: str = "recon-stream",
+    policy: RiskPolicy = DEFAULT_POLICY,
+) -> list[ExposureEvent]:
+    """One event per change, in the order of `changes`.
+
+    `version` is the organization's snapshot version the changes were computed
+    against; it makes each event id deterministic. `first_seen_by_key` defaults
+    to the lookup time (a port opening now). `last_seen_by_key` holds when each
+    port was last seen open; closed events report it (falling back to Shodan's
+    own timestamp for the port, then the lookup time), the others report the
+    lookup time. `occurred_at` (the event `time`) defaults to the lookup time;
+    pass the retirement time for `retire` changes.
+    """
+    queried_at = _utc(scan.queried_at)
+    time = _utc(occurred_at) if occurred_at is not None else queried_at
+    last_seen_by_key = last_seen_by_key or {}
+    agents = tuple(sorted(set(candidate_agents)))
+    sites = tuple(sorted(set(site_ids)))
+    events: list[ExposureEvent] = []
+    for change in changes:
+        service = change.service
+        transport, port = change.key
+        shodan_seen = _utc(service.shodan_timestamp) if service.shodan_timestamp else None
+        if change.kind is ChangeKind.CLOSED:
+            last_known = last_seen_by_key.get(change.key) or shodan_seen or queried_at
+            last_seen = _utc(last_known)
+        else:
+            last_seen = queried_at
+        first_seen = _utc(first_seen_by_key.get(change.key, queried_at))
+        severity, reasons = assess(service, policy)
+        previous = change.previous
+        data = ExposureData(
+            organization_id=organization_id,
+            ip=ip,
+            port=port,
+            transport=service.transport,
+            change=change.kind,
+            reason=change.reason,
+            service=ServiceInfo.of(service),
+            previous=ServiceInfo.of(previous) if previous is not None else None,
+            changed_fields=changed_fields(previous, service) if previous is not None else (),
+            vulns=tuple(sorted(set(service.vulns))),
+            previous_vulns=tuple(sorted(set(previous.vulns))) if previous is not None else None,
+            max_cvss=service.max_cvss,
+            severity=severity,
+            risk_reasons=reasons,
+            first_seen=min(first_seen, last_seen),
+            last_seen=last_seen,
+            shodan_last_scanned=shodan_seen,
+            last_queried=queried_at,
+            hostnames=scan.hostnames,
+            candidate_agents=agents,
+            site_ids=sites,
+            accepted=change.key in accepted_keys,
+            sample=scan.sample,
+            provider=scan.provider,
+        )
+        events.append(
+            ExposureEvent(
+                specversion="1.0",
+                id=event_id(organization_id, ip, change.kind, change.key, str(version)),
+                source=source,
+                type=_EVENT_TYPES[change.kind],
+                subject=f"{ip}/{transport}/{port}",
+                time=time,
+                datacontenttype="application/json",
+                data=data,
+            )
+        )
+    return events

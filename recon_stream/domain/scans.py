@@ -1,0 +1,58 @@
+"""What one Shodan lookup says about one IP, normalized (the providers' output)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Transport = Literal["tcp", "udp"]
+ProviderName = Literal["api", "internetdb", "sample"]
+
+
+class Service(BaseModel):
+    """One open port as Shodan last saw it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    port: int = Field(ge=0, le=65535)
+    transport: Transport = "tcp"
+    module: str | None = None
+    """Shodan's crawler module (`_shodan.module`), e.g. "rdp", "smb", "https"."""
+    product: str | None = None
+    version: str | None = None
+    cpe: tuple[str, ...] = ()
+    """CPE 2.3 strings, sorted (from `cpe23`, else the deprecated `cpe`)."""
+    vulns: tuple[str, ...] = ()
+    """CVE ids, sorted and de-duplicated."""
+    max_cvss: float | None = None
+    shodan_timestamp: datetime | None = None
+    """Shodan's own scan time for this port (UTC)."""
+
+    @property
+    def key(self) -> tuple[Transport, int]:
+        return (self.transport, self.port)
+
+
+class HostScan(BaseModel):
+    """A provider's answer for one IP. `services` is empty when nothing is known
+    (Shodan's 404 "No information available for that IP.")."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ip: str
+    provider: ProviderName
+    queried_at: datetime
+    """When we asked (UTC)."""
+    services: tuple[Service, ...] = ()
+    hostnames: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    vulns: tuple[str, ...] = ()
+    org: str | None = None
+    isp: str | None = None
+    asn: str | None = None
+    os: str | None = None
+    last_update: datetime | None = None
+    sample: bool = False
+    """True for bundled sample data (never real Shodan results)."""

@@ -1,0 +1,375 @@
+"""A local emulator of the Shodan REST endpoints we use, as a real HTTP server.
+
+Endpoints (one server, one loopback port):
+
+- ``GET /shodan/host/{ip}?key=K``   host payloads set with ``set_host``; 404
+  ``{"error": "No information available for that IP."}`` otherwise. Comma-joined
+  IPs answer a list of the known hosts.
+- ``GET /api-info?key=K``           a plan description for valid keys.
+- ``GET /internetdb/{ip}``          InternetDB, derived from the host payload
+  (or set with ``set_internetdb``); 404 ``{"detail": "No information available"}``.
+
+Keys not in ``keys`` get 401 ``{"error": "Invalid API key"}``. Like Shodan, the
+emulator enforces a request rate per key (InternetDB: per anonymous client):
+more than ``rate`` requests in a sliding window get 429 and count as a
+violation. Every request is recorded, so tests can prove a budget held.
+``fail_next`` injects statuses and delays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+RATE_LIMIT_MESSAGE = (
+    "Request rate limit reached (1 request/ second). Please wait a second and try again "
+    "and upgrade your plan if you need more"
+)
+NOT_FOUND_MESSAGE = "No information available for that IP."
+INVALID_KEY_MESSAGE = "Invalid API key"
+_HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
+_ANONYMOUS = ""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    at: float
+    """`time.monotonic()` when the request arrived."""
+    key: str | None
+    path: str
+    status: int
+
+
+@dataclass
+class _Fault:
+    ip: str | None
+    status: int
+    remaining: int
+    body: Any
+    delay: float
+    headers: Mapping[str, str]
+
+
+class ShodanEmulator:
+    """Shodan's REST API and InternetDB on ``http://127.0.0.1:PORT``."""
+
+    def __init__(self, *, rate: float | None = 1.0, keys: set[str] | None = None) -> None:
+        self.api_key = secrets.token_hex(16)
+        """A valid key (32 characters, like Shodan's), in ``keys`` from the start."""
+        self.keys: set[str] = {self.api_key} if keys is None else set(keys)
+        self.rate = rate
+        """Requests per second allowed per key; None for no limit."""
+        self.violations = 0
+        self._hosts: dict[str, dict[str, Any]] = {}
+        self._internetdb: dict[str, dict[str, Any]] = {}
+        self._faults: list[_Fault] = []
+        self._requests: list[RecordedRequest] = []
+        self._accepted: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> ShodanEmulator:
+        emulator = self
+
+        class Handler(_Handler):
+            owner = emulator
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Handler threads are joined on close; delayed answers wake up on `_stopping`.
+        server.daemon_threads = False
+        server.block_on_close = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> ShodanEmulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "emulator not started"
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL of the Shodan API (the client's ``base_url``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def internetdb_url(self) -> str:
+        return f"{self.url}/internetdb"
+
+    # -- data and faults --------------------------------------------------------------------
+
+    def set_host(self, ip: str, payload: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._hosts[ip] = json.loads(json.dumps(payload))
+
+    def remove_host(self, ip: str) -> None:
+        with self._lock:
+            self._hosts.pop(ip, None)
+            self._internetdb.pop(ip, None)
+
+    def set_internetdb(self, ip: str, payload: Mapping[str, Any]) -> None:
+        """Override the InternetDB answer otherwise derived from the host payload."""
+        with self._lock:
+            self._internetdb[ip] = json.loads(json.dumps(payload))
+
+    def fail_next(
+        self,
+        ip: str | None,
+        status: int,
+        count: int = 1,
+        body: Any = None,
+        delay: float = 0.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer the next `count` requests for `ip` (any request when None) with `status`.
+
+        `body` is JSON-encoded unless it is `str`/`bytes`; None picks Shodan's usual body
+        for the status. `delay` seconds pass before the answer. Status 200 with a delay
+        serves the normal answer, late. Faults skip the key check and the rate limit.
+        """
+        with self._lock:
+            self._faults.append(_Fault(ip, status, count, body, delay, dict(headers or {})))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    # -- what happened ----------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests]
+
+    def max_requests_in_any_window(
+        self, seconds: float = 1.0, *, key: str | None = None, path_prefix: str = ""
+    ) -> int:
+        """The most requests (of `key`, under `path_prefix`) that arrived within `seconds`."""
+        times = sorted(
+            r.at
+            for r in self.requests
+            if r.path.startswith(path_prefix) and (key is None or r.key == key)
+        )
+        best = start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= seconds:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    # -- request handling (server threads) --------------------------------------------------
+
+    def _handle(self, handler: _Handler) -> None:
+        arrived = time.monotonic()
+        parts = urlsplit(handler.path)
+        path = unquote(parts.path)
+        query = parse_qs(parts.query)
+        key = query.get("key", [None])[0]
+        internetdb = path.startswith("/internetdb/")
+        ips = _ips_of(path)
+
+        status, body, headers, delay = self._decide(path, key, internetdb, ips)
+        with self._lock:
+            self._requests.append(RecordedRequest(arrived, key, path, status))
+        if delay > 0 and self._stopping.wait(delay):
+            return
+        handler.answer(status, body, headers)
+
+    def _decide(
+        self, path: str, key: str | None, internetdb: bool, ips: list[str]
+    ) -> tuple[int, Any, Mapping[str, str], float]:
+        with self._lock:
+            fault = self._take_fault(ips)
+        if fault is not None and fault.status != 200:
+            body = fault.body if fault.body is not None else _default_body(fault.status, internetdb)
+            return fault.status, body, fault.headers, fault.delay
+        delay = fault.delay if fault is not None else 0.0
+        if not internetdb and key not in self.keys:
+            return 401, {"error": INVALID_KEY_MESSAGE}, {}, delay
+        if not self._admit(_ANONYMOUS if internetdb else str(key)):
+            body = (
+                {"detail": "Rate limit exceeded"} if internetdb else {"error": RATE_LIMIT_MESSAGE}
+            )
+            return 429, body, {}, delay
+        status, body = self._route(path, internetdb, ips)
+        return status, body, {}, delay
+
+    def _take_fault(self, ips: list[str]) -> _Fault | None:
+        for fault in self._faults:
+            if fault.ip is None or fault.ip in ips:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _admit(self, bucket: str) -> bool:
+        """Sliding-window limit: at most `rate * window` accepted requests per window."""
+        rate = self.rate
+        if rate is None:
+            return True
+        window = max(1.0, 1.0 / rate)
+        capacity = max(1, math.floor(rate * window + 1e-9))
+        now = time.monotonic()
+        with self._lock:
+            accepted = self._accepted.setdefault(bucket, deque())
+            while accepted and now - accepted[0] >= window:
+                accepted.popleft()
+            if len(accepted) >= capacity:
+                self.violations += 1
+                return False
+            accepted.append(now)
+            return True
+
+    def _route(self, path: str, internetdb: bool, ips: list[str]) -> tuple[int, Any]:
+        with self._lock:
+            if internetdb:
+                ip = ips[0] if ips else ""
+                answer = self._internetdb.get(ip)
+                if answer is None and ip in self._hosts:
+                    answer = _internetdb_of(ip, self._hosts[ip])
+                if answer is None:
+                    return 404, {"detail": "No information available"}
+                return 200, answer
+            if path == "/api-info":
+                return 200, _API_INFO
+            if path.startswith("/shodan/host/") and ips:
+                found = [self._hosts[ip] for ip in ips if ip in self._hosts]
+                if not found:
+                    return 404, {"error": NOT_FOUND_MESSAGE}
+                return 200, found[0] if len(ips) == 1 else found
+        return 404, {"error": "Not found"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: ShodanEmulator
+    server_version = "nginx"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self.owner._handle(self)
+
+    def answer(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
+        if isinstance(body, bytes):
+            raw, content_type = body, "application/octet-stream"
+        elif isinstance(body, str):
+            raw = body.encode()
+            content_type = "text/html" if body.lstrip().startswith("<") else "text/plain"
+        else:
+            raw, content_type = json.dumps(body).encode(), "application/json"
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(raw)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout); nothing to answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean; requests are recorded instead
+
+
+def _ips_of(path: str) -> list[str]:
+    for prefix in ("/shodan/host/", "/internetdb/"):
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            return [ip for ip in rest.split(",") if ip]
+    return []
+
+
+def _default_body(status: int, internetdb: bool) -> Any:
+    if internetdb:
+        return {404: {"detail": "No information available"}}.get(
+            status, {"detail": f"HTTP {status}"}
+        )
+    if status == 401:
+        return {"error": INVALID_KEY_MESSAGE}
+    if status == 403:
+        return _HTML_ERROR.format(status="403 Forbidden")
+    if status == 404:
+        return {"error": NOT_FOUND_MESSAGE}
+    if status == 429:
+        return {"error": RATE_LIMIT_MESSAGE}
+    if status >= 500:
+        return _HTML_ERROR.format(status=f"{status} Server Error")
+    return {"error": f"HTTP {status}"}
+
+
+def _internetdb_of(ip: str, host: Mapping[str, Any]) -> dict[str, Any]:
+    banners = [b for b in host.get("data") or [] if isinstance(b, dict)]
+    ports = set(host.get("ports") or []) | {b["port"] for b in banners if "port" in b}
+    cpes: list[str] = []
+    for banner in banners:
+        cpe = banner.get("cpe23") or banner.get("cpe") or []
+        for item in [cpe] if isinstance(cpe, str) else cpe:
+            if item not in cpes:
+                cpes.append(item)
+    vulns = set(host.get("vulns") or [])
+    for banner in banners:
+        vulns.update(banner.get("vulns") or {})
+    return {
+        "ip": ip,
+        "ports": sorted(ports),
+        "cpes": cpes,
+        "hostnames": list(host.get("hostnames") or []),
+        "tags": list(host.get("tags") or []),
+        "vulns": sorted(vulns),
+    }
+
+
+_API_INFO = {
+    "scan_credits": 100,
+    "usage_limits": {"scan_credits": 100, "query_credits": 100, "monitored_ips": 16},
+    "plan": "dev",
+    "https": False,
+    "unlocked": True,
+    "query_credits": 100,
+    "monitored_ips": 0,
+    "unlocked_left": 100,
+    "telnet": False,
+}
