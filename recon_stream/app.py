@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faststream import AckPolicy, FastStream
@@ -21,16 +24,23 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from pymongo import AsyncMongoClient
 
 from recon_stream.adapters import kafka, mongo
+from recon_stream.adapters.exposure_store import ExposureStore, IpScans
+from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.adapters.shodan import build_provider
 from recon_stream.ingest import IngestService, RawRecord
+from recon_stream.leadership import LEASES, Lease
 from recon_stream.metrics import Metrics
+from recon_stream.ratelimit import BUDGETS, SharedRateLimiter
 from recon_stream.retry import Backoff
+from recon_stream.scanner import KeyGate, ScannerService
+from recon_stream.scheduler import Scheduler
 from recon_stream.seen import SeenPairs
 from recon_stream.settings import Settings
 from recon_stream.status import StatusServer
 
 log = logging.getLogger(__name__)
 
-ROLES = ("ingest",)
+ROLES = ("ingest", "scanner", "scheduler")
 
 
 @dataclass
@@ -60,6 +70,8 @@ class Worker:
     status: StatusServer
     mongo_client: AsyncMongoClient[mongo.Document]
     ingest: IngestService | None = None
+    scanner: ScannerService | None = None
+    scheduler: Scheduler | None = None
 
 
 def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
@@ -149,6 +161,124 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             background.append(
                 asyncio.create_task(service.run_relay(settings.ingest_relay_interval_seconds))
             )
+
+    if "scanner" in roles:
+        gate = KeyGate()
+        status.add_check("shodan", gate.check)
+        provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
+        limiter = SharedRateLimiter(db[BUDGETS], "shodan", settings.shodan_rate)
+        ip_scans = IpScans(db, settings.rescan_interval_seconds)
+        exposures = ExposureStore(db)
+        queue = ScanQueue(db)
+        scanner = ScannerService(
+            queue,
+            provider,
+            limiter,
+            ip_scans,
+            exposures,
+            kafka.KafkaExposureEvents(broker, settings.topic_exposures),
+            kafka.KafkaDeadLetters(broker, settings.topic_dlq),
+            metrics,
+            backoff,
+            gate,
+            reuse_age=settings.scan_reuse_seconds,
+            lease=timedelta(seconds=settings.scan_claim_lease_seconds),
+            on_outage=outages.failed,
+            on_recovery=outages.recovered,
+        )
+        worker.scanner = scanner
+
+        # Requests are only moved into the durable scan queue here, so a plain
+        # batch commit after success is right; while the key is rejected the
+        # handler waits and nothing is committed.
+        @broker.subscriber(
+            settings.topic_scan_requests,
+            batch=True,
+            group_id=settings.scanner_group_id,
+            auto_offset_reset="earliest",
+            max_records=500,
+            batch_timeout_ms=100,
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            parser=kafka.raw_batch_parser,
+            decoder=kafka.raw_batch_decoder,
+        )
+        async def on_scan_requests(records: Any) -> None:
+            batch: tuple[RawRecord, ...] = records
+            try:
+                await scanner.accept(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scan-request batch failed; it will be redelivered")
+                await asyncio.sleep(backoff.maximum / 10)
+                raise
+
+        async def sample_gauges() -> None:
+            while True:
+                try:
+                    depth = await queue.depth()
+                    for priority in (0, 1):
+                        metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
+                    metrics.outbox_pending.set(await exposures.outbox_size())
+                    oldest = await ip_scans.oldest_query()
+                    if oldest is not None:
+                        if oldest.tzinfo is None:
+                            oldest = oldest.replace(tzinfo=UTC)
+                        metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    log.warning("sampling scanner gauges failed: %s", type(error).__name__)
+                await asyncio.sleep(settings.gauge_sample_seconds)
+
+        @app.after_startup
+        async def start_scanner() -> None:
+            background.append(
+                asyncio.create_task(scanner.run_key_checks(settings.shodan_key_check_seconds))
+            )
+            background.extend(
+                asyncio.create_task(scanner.run_lookups())
+                for _ in range(settings.scanner_concurrency)
+            )
+            background.append(
+                asyncio.create_task(scanner.run_relay(settings.exposure_relay_interval_seconds))
+            )
+            background.append(asyncio.create_task(sample_gauges()))
+
+        @app.after_shutdown
+        async def close_provider() -> None:
+            await provider.close()
+
+    if "scheduler" in roles:
+        scheduler = Scheduler(
+            db,
+            Lease(
+                db[LEASES],
+                "scheduler",
+                f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                timedelta(seconds=settings.scheduler_lease_seconds),
+            ),
+            IpScans(db, settings.rescan_interval_seconds),
+            ExposureStore(db),
+            kafka.KafkaScanRequests(broker, settings.topic_scan_requests),
+            kafka.KafkaExposureEvents(broker, settings.topic_exposures),
+            metrics,
+            backoff,
+            rescan_interval=settings.rescan_interval_seconds,
+            retention=settings.ip_retention_seconds,
+        )
+        worker.scheduler = scheduler
+
+        async def scheduler_ready() -> str | None:
+            return None  # leading or standing by are both ready
+
+        status.add_check("scheduler", scheduler_ready)
+
+        @app.after_startup
+        async def start_scheduler() -> None:
+            background.append(asyncio.create_task(scheduler.run(settings.scheduler_tick_seconds)))
 
     @app.on_startup
     async def start_status() -> None:

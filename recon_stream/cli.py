@@ -28,7 +28,15 @@ cli = typer.Typer(
 
 class Role(enum.StrEnum):
     ingest = "ingest"
+    scanner = "scanner"
+    scheduler = "scheduler"
     all = "all"
+
+
+class Format(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
 
 
 def _settings() -> Settings:
@@ -76,6 +84,7 @@ def run(
 def init(log_level: LogLevel = "WARNING") -> None:
     """Create the Kafka topics and MongoDB indexes (idempotent)."""
     from recon_stream.adapters import kafka, mongo
+    from recon_stream.exposure_table import ensure_all_indexes
 
     _logging(log_level)
     settings = _settings()
@@ -86,7 +95,7 @@ def init(log_level: LogLevel = "WARNING") -> None:
             typer.echo(f"topic {name}: {outcome}")
         client = mongo.connect(settings)
         try:
-            names = await mongo.ensure_indexes(client[settings.mongodb_database])
+            names = await ensure_all_indexes(client[settings.mongodb_database])
         finally:
             await client.close()
         typer.echo(f"indexes on {settings.mongodb_database}: {', '.join(names)}")
@@ -156,6 +165,21 @@ def publish_heartbeat(
         typer.echo(f"published to {meta.topic}[{meta.partition}]@{meta.offset}")
 
     asyncio.run(go())
+
+
+@cli.command()
+def exposures(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """An organization's exposures: the dashboard's table."""
+    from recon_stream.exposure_table import load_rows, render
+
+    _logging(log_level)
+    settings = _settings()
+    rows = asyncio.run(load_rows(settings, org))
+    typer.echo(render(rows, output.value), nl=False)
 
 
 @cli.command()

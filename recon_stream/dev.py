@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 
 from recon_stream.adapters import kafka, mongo
+from recon_stream.adapters.exposure_store import EXPOSURES
+from recon_stream.adapters.scan_queue import SCAN_QUEUE
 from recon_stream.app import ROLES, build_worker
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
+from recon_stream.exposure_table import ensure_all_indexes, load_rows, render
 from recon_stream.settings import Settings
 
 # Sample organizations with the public egress IPs their agents call home from.
@@ -119,25 +123,71 @@ async def report(settings: Settings) -> str:
     )
 
 
+def _samples(registry: Any, name: str) -> dict[str, float]:
+    return {
+        str(sample.labels): sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == name
+    }
+
+
+async def wait_for_scans(settings: Settings, patience: float = 120.0) -> None:
+    """Until the scan queue is empty and every pair has a snapshot (or time runs out)."""
+    client = mongo.connect(settings)
+    db = client[settings.mongodb_database]
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while loop.time() < deadline:
+            queued = await db[SCAN_QUEUE].count_documents({})
+            pairs = await db[mongo.ORG_IPS].count_documents({"status": "active"})
+            snapshots = await db[EXPOSURES].count_documents({})
+            pending = await db[EXPOSURES].count_documents({"pending.0": {"$exists": True}})
+            if queued == 0 and snapshots >= pairs and pending == 0:
+                return
+            await asyncio.sleep(0.5)
+        print(f"(scans still running after {patience:.0f}s; the table shows what is done)")
+    finally:
+        await client.close()
+
+
 async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
     print(f"recon-stream dev: embedded Tansu + SecantusDB, data under {data_dir}/")
     with (
         EmbeddedKafka(log_dir=data_dir / "logs") as broker,
         EmbeddedMongo(data_dir=data_dir / "mongodb", log_dir=data_dir / "logs") as db,
     ):
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap_servers,
-            mongodb_uri=db.uri,
-            kafka_topic_partitions=4,
-            http_port=http_port,
-            http_host="127.0.0.1",
-            ingest_batch_timeout_ms=100,
+        base = Settings()
+        sample_data = base.effective_shodan_provider == "sample"
+        settings = base.model_copy(
+            update={
+                "kafka_bootstrap_servers": broker.bootstrap_servers,
+                "mongodb_uri": SecretStr(db.uri),
+                "kafka_topic_partitions": 4,
+                "http_port": http_port,
+                "http_host": "127.0.0.1",
+                "ingest_batch_timeout_ms": 100,
+                # Sample answers cost nothing: no need to pace them like Shodan.
+                "shodan_rate": 20.0 if sample_data else base.shodan_rate,
+                "gauge_sample_seconds": 2.0,
+            }
         )
         topics = await kafka.create_topics(settings)
         client = mongo.connect(settings)
-        await mongo.ensure_indexes(client[settings.mongodb_database])
+        await ensure_all_indexes(client[settings.mongodb_database])
         await client.close()
         print(f"topics: {', '.join(topics)}")
+        if sample_data:
+            print(
+                "Shodan: no RECON_SHODAN_API_KEY set, so the scanner answers from BUNDLED "
+                "SAMPLE DATA (invented exposures, not real Shodan results)"
+            )
+        else:
+            print(
+                f"Shodan: provider {settings.effective_shodan_provider!r}, "
+                f"{settings.shodan_rate:g} lookups/s"
+            )
         worker = build_worker(settings, ROLES)
         await worker.app.start()
         try:
@@ -173,10 +223,13 @@ async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
                 for p in ("ingest", "relay")
             )
             print(f"scan requests published to {settings.topic_scan_requests}: {int(requests)}")
-            print(
-                "the scanner is not part of this build yet: scan requests wait on "
-                f"{settings.topic_scan_requests}"
-            )
+            await wait_for_scans(settings)
+            events = sum(v for k, v in _samples(metrics, "recon_exposure_events_total").items())
+            print(f"exposure events published to {settings.topic_exposures}: {int(events)}")
+            for org in SAMPLE_ORGS:
+                print()
+                print(f"exposures of {org}  (recon-stream exposures --org {org})")
+                print(render(await load_rows(settings, org), "table"), end="")
             if keep_running:
                 print("running; Ctrl-C to stop")
                 await asyncio.Event().wait()

@@ -72,6 +72,63 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
+        self.scan_requests_received = Counter(
+            "recon_scan_requests_received",
+            "Scan requests the scanner queued, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.shodan_requests = Counter(
+            "recon_shodan_requests",
+            "Shodan lookups by provider and outcome: ok, not_found, rate_limited, "
+            "unauthorized, transient.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.shodan_latency = Histogram(
+            "recon_shodan_request_duration_seconds",
+            "Time of one Shodan lookup (after the rate limiter).",
+            ["provider"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.rate_wait = Histogram(
+            "recon_rate_limiter_wait_seconds",
+            "Time a lookup waited for a slot of the shared Shodan budget.",
+            buckets=(0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.lookups_saved = Counter(
+            "recon_lookups_saved",
+            "Scan requests served from a fresh stored lookup (no Shodan call).",
+            registry=r,
+        )
+        self.exposure_events = Counter(
+            "recon_exposure_events",
+            "Exposure events published, by change and severity.",
+            ["change", "severity"],
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "recon_outbox_pending", "Exposure events waiting in outboxes (sampled).", registry=r
+        )
+        self.scan_backlog = Gauge(
+            "recon_scan_backlog",
+            "IPs waiting in the scan queue, by priority (0 new, 1 rescan; sampled).",
+            ["priority"],
+            registry=r,
+        )
+        self.oldest_scan_age = Gauge(
+            "recon_oldest_scan_age_seconds",
+            "Age of the oldest stored lookup (freshness; sampled).",
+            registry=r,
+        )
+        self.scheduler_leader = Gauge(
+            "recon_scheduler_leader", "1 while this process is the scheduler leader.", registry=r
+        )
+        self.pairs_retired = Counter(
+            "recon_pairs_retired", "(organization, IP) pairs retired after disuse.", registry=r
+        )
         self.batch_duration = Histogram(
             "recon_ingest_batch_duration_seconds",
             "Time to process one heartbeat batch, retries included.",

@@ -81,6 +81,22 @@ class Settings(BaseSettings):
     )
     ingest_relay_interval_seconds: float = Field(30.0, gt=0)
 
+    # Scanner
+    scanner_group_id: str = "recon-scanner"
+    scanner_concurrency: int = Field(2, ge=1, description="lookup loops per replica")
+    scan_reuse_seconds: float = Field(
+        24 * 3600.0, ge=0, description="a stored lookup younger than this serves a new org"
+    )
+    shodan_timeout_seconds: float = Field(10.0, gt=0)
+    shodan_key_check_seconds: float = Field(60.0, gt=0)
+    scan_claim_lease_seconds: float = Field(120.0, gt=0)
+    exposure_relay_interval_seconds: float = Field(10.0, gt=0)
+    gauge_sample_seconds: float = Field(15.0, gt=0)
+
+    # Scheduler
+    scheduler_tick_seconds: float = Field(30.0, gt=0)
+    scheduler_lease_seconds: float = Field(90.0, gt=0)
+
     # Retries of MongoDB / Kafka outages
     retry_initial_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)

@@ -15,6 +15,7 @@ from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.ingest import Rejected
 from recon_stream.settings import Settings
@@ -175,6 +176,27 @@ def _text_headers(raw: Sequence[tuple[str, bytes | None]]) -> tuple[dict[str, st
         except UnicodeDecodeError:
             undecodable.append(name)
     return headers, undecodable
+
+
+class KafkaExposureEvents:
+    """Publishes CloudEvents (structured JSON), key = organization id."""
+
+    def __init__(self, broker: KafkaBroker, topic: str) -> None:
+        self._broker = broker
+        self._topic = topic
+
+    async def publish(self, events: Sequence[ExposureEvent]) -> None:
+        futures = [
+            await self._broker.publish(
+                e.model_dump_json().encode(),
+                self._topic,
+                key=e.kafka_key(),
+                headers={"content-type": CONTENT_TYPE},
+                no_confirm=True,
+            )
+            for e in events
+        ]
+        await asyncio.gather(*futures)
 
 
 class KafkaDeadLetters:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -155,3 +159,28 @@ def minutes(n: float) -> timedelta:
 def sample(worker: Worker, name: str, **labels: str) -> float:
     """A metric's current value from the worker's registry (0 when never set)."""
     return worker.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """`settings` as the RECON_* environment of a worker subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
+    for name, value in settings.model_dump().items():
+        if value is None or isinstance(value, dict):
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"RECON_{name.upper()}"] = str(value)
+    return env
+
+
+def start_worker(settings: Settings, role: str, log: Path, http_port: int = 0) -> Any:
+    """`recon-stream run ROLE` as a subprocess (output appended to `log`)."""
+    env = worker_env(settings)
+    env["RECON_HTTP_PORT"] = str(http_port)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "recon_stream", "run", role],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

@@ -1,0 +1,309 @@
+"""The scanner stage: scan requests in, Shodan lookups, exposure events out.
+
+Two halves, both on every scanner replica:
+
+- `accept` (the Kafka handler) validates scan requests and moves them into the
+  durable `scan_queue` (one item per IP), then the batch is committed.
+- `run_lookups` loops claim the most urgent IP, reuse a fresh stored result or
+  look it up within the shared rate budget, and apply the result to every
+  organization whose agents report from that IP. Events are written to each
+  snapshot's outbox in the same update and published afterwards; `run_relay`
+  publishes whatever a crash left behind.
+
+A rejected API key closes the `KeyGate`: lookups and the Kafka handler wait
+(nothing is committed or dropped), readiness says why, and the key is checked
+again periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol, TypeVar
+
+from pydantic import ValidationError
+
+from recon_stream.adapters.exposure_store import ExposureStore, IpScans
+from recon_stream.adapters.scan_queue import QueueItem, ScanQueue
+from recon_stream.adapters.shodan import RateLimited, ShodanProvider, Transient, Unauthorized
+from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.heartbeats import RejectReason
+from recon_stream.domain.scan_requests import ScanRequest
+from recon_stream.domain.scans import HostScan
+from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
+from recon_stream.metrics import Metrics
+from recon_stream.ratelimit import SharedRateLimiter
+from recon_stream.retry import Backoff, until_done
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EventSink(Protocol):
+    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class KeyGate:
+    """Open while the Shodan key is accepted; closed (with the reason) when rejected."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self.reason: str | None = None
+
+    def reject(self, reason: str) -> None:
+        if self._open.is_set():
+            log.error("lookups paused: %s", reason)
+        self.reason = reason
+        self._open.clear()
+
+    def accept(self) -> None:
+        if not self._open.is_set():
+            log.warning("Shodan key accepted again; lookups resume")
+        self.reason = None
+        self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+    async def check(self) -> str | None:
+        """Readiness check."""
+        return self.reason
+
+
+class ScannerService:
+    def __init__(
+        self,
+        queue: ScanQueue,
+        provider: ShodanProvider,
+        limiter: SharedRateLimiter,
+        ip_scans: IpScans,
+        exposures: ExposureStore,
+        events: EventSink,
+        dead_letters: DeadLetterSink,
+        metrics: Metrics,
+        backoff: Backoff,
+        gate: KeyGate,
+        *,
+        reuse_age: float,
+        lease: timedelta = timedelta(minutes=2),
+        lookup_backoff: Backoff | None = None,
+        on_outage: Callable[[str, BaseException], None] | None = None,
+        on_recovery: Callable[[], None] | None = None,
+    ) -> None:
+        self._queue = queue
+        self._provider = provider
+        self._limiter = limiter
+        self._ip_scans = ip_scans
+        self._exposures = exposures
+        self._events = events
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._backoff = backoff
+        self._lookup_backoff = lookup_backoff or Backoff(2.0, 300.0)
+        self.gate = gate
+        self._reuse_age = reuse_age
+        self._lease = lease
+        self._on_outage = on_outage
+        self._on_recovery = on_recovery
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await until_done(
+            operation,
+            what,
+            self._backoff,
+            self._metrics,
+            on_failure=self._on_outage,
+            on_success=self._on_recovery,
+        )
+
+    # -- the Kafka half ---------------------------------------------------------------
+
+    async def accept(self, records: Sequence[RawRecord]) -> int:
+        """Queue a batch of scan requests durably; returns how many were valid."""
+        await self.gate.wait()
+        requests: list[ScanRequest] = []
+        rejected: list[Rejected] = []
+        for record in records:
+            try:
+                requests.append(ScanRequest.model_validate_json(record.value or b""))
+            except ValidationError as error:
+                detail = "; ".join(e["msg"] for e in error.errors(include_input=False)[:3])
+                rejected.append(Rejected(record, RejectReason.SCHEMA, detail))
+        if rejected:
+            await self._retrying("dead-lettering", lambda: self._dead_letters.publish(rejected))
+            for r in rejected:
+                self._metrics.dlq.labels(r.reason.value).inc()
+        if requests:
+            await self._retrying("queueing scan requests", lambda: self._queue.enqueue(requests))
+            for request in requests:
+                self._metrics.scan_requests_received.labels(request.reason.value).inc()
+        return len(requests)
+
+    # -- the lookup half --------------------------------------------------------------
+
+    async def run_lookups(self, idle_poll: float = 0.2) -> None:
+        """Claim and process queue items until cancelled."""
+        while True:
+            await self.gate.wait()
+            item: QueueItem | None = None
+            try:
+                item = await self._retrying(
+                    "claiming a scan", lambda: self._queue.claim(self._lease)
+                )
+                if item is None:
+                    await asyncio.sleep(idle_poll)
+                    continue
+                await self.process(item)
+            except asyncio.CancelledError:
+                if item is not None:
+                    # Best effort: an unreleased claim simply expires.
+                    await asyncio.shield(self._release_quietly(item))
+                raise
+            except Exception:
+                log.exception("scan of %s failed; it will be retried", item.ip if item else "?")
+                if item is not None:
+                    await self._release_quietly(item, delay=self._backoff.maximum)
+                await asyncio.sleep(1.0)
+
+    async def _release_quietly(self, item: QueueItem, delay: float = 0.0) -> None:
+        try:
+            if delay:
+                await self._queue.retry_later(item, delay)
+            else:
+                await self._queue.release(item)
+        except Exception:  # the claim expires on its own
+            log.warning("could not release the claim on %s; it will expire", item.ip)
+
+    async def process(self, item: QueueItem) -> None:
+        """Serve one IP: reuse or look up, then diff for every org behind it."""
+        scan = await self._stored_if_fresh(item)
+        if scan is None:
+            scan = await self._look_up(item)
+            if scan is None:
+                return  # given back to the queue for later
+            stored = scan
+            await self._retrying("storing the lookup", lambda: self._ip_scans.put(stored))
+        else:
+            self._metrics.lookups_saved.inc()
+        await self.fan_out(scan)
+        await self._retrying("completing the scan", lambda: self._queue.complete(item))
+
+    async def _stored_if_fresh(self, item: QueueItem) -> HostScan | None:
+        if item.forced:
+            return None
+        stored = await self._retrying(
+            "reading the stored lookup", lambda: self._ip_scans.get(item.ip)
+        )
+        if stored is None:
+            return None
+        age = (datetime.now(UTC) - stored.queried_at).total_seconds()
+        return stored if age < self._reuse_age else None
+
+    async def _look_up(self, item: QueueItem) -> HostScan | None:
+        waited = await self._limiter.acquire()
+        self._metrics.rate_wait.observe(waited)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            scan = await self._provider.lookup(item.ip)
+            if not scan.services:
+                outcome = "not_found"
+            return scan
+        except Unauthorized as error:
+            outcome = "unauthorized"
+            self.gate.reject(f"Shodan rejected the API key ({error}); lookups paused")
+            await self._queue.release(item)
+            return None
+        except (RateLimited, Transient) as error:
+            outcome = "rate_limited" if isinstance(error, RateLimited) else "transient"
+            delay = self._lookup_backoff.delay(item.attempts)
+            if isinstance(error, RateLimited) and error.retry_after:
+                delay = max(delay, error.retry_after)
+            log.warning("lookup of an IP failed (%s); retry in %.1fs", outcome, delay)
+            await self._queue.retry_later(item, delay)
+            return None
+        finally:
+            self._metrics.shodan_requests.labels(self._provider.name, outcome).inc()
+            self._metrics.shodan_latency.labels(self._provider.name).observe(
+                time.perf_counter() - started
+            )
+
+    async def fan_out(self, scan: HostScan) -> int:
+        """Apply a lookup to every org behind its IP and publish the events."""
+        orgs = await self._retrying(
+            "reading the orgs behind an IP", lambda: self._exposures.orgs_behind(scan.ip)
+        )
+        sent = 0
+        for org in orgs:
+            events = await self._retrying(
+                "updating the exposure snapshot",
+                lambda org=org: self._exposures.apply(org, scan),  # type: ignore[misc]
+            )
+            sent += await self._publish(org.organization_id, scan.ip, events)
+        return sent
+
+    async def _publish(self, organization_id: str, ip: str, events: list[ExposureEvent]) -> int:
+        if not events:
+            return 0
+        await self._retrying("publishing exposure events", lambda: self._events.publish(events))
+        for event in events:
+            self._metrics.exposure_events.labels(
+                event.data.change.value, event.data.severity.value
+            ).inc()
+        ids = [e.id for e in events]
+        await self._retrying(
+            "clearing the outbox", lambda: self._exposures.published(organization_id, ip, ids)
+        )
+        return len(events)
+
+    async def relay_once(self, limit: int = 100) -> int:
+        """Publish events a crash left in outboxes; returns how many."""
+        pending = await self._retrying(
+            "reading the outbox", lambda: self._exposures.unpublished(limit)
+        )
+        sent = 0
+        for org, ip, events in pending:
+            sent += await self._publish(org, ip, events)
+        if sent:
+            log.info("relayed %d exposure events left in outboxes", sent)
+        return sent
+
+    async def run_relay(self, interval: float) -> None:
+        while True:
+            try:
+                while await self.relay_once() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("exposure relay failed; will try again")
+            await asyncio.sleep(interval)
+
+    async def run_key_checks(self, interval: float) -> None:
+        """Check the key at start and, while it is rejected, every `interval` seconds."""
+        first = True
+        while True:
+            if first or not self.gate.is_open:
+                first = False
+                try:
+                    # The check is a request too: it spends from the same budget.
+                    await self._limiter.acquire()
+                    await self._provider.check_key()
+                    self.gate.accept()
+                except Unauthorized as error:
+                    self.gate.reject(f"Shodan rejected the API key ({error}); lookups paused")
+                except (RateLimited, Transient):
+                    pass  # says nothing about the key
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("checking the Shodan key failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,177 @@
+"""The scheduler: one leader re-queues stale IPs and retires unused pairs.
+
+Every `tick` seconds each replica tries to take or renew the lease; only the
+holder works:
+
+- IPs whose lookup is due (`ip_scans.next_scan_at`, set by the scanner to the
+  rescan interval ± 10%) get a scan request with reason `rescan`, on behalf of
+  one org still using the IP; IPs no org uses any more are left alone.
+- (organization, IP) pairs not seen for the retention period are retired, and
+  their open exposures closed with reason `ip_retired` (through the outbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from recon_stream.adapters.exposure_store import ExposureStore, IpScans
+from recon_stream.adapters.mongo import ORG_IPS
+from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.leadership import Lease
+from recon_stream.metrics import Metrics
+from recon_stream.retry import Backoff, until_done
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestSink(Protocol):
+    async def publish(self, requests: Sequence[ScanRequest]) -> None: ...
+
+
+class EventSink(Protocol):
+    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: AsyncDatabase[dict[str, Any]],
+        lease: Lease,
+        ip_scans: IpScans,
+        exposures: ExposureStore,
+        requests: RequestSink,
+        events: EventSink,
+        metrics: Metrics,
+        backoff: Backoff,
+        *,
+        rescan_interval: float,
+        retention: float,
+        batch: int = 500,
+    ) -> None:
+        self._org_ips = db[ORG_IPS]
+        self.lease = lease
+        self._ip_scans = ip_scans
+        self._exposures = exposures
+        self._requests = requests
+        self._events = events
+        self._metrics = metrics
+        self._backoff = backoff
+        self._rescan = rescan_interval
+        self._retention = retention
+        self._batch = batch
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await until_done(operation, what, self._backoff, self._metrics)
+
+    async def run(self, tick: float) -> None:
+        """Lead or stand by, until cancelled (then hand the lease over at once)."""
+        try:
+            while True:
+                try:
+                    leading = await self.lease.try_acquire()
+                    self._metrics.scheduler_leader.set(1 if leading else 0)
+                    if leading:
+                        await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("scheduler tick failed; will try again")
+                await asyncio.sleep(tick)
+        finally:
+            self._metrics.scheduler_leader.set(0)
+            await asyncio.shield(self.lease.release())
+
+    async def tick(self, now: datetime | None = None) -> tuple[int, int]:
+        """One round of work; returns (rescans requested, pairs retired)."""
+        now = now or datetime.now(UTC)
+        return await self.request_rescans(now), await self.retire_unused(now)
+
+    async def request_rescans(self, now: datetime) -> int:
+        due = await self._retrying(
+            "finding due rescans", lambda: self._ip_scans.due(now, self._batch)
+        )
+        requests = []
+        for ip in due:
+            orgs = await self._retrying(
+                "reading the orgs behind an IP",
+                lambda ip=ip: self._exposures.orgs_behind(ip),  # type: ignore[misc]
+            )
+            if orgs:
+                requests.append(
+                    ScanRequest(
+                        organization_id=orgs[0].organization_id,
+                        ip=ip,
+                        reason=ScanReason.RESCAN,
+                        requested_at=now,
+                    )
+                )
+        if requests:
+            await self._retrying("publishing rescans", lambda: self._requests.publish(requests))
+            self._metrics.scan_requests.labels(ScanReason.RESCAN.value, "scheduler").inc(
+                len(requests)
+            )
+        if due:
+            # Not due again until a whole interval passed (the scanner resets
+            # it when the lookup is done); IPs nobody uses wait a retention period.
+            await self._retrying(
+                "postponing rescans",
+                lambda: self._ip_scans.postpone(due, now + timedelta(seconds=self._rescan)),
+            )
+        return len(requests)
+
+    async def retire_unused(self, now: datetime) -> int:
+        cutoff = now - timedelta(seconds=self._retention)
+        stale = await self._retrying(
+            "finding unused pairs",
+            lambda: self._org_ips.find(
+                {"status": "active", "last_seen": {"$lt": cutoff}},
+                {"organization_id": 1, "ip": 1},
+                limit=self._batch,
+            ).to_list(),
+        )
+        retired = 0
+        for doc in stale:
+            if await self._retire_pair(doc["organization_id"], doc["ip"], cutoff, now):
+                retired += 1
+        if retired:
+            self._metrics.pairs_retired.inc(retired)
+            log.info("retired %d (organization, IP) pairs unused since %s", retired, cutoff)
+        return retired
+
+    async def _retire_pair(self, org: str, ip: str, cutoff: datetime, now: datetime) -> bool:
+        async def mark() -> bool:
+            result = await self._org_ips.update_one(
+                {
+                    "organization_id": org,
+                    "ip": ip,
+                    "status": "active",
+                    "last_seen": {"$lt": cutoff},
+                },
+                {"$set": {"status": "retired", "retired_at": now}},
+            )
+            return bool(result.modified_count)
+
+        if not await self._retrying("retiring a pair", mark):
+            return False  # seen again meanwhile
+        events = await self._retrying(
+            "closing exposures", lambda: self._exposures.retire(org, ip, now)
+        )
+        if events:
+            await self._retrying("publishing closures", lambda: self._events.publish(events))
+            for event in events:
+                self._metrics.exposure_events.labels(
+                    event.data.change.value, event.data.severity.value
+                ).inc()
+            ids = [e.id for e in events]
+            await self._retrying(
+                "clearing the outbox", lambda: self._exposures.published(org, ip, ids)
+            )
+        return True

@@ -1,0 +1,366 @@
+"""The scanner and scheduler end to end: Tansu, SecantusDB and the Shodan emulator,
+reached through the real `shodan` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
+from recon_stream.domain.scans import HostScan, Service
+from recon_stream.settings import Settings
+from tests.emulators.fixtures import shodan_emulator_fixture  # noqa: F401
+from tests.emulators.shodan import ShodanEmulator
+
+from .support import eventually, heartbeat, produce, read_all, running, sample, start_worker
+
+NOW = datetime.now(UTC)
+
+
+def banner(
+    port: int,
+    module: str,
+    *,
+    product: str | None = None,
+    version: str | None = None,
+    vulns: dict[str, Any] | None = None,
+    transport: str = "tcp",
+) -> dict[str, Any]:
+    return {
+        "port": port,
+        "transport": transport,
+        "product": product,
+        "version": version,
+        "timestamp": (NOW - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%f"),
+        "data": f"{module} banner",
+        "_shodan": {"module": module, "crawler": "x", "id": "y"},
+        **({"vulns": vulns} if vulns else {}),
+    }
+
+
+def host(ip: str, *banners: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ip_str": ip,
+        "ports": [b["port"] for b in banners],
+        "hostnames": [],
+        "org": "Example",
+        "isp": "Example",
+        "asn": "AS64500",
+        "last_update": NOW.strftime("%Y-%m-%dT%H:%M:%S.%f"),
+        "data": list(banners),
+    }
+
+
+@pytest.fixture
+async def scan_settings(settings: Settings, shodan_emulator: ShodanEmulator) -> Settings:
+    shodan_emulator.rate = 20.0
+    return settings.model_copy(
+        update={
+            "shodan_provider": "api",
+            "shodan_api_key": __import__("pydantic").SecretStr(shodan_emulator.api_key),
+            "shodan_api_url": shodan_emulator.url,
+            "shodan_rate": 10.0,
+            "shodan_timeout_seconds": 1.0,
+            "shodan_key_check_seconds": 0.5,
+            "scan_claim_lease_seconds": 10.0,
+            "exposure_relay_interval_seconds": 0.5,
+            "scheduler_tick_seconds": 0.5,
+            "scheduler_lease_seconds": 3.0,
+            "gauge_sample_seconds": 0.5,
+            "scanner_group_id": settings.ingest_group_id + "-scanner",
+        }
+    )
+
+
+async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        records = await read_all(
+            settings.kafka_bootstrap_servers, settings.topic_exposures, idle=1.0
+        )
+        return [json.loads(r.value) for r in records] if len(records) >= n else None
+
+    return await eventually(enough, timeout=timeout, interval=0.5)  # type: ignore[no-any-return]
+
+
+def host_requests(emulator: ShodanEmulator, ip: str) -> int:
+    return sum(1 for r in emulator.requests if r.path.startswith(f"/shodan/host/{ip}"))
+
+
+async def test_two_orgs_behind_one_ip_get_their_own_events_from_one_lookup(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    ip = "203.0.114.10"  # public (just outside TEST-NET-3)
+    shodan_emulator.set_host(
+        ip,
+        host(
+            ip,
+            banner(3390, "rdp", product="Remote Desktop Protocol"),
+            banner(
+                443,
+                "https",
+                product="nginx",
+                version="1.18.0",
+                vulns={"CVE-2021-23017": {"cvss": "7.7", "summary": "x"}},
+            ),
+        ),
+    )
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [
+            heartbeat("acme", ip, "a1", NOW),
+            heartbeat("globex", ip, "g1", NOW),
+            heartbeat("globex", ip, "g2", NOW),
+        ],
+    )
+    async with running(scan_settings, ("ingest", "scanner")):
+        events = await events_on(scan_settings, 4)
+        await asyncio.sleep(1.5)
+        events = await events_on(scan_settings, 4)
+    assert host_requests(shodan_emulator, ip) == 1
+    assert len(events) == 4
+    by_org: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_org.setdefault(e["data"]["organization_id"], []).append(e)
+    assert set(by_org) == {"acme", "globex"}
+    for org, agents in (("acme", ["a1"]), ("globex", ["g1", "g2"])):
+        mine = sorted(by_org[org], key=lambda e: e["data"]["port"])
+        assert [e["data"]["port"] for e in mine] == [443, 3390]
+        assert all(e["type"].endswith(".exposure.opened") for e in mine)
+        assert all(e["specversion"] == "1.0" for e in mine)
+        assert sorted(mine[0]["data"]["candidate_agents"]) == agents
+        rdp = mine[1]
+        assert rdp["subject"] == f"{ip}/tcp/3390"
+        assert rdp["data"]["severity"] == "critical"  # RDP on a non-default port
+        assert rdp["data"]["service"]["name"] == "rdp"
+        assert rdp["data"]["shodan_last_scanned"] is not None
+        assert rdp["data"]["last_queried"] is not None
+        assert mine[0]["data"]["vulns"] == ["CVE-2021-23017"]
+    assert len({e["id"] for e in events}) == 4
+
+
+async def test_a_rescan_that_closes_one_port_and_opens_another_emits_exactly_that(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    ip = "44.1.2.3"
+    shodan_emulator.set_host(ip, host(ip, banner(22, "ssh", product="OpenSSH"), banner(445, "smb")))
+    settings = scan_settings.model_copy(update={"rescan_interval_seconds": 2.0})
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW)],
+    )
+    async with running(settings, ("ingest", "scanner", "scheduler")) as worker:
+        first = await events_on(settings, 2)
+        assert sorted(e["data"]["port"] for e in first) == [22, 445]
+        smb = next(e for e in first if e["data"]["port"] == 445)
+        assert smb["data"]["severity"] == "critical"
+        shodan_emulator.set_host(
+            ip,
+            host(ip, banner(22, "ssh", product="OpenSSH"), banner(3306, "mysql", product="MySQL")),
+        )
+        events = await events_on(settings, 4, timeout=60)
+        await asyncio.sleep(3)  # further rescans of an unchanged host add nothing
+        events = await events_on(settings, 4)
+        assert (
+            sample(worker, "recon_scan_requests_published_total", reason="rescan", path="scheduler")
+            >= 1
+        )
+    later = events[2:]
+    assert len(events) == 4
+    assert sorted((e["data"]["change"], e["data"]["port"]) for e in later) == [
+        ("closed", 445),
+        ("opened", 3306),
+    ]
+    closed = next(e for e in later if e["data"]["change"] == "closed")
+    assert closed["data"]["reason"] == "port_closed"
+
+
+@pytest.mark.parametrize("status", [404, 429, 500, 503, "slow"])
+async def test_lookup_failures_recover(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, status: int | str
+) -> None:
+    ip = "45.33.32.156"
+    shodan_emulator.set_host(ip, host(ip, banner(23, "telnet")))
+    if status == "slow":
+        shodan_emulator.fail_next(ip, 200, count=1, delay=3.0)
+    elif status == 404:
+        shodan_emulator.remove_host(ip)
+    else:
+        shodan_emulator.fail_next(ip, status, count=2)
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW)],
+    )
+    settings = scan_settings.model_copy(update={"scan_reuse_seconds": 0.0})
+    async with running(settings, ("ingest", "scanner")) as worker:
+        if status == 404:
+            # Nothing known: no event, the lookup is stored and done.
+            await eventually(lambda: _counted(worker, "not_found", 1))
+            shodan_emulator.set_host(ip, host(ip, banner(23, "telnet")))
+            await produce(
+                settings.kafka_bootstrap_servers,
+                settings.topic_scan_requests,
+                [
+                    json.dumps(
+                        {
+                            "organization_id": "acme",
+                            "ip": ip,
+                            "reason": "manual",
+                            "requested_at": datetime.now(UTC).isoformat(),
+                        }
+                    ).encode()
+                ],
+            )
+        events = await events_on(settings, 1, timeout=90)
+    assert [e["data"]["port"] for e in events] == [23]
+    assert events[0]["data"]["severity"] == "critical"
+
+
+async def _counted(worker: Any, outcome: str, n: int) -> bool:
+    return sample(worker, "recon_shodan_requests_total", provider="api", outcome=outcome) >= n
+
+
+async def test_a_rejected_key_stops_cleanly_and_loses_nothing(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    ip = "45.33.32.157"
+    shodan_emulator.set_host(ip, host(ip, banner(5900, "vnc")))
+    good_keys = set(shodan_emulator.keys)
+    shodan_emulator.keys = set()  # every key rejected
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW)],
+    )
+    async with running(scan_settings, ("ingest", "scanner")) as worker:
+
+        def readyz() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{worker.status.port}/readyz", timeout=5
+                ) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        async def not_ready() -> tuple[int, dict[str, Any]] | None:
+            status, body = await asyncio.to_thread(readyz)
+            return (status, body) if status == 503 else None
+
+        status, body = await eventually(not_ready)
+        assert "API key" in body["checks"]["shodan"]
+        assert shodan_emulator.api_key not in json.dumps(body)
+        await asyncio.sleep(2)
+        assert host_requests(shodan_emulator, ip) == 0
+        shodan_emulator.keys = good_keys  # the operator fixes the plan/key
+        events = await events_on(scan_settings, 1, timeout=60)
+        status, _ = await asyncio.to_thread(readyz)
+        assert status == 200
+    assert [e["data"]["port"] for e in events] == [5900]
+
+
+async def test_three_scanners_never_exceed_the_shared_rate(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    rate = 4.0
+    shodan_emulator.rate = rate
+    ips = [f"52.0.0.{i}" for i in range(1, 25)]
+    for ip in ips:
+        shodan_emulator.set_host(ip, host(ip, banner(80, "http")))
+    settings = scan_settings.model_copy(update={"shodan_rate": rate, "scanner_concurrency": 2})
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW) for ip in ips],
+    )
+    async with (
+        running(settings, ("ingest", "scanner")),
+        running(settings, ("scanner",)),
+        running(settings, ("scanner",)),
+    ):
+        await events_on(settings, len(ips), timeout=120)
+    assert shodan_emulator.violations == 0
+    assert shodan_emulator.max_requests_in_any_window(1.0) <= rate
+    assert all(host_requests(shodan_emulator, ip) == 1 for ip in ips)
+
+
+async def test_an_event_stored_but_not_published_goes_out_once_with_its_id(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, db: Any
+) -> None:
+    # The state a crash between the snapshot update and the publish leaves.
+    store = ExposureStore(db)
+    scan = HostScan(
+        ip="45.33.32.158",
+        provider="api",
+        queried_at=NOW,
+        services=(Service(port=6379, module="redis", product="Redis"),),
+    )
+    stored = await store.apply(OrgContext("acme", ("a1",), ()), scan)
+    assert len(stored) == 1
+    async with running(scan_settings, ("scanner",)):
+        events = await events_on(scan_settings, 1)
+        await asyncio.sleep(2)
+    async with running(scan_settings, ("scanner",)):  # a restart re-emits nothing new
+        await asyncio.sleep(3)
+    events = await events_on(scan_settings, 1)
+    assert [e["id"] for e in events] == [stored[0].id]
+    assert events[0]["data"]["severity"] == "critical"
+    doc = await db.exposures.find_one({"organization_id": "acme"})
+    assert doc["pending"] == []
+
+
+async def test_restarting_every_worker_re_emits_nothing_new(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    ip = "45.33.32.159"
+    shodan_emulator.set_host(ip, host(ip, banner(1433, "mssql", product="Microsoft SQL Server")))
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW), heartbeat("acme", ip, "a2", NOW)],
+    )
+    roles = ("ingest", "scanner", "scheduler")
+    async with running(scan_settings, roles):
+        first = await events_on(scan_settings, 1)
+    async with running(scan_settings, roles):
+        await asyncio.sleep(4)
+    after = await events_on(scan_settings, 1)
+    assert [e["id"] for e in after] == [e["id"] for e in first]
+
+
+async def test_scheduler_failover(scan_settings: Settings, db: Any, tmp_path: Any) -> None:
+    settings = scan_settings.model_copy(update={"scheduler_lease_seconds": 3.0})
+    leader = start_worker(settings, "scheduler", tmp_path / "a.log")
+    try:
+
+        async def a_leads() -> Any:
+            lease = await db.leases.find_one({"_id": "scheduler"})
+            return lease if lease and f"-{leader.pid}-" in lease["holder"] else None
+
+        await eventually(a_leads, timeout=30)
+        async with running(settings, ("scheduler",)) as standby:
+            await asyncio.sleep(2)
+            assert sample(standby, "recon_scheduler_leader") == 0.0
+            leader.kill()  # dies: no hand-over, the lease must expire
+            leader.wait(10)
+            await eventually(lambda: _gauge(standby, 1.0), timeout=20)
+            lease = await db.leases.find_one({"_id": "scheduler"})
+            assert standby.scheduler is not None
+            assert lease["holder"] == standby.scheduler.lease.holder
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+
+
+async def _gauge(worker: Any, value: float) -> bool:
+    return sample(worker, "recon_scheduler_leader") == value
