@@ -220,17 +220,17 @@ def main() -> None:
                     m = {}
                 if processed(m) >= len(warm):
                     break
-                time.sleep(0.02)
+                time.sleep(0.25)
             # Partitions are consumed side by side, so the first steady records
             # arrive while other partitions still replay the warm-up: measure
             # after a further `--settle` share of the steady stream.
             settle = len(warm) + int(len(steady) * args.settle)
             while time.monotonic() < deadline and processed(m) < settle:
-                time.sleep(0.02)
+                time.sleep(0.25)
                 m = scrape(port)
             t0, m0 = time.perf_counter(), m
             while time.monotonic() < deadline and processed(m) < total:
-                time.sleep(0.02)
+                time.sleep(0.25)
                 m = scrape(port)
             t1 = time.perf_counter()
             rss = peak_rss_mb(worker.pid)

@@ -139,18 +139,20 @@ class IngestService:
         rejected: list[Rejected] = []
         pairs: dict[PairKey, _Pending] = {}
         seen = self._seen
+        lookup = seen.get
+        parse = parse_heartbeat
         fresh_after = seen.fresh_after()
         public = AddressClass.PUBLIC
         non_public: dict[AddressClass, int] = {}
         hits = 0
         for record in records:
             try:
-                hb: Heartbeat = parse_heartbeat(record.value)
+                hb: Heartbeat = parse(record.value)
             except InvalidHeartbeat as error:
                 rejected.append(Rejected(record, error.reason, error.detail))
                 continue
             cache_key = (hb.organization_id, hb.public_ip)
-            entry = seen.get(cache_key)
+            entry = lookup(cache_key)
             if entry is None:
                 try:
                     address = parse_address(hb.public_ip)

@@ -87,7 +87,8 @@ async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[d
 
 
 def host_requests(emulator: ShodanEmulator, ip: str) -> int:
-    return sum(1 for r in emulator.requests if r.path.startswith(f"/shodan/host/{ip}"))
+    path = f"/shodan/host/{ip}"
+    return sum(1 for r in emulator.requests if r.path.split("?", 1)[0] == path)
 
 
 async def test_two_orgs_behind_one_ip_get_their_own_events_from_one_lookup(
