@@ -76,6 +76,8 @@ def build_broker(settings: Settings, middlewares: Sequence[Any] = ()) -> KafkaBr
         linger_ms=5,
         graceful_timeout=settings.graceful_timeout_seconds,
         middlewares=tuple(middlewares),
+        # FastStream logs every batch ("Received", "Processed"): DEBUG, not INFO.
+        log_level=logging.DEBUG,
     )
 
 

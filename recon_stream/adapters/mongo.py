@@ -202,7 +202,15 @@ class MongoOrgIps:
                         self._max_agents,
                     ]
                 },
-                "scan_request": {"$ifNull": ["$scan_request", _literal(pending)]},
+                # A pair seen again after retirement is new again: its request
+                # is due at once (the relay sends it; nothing else announces it).
+                "scan_request": {
+                    "$cond": [
+                        {"$eq": ["$status", "retired"]},
+                        _literal({"state": "pending", "claim_until": now}),
+                        {"$ifNull": ["$scan_request", _literal(pending)]},
+                    ]
+                },
             }
         }
         return UpdateOne({"organization_id": s.organization_id, "ip": s.ip}, [stage], upsert=True)

@@ -365,3 +365,27 @@ async def test_scheduler_failover(scan_settings: Settings, db: Any, tmp_path: An
 
 async def _gauge(worker: Any, value: float) -> bool:
     return sample(worker, "recon_scheduler_leader") == value
+
+
+async def test_a_pair_no_longer_seen_is_retired_and_its_exposures_closed(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, db: Any
+) -> None:
+    ip = "45.33.32.160"
+    shodan_emulator.set_host(ip, host(ip, banner(3389, "rdp"), banner(80, "http")))
+    an_hour_ago = NOW - timedelta(hours=1)
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", an_hour_ago)],
+    )
+    async with running(scan_settings, ("ingest", "scanner")):
+        await events_on(scan_settings, 2)
+    settings = scan_settings.model_copy(update={"ip_retention_seconds": 600.0})
+    async with running(settings, ("scheduler",)) as worker:
+        events = await events_on(settings, 4)
+        assert sample(worker, "recon_pairs_retired_total") == 1
+    closed = [e for e in events if e["data"]["change"] == "closed"]
+    assert sorted(e["data"]["port"] for e in closed) == [80, 3389]
+    assert all(e["data"]["reason"] == "ip_retired" for e in closed)
+    pair = await db.org_ips.find_one({"organization_id": "acme", "ip": ip})
+    assert pair["status"] == "retired"
