@@ -166,7 +166,9 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
         gate = KeyGate()
         status.add_check("shodan", gate.check)
         provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
-        limiter = SharedRateLimiter(db[BUDGETS], "shodan", settings.shodan_rate)
+        limiter = SharedRateLimiter(
+            db[BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
+        )
         ip_scans = IpScans(db, settings.rescan_interval_seconds)
         exposures = ExposureStore(db)
         queue = ScanQueue(db)

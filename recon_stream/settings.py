@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     shodan_api_url: str | None = None
     shodan_provider: ShodanProvider | None = None
     shodan_rate: float = Field(1.0, gt=0)
+    shodan_rate_margin: float = Field(
+        0.03, ge=0, le=1, description="slots are 1/rate x (1 + margin) apart"
+    )
     rescan_interval_seconds: float = Field(3 * 24 * 3600, gt=0)
     ip_retention_seconds: float = Field(30 * 24 * 3600, gt=0)
 

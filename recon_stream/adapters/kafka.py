@@ -76,7 +76,9 @@ def build_broker(settings: Settings, middlewares: Sequence[Any] = ()) -> KafkaBr
         linger_ms=5,
         graceful_timeout=settings.graceful_timeout_seconds,
         middlewares=tuple(middlewares),
-        # FastStream logs every batch ("Received", "Processed"): DEBUG, not INFO.
+        # FastStream's own logger prints to stdout at INFO whatever the
+        # configuration; ours follows --log-level. Per-batch lines go to DEBUG.
+        logger=logging.getLogger("recon_stream.kafka"),
         log_level=logging.DEBUG,
     )
 

@@ -277,7 +277,12 @@ async def test_three_scanners_never_exceed_the_shared_rate(
     ips = [f"52.0.0.{i}" for i in range(1, 25)]
     for ip in ips:
         shodan_emulator.set_host(ip, host(ip, banner(80, "http")))
-    settings = scan_settings.model_copy(update={"shodan_rate": rate, "scanner_concurrency": 2})
+    # A wider margin than production's 3%: CI machines are shared and noisy,
+    # and this test is about coordination (three uncoordinated replicas would
+    # run at three times the rate), not about the last percent.
+    settings = scan_settings.model_copy(
+        update={"shodan_rate": rate, "scanner_concurrency": 2, "shodan_rate_margin": 0.1}
+    )
     await produce(
         settings.kafka_bootstrap_servers,
         settings.topic_heartbeats,
