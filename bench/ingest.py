@@ -148,6 +148,17 @@ def upserts(m: dict[str, float]) -> float:
     return m.get('recon_mongodb_writes_total{collection="org_ips",operation="upsert"}', 0.0)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -175,11 +186,17 @@ def main() -> None:
     warm, steady, pairs = build_stream(args)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        mongodb = (
-            args.mongodb
-            or stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp)).uri
-        )
+        pids: dict[str, int | None] = {"kafka": None, "mongodb": None}
+        if args.kafka:
+            kafka = args.kafka
+        else:
+            embedded_kafka = stack.enter_context(EmbeddedKafka(log_dir=tmp))
+            kafka, pids["kafka"] = embedded_kafka.bootstrap_servers, embedded_kafka.pid
+        if args.mongodb:
+            mongodb = args.mongodb
+        else:
+            embedded_mongo = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
+            mongodb, pids["mongodb"] = embedded_mongo.uri, embedded_mongo.pid
         topic = f"bench-heartbeats-{time.time_ns()}"
         publish_s = asyncio.run(publish(kafka, topic, warm + steady, args.partitions))
         total = len(warm) + len(steady)
@@ -229,10 +246,13 @@ def main() -> None:
                 time.sleep(0.25)
                 m = scrape(port)
             t0, m0 = time.perf_counter(), m
+            pids["worker"] = worker.pid
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             while time.monotonic() < deadline and processed(m) < total:
                 time.sleep(0.25)
                 m = scrape(port)
             t1 = time.perf_counter()
+            cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             rss = peak_rss_mb(worker.pid)
         finally:
             worker.terminate()
@@ -265,6 +285,10 @@ def main() -> None:
         "steady_mongodb_writes_per_heartbeat": round(steady_writes / max(1, steady_n), 5),
         "steady_writes_per_pair_per_refresh_interval": round(steady_writes / pairs / intervals, 3),
         "target_writes_per_pair_per_refresh_interval": 1.05,
+        # Where the 2 cores went during the timed window (share of one core).
+        "timed_window_cpu": {
+            name: round((cpu1[name] - cpu0[name]) / elapsed, 2) for name in cpu0 if pids[name]
+        },
         "ingest_peak_rss_mb": round(rss, 1),
         "target_rss_mb": 300,
         "dlq": sum(v for k, v in m.items() if k.startswith("recon_dlq_messages_total")),

@@ -394,3 +394,92 @@ async def test_a_pair_no_longer_seen_is_retired_and_its_exposures_closed(
     assert all(e["data"]["reason"] == "ip_retired" for e in closed)
     pair = await db.org_ips.find_one({"organization_id": "acme", "ip": ip})
     assert pair["status"] == "retired"
+
+
+async def test_new_ips_go_before_a_large_rescan_backlog(db: Any) -> None:
+    from recon_stream.adapters.scan_queue import ScanQueue, ensure_indexes
+    from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+
+    await ensure_indexes(db)
+    queue = ScanQueue(db)
+    old = NOW - timedelta(days=1)
+    rescans = [
+        ScanRequest(
+            organization_id="acme",
+            ip=f"60.0.{i // 200}.{i % 200}",
+            reason=ScanReason.RESCAN,
+            requested_at=old + timedelta(seconds=i),
+        )
+        for i in range(300)
+    ]
+    await queue.enqueue(rescans)
+    fresh = [
+        ScanRequest(
+            organization_id="globex",
+            ip=f"61.0.0.{i}",
+            reason=ScanReason.NEW,
+            requested_at=NOW + timedelta(seconds=i),
+        )
+        for i in range(3)
+    ]
+    await queue.enqueue(fresh)
+    # The same IP asked for again by another org merges into one item.
+    await queue.enqueue([fresh[0].model_copy(update={"organization_id": "initech"})])
+    claimed = [await queue.claim(timedelta(minutes=1)) for _ in range(4)]
+    assert [c.ip for c in claimed if c] == ["61.0.0.0", "61.0.0.1", "61.0.0.2", "60.0.0.0"]
+    assert claimed[0] is not None
+    assert set(claimed[0].orgs) == {"globex", "initech"}
+    assert not claimed[0].forced
+    assert claimed[3] is not None
+    assert claimed[3].forced
+    assert (await queue.depth()) == {0: 3, 1: 300}
+
+
+async def test_the_exposures_command_shows_the_dashboard_table(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    import csv
+    import io
+    import subprocess
+    import sys
+
+    from .support import worker_env
+
+    ip = "45.33.32.161"
+    shodan_emulator.set_host(
+        ip, host(ip, banner(3389, "rdp", product="Remote Desktop Protocol"), banner(22, "ssh"))
+    )
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "laptop-7", NOW)],
+    )
+    async with running(scan_settings, ("ingest", "scanner")):
+        await events_on(scan_settings, 2)
+
+    def run(fmt: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "recon_stream", "exposures", "--org", "acme", "--format", fmt],
+            env=worker_env(scan_settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return result.stdout
+
+    rows = json.loads(run("json"))
+    assert [(r["ip"], r["port"], r["severity"]) for r in rows] == [
+        (ip, 22, "medium"),
+        (ip, 3389, "critical"),
+    ]
+    assert rows[1]["candidate_agents"] == ["laptop-7"]
+    assert rows[1]["last_queried"]
+    assert rows[1]["shodan_last_scanned"]
+    assert rows[1]["accepted"] is False
+    table = run("table")
+    assert "LAST QUERIED" in table
+    assert "3389" in table
+    assert "critical" in table
+    parsed = list(csv.DictReader(io.StringIO(run("csv"))))
+    assert [r["port"] for r in parsed] == ["22", "3389"]
