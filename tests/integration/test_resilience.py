@@ -29,19 +29,12 @@ from .support import (
     read_all,
     running,
     sample,
+    worker_env,
 )
 
 
 def _env(settings: Settings, http_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
-    for name, value in settings.model_dump().items():
-        if value is None or isinstance(value, dict):
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"RECON_{name.upper()}"] = str(value)
-    env["RECON_HTTP_PORT"] = str(http_port)
-    return env
+    return {**worker_env(settings), "RECON_HTTP_PORT": str(http_port)}
 
 
 def _start_worker(settings: Settings, http_port: int, log: Path) -> subprocess.Popen[bytes]:
