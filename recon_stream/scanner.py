@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -44,6 +44,32 @@ T = TypeVar("T")
 
 class EventSink(Protocol):
     async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+Retrying = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def publish_outbox(
+    sink: EventSink,
+    store: ExposureStore,
+    metrics: Metrics,
+    retrying: Retrying,
+    organization_id: str,
+    ip: str,
+    events: Sequence[ExposureEvent],
+) -> int:
+    """Publish events already stored in a snapshot's outbox, then clear them there.
+
+    Shared by the scanner, its relay and the scheduler's retirements.
+    """
+    if not events:
+        return 0
+    await retrying("publishing exposure events", lambda: sink.publish(events))
+    for event in events:
+        metrics.exposure_events.labels(event.data.change.value, event.data.severity.value).inc()
+    ids = [e.id for e in events]
+    await retrying("clearing the outbox", lambda: store.published(organization_id, ip, ids))
+    return len(events)
 
 
 class KeyGate:
@@ -251,18 +277,15 @@ class ScannerService:
         return sent
 
     async def _publish(self, organization_id: str, ip: str, events: list[ExposureEvent]) -> int:
-        if not events:
-            return 0
-        await self._retrying("publishing exposure events", lambda: self._events.publish(events))
-        for event in events:
-            self._metrics.exposure_events.labels(
-                event.data.change.value, event.data.severity.value
-            ).inc()
-        ids = [e.id for e in events]
-        await self._retrying(
-            "clearing the outbox", lambda: self._exposures.published(organization_id, ip, ids)
+        return await publish_outbox(
+            self._events,
+            self._exposures,
+            self._metrics,
+            self._retrying,
+            organization_id,
+            ip,
+            events,
         )
-        return len(events)
 
     async def relay_once(self, limit: int = 100) -> int:
         """Publish events a crash left in outboxes; returns how many."""

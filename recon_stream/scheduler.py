@@ -27,6 +27,7 @@ from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.leadership import Lease
 from recon_stream.metrics import Metrics
 from recon_stream.retry import Backoff, until_done
+from recon_stream.scanner import publish_outbox
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,14 +165,7 @@ class Scheduler:
         events = await self._retrying(
             "closing exposures", lambda: self._exposures.retire(org, ip, now)
         )
-        if events:
-            await self._retrying("publishing closures", lambda: self._events.publish(events))
-            for event in events:
-                self._metrics.exposure_events.labels(
-                    event.data.change.value, event.data.severity.value
-                ).inc()
-            ids = [e.id for e in events]
-            await self._retrying(
-                "clearing the outbox", lambda: self._exposures.published(org, ip, ids)
-            )
+        await publish_outbox(
+            self._events, self._exposures, self._metrics, self._retrying, org, ip, events
+        )
         return True
