@@ -36,18 +36,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pymongo import AsyncMongoClient
 
-from recon_stream.adapters.kafka import create_topics
-from recon_stream.adapters.mongo import ensure_indexes
-from recon_stream.app import Worker, build_worker
+from recon_stream.app import build_worker
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from recon_stream.settings import Settings
 
@@ -55,6 +51,8 @@ from recon_stream.settings import Settings
 # this file is run as a script (`python bench/scanner.py`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.emulators.shodan import ShodanEmulator
+from tests.integration import support
+from tests.integration.support import prepare, running
 
 HOST_PATH = "/shodan/host/"
 
@@ -117,53 +115,22 @@ def heartbeat(org: str, ip: str) -> bytes:
 def make_settings(
     kafka: str, mongodb: str, emulator: ShodanEmulator, unique: str, **overrides: Any
 ) -> Settings:
-    values: dict[str, Any] = {
-        "kafka_bootstrap_servers": kafka,
-        "mongodb_uri": mongodb,
-        "mongodb_database": f"bench_{unique}",
-        "topic_heartbeats": f"hb_{unique}",
-        "topic_scan_requests": f"sr_{unique}",
-        "topic_exposures": f"ex_{unique}",
-        "topic_dlq": f"dlq_{unique}",
-        "ingest_group_id": f"ingest_{unique}",
-        "scanner_group_id": f"scanner_{unique}",
-        "kafka_topic_partitions": 4,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "ingest_batch_timeout_ms": 20,
-        "retry_initial_seconds": 0.05,
-        "retry_max_seconds": 1.0,
-        "graceful_timeout_seconds": 5,
-        "kafka_session_timeout_ms": 6000,
-        "kafka_heartbeat_interval_ms": 1000,
-        "shodan_provider": "api",
-        "shodan_api_key": emulator.api_key,
-        "shodan_api_url": emulator.url,
-        "shodan_timeout_seconds": 5.0,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-async def prepare(settings: Settings) -> None:
-    await create_topics(settings)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongodb_uri.get_secret_value(), tz_aware=True
+    """The integration tests' settings, plus the scanner pointed at `emulator`."""
+    return support.make_settings(
+        kafka,
+        mongodb,
+        unique,
+        **{
+            "mongodb_database": f"bench_{unique}",
+            "scanner_group_id": f"scanner_{unique}",
+            "ingest_batch_timeout_ms": 20,
+            "shodan_provider": "api",
+            "shodan_api_key": emulator.api_key,
+            "shodan_api_url": emulator.url,
+            "shodan_timeout_seconds": 5.0,
+            **overrides,
+        },
     )
-    try:
-        await ensure_indexes(client[settings.mongodb_database])
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, roles: tuple[str, ...]) -> AsyncIterator[Worker]:
-    worker = build_worker(settings, roles)
-    await worker.app.start()
-    try:
-        yield worker
-    finally:
-        await worker.app.stop()
 
 
 class EventReader:

@@ -83,24 +83,14 @@ def run(
 @cli.command()
 def init(log_level: LogLevel = "WARNING") -> None:
     """Create the Kafka topics and MongoDB indexes (idempotent)."""
-    from recon_stream.adapters import kafka, mongo
-    from recon_stream.exposure_table import ensure_all_indexes
+    from recon_stream.adapters import initialize
 
     _logging(log_level)
     settings = _settings()
-
-    async def go() -> None:
-        topics = await kafka.create_topics(settings)
-        for name, outcome in topics.items():
-            typer.echo(f"topic {name}: {outcome}")
-        client = mongo.connect(settings)
-        try:
-            names = await ensure_all_indexes(client[settings.mongodb_database])
-        finally:
-            await client.close()
-        typer.echo(f"indexes on {settings.mongodb_database}: {', '.join(names)}")
-
-    asyncio.run(go())
+    topics, indexes = asyncio.run(initialize(settings))
+    for name, outcome in topics.items():
+        typer.echo(f"topic {name}: {outcome}")
+    typer.echo(f"indexes on {settings.mongodb_database}: {', '.join(indexes)}")
 
 
 @cli.command("publish-heartbeat")

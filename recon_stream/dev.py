@@ -20,12 +20,12 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
-from recon_stream.adapters import kafka, mongo
+from recon_stream.adapters import initialize, kafka, mongo
 from recon_stream.adapters.exposure_store import EXPOSURES
 from recon_stream.adapters.scan_queue import SCAN_QUEUE
 from recon_stream.app import ROLES, build_worker
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
-from recon_stream.exposure_table import ensure_all_indexes, load_rows, render
+from recon_stream.exposure_table import load_rows, render
 from recon_stream.settings import Settings
 
 # Sample organizations with the public egress IPs their agents call home from.
@@ -173,10 +173,7 @@ async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
                 "gauge_sample_seconds": 2.0,
             }
         )
-        topics = await kafka.create_topics(settings)
-        client = mongo.connect(settings)
-        await ensure_all_indexes(client[settings.mongodb_database])
-        await client.close()
+        topics, _ = await initialize(settings)
         print(f"topics: {', '.join(topics)}")
         if sample_data:
             print(

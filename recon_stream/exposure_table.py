@@ -8,9 +8,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo.asynchronous.database import AsyncDatabase
-
-from recon_stream.adapters import exposure_store, mongo, scan_queue
+from recon_stream.adapters import exposure_store, mongo
 from recon_stream.domain.risk import assess
 from recon_stream.domain.scans import Service
 from recon_stream.settings import Settings
@@ -30,15 +28,6 @@ COLUMNS = (
     "candidate_agents",
     "accepted",
 )
-
-
-async def ensure_all_indexes(db: AsyncDatabase[dict[str, Any]]) -> list[str]:
-    """Every index of every worker (used by `init` and `dev`)."""
-    return [
-        *await mongo.ensure_indexes(db),
-        *await scan_queue.ensure_indexes(db),
-        *await exposure_store.ensure_indexes(db),
-    ]
 
 
 def _time(value: Any) -> str:

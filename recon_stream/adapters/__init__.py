@@ -1,1 +1,26 @@
 """Adapters: the only modules that talk to Kafka, MongoDB or Shodan."""
+
+from __future__ import annotations
+
+from recon_stream.settings import Settings
+
+
+async def initialize(settings: Settings) -> tuple[dict[str, str], list[str]]:
+    """Create the topics and every worker's MongoDB indexes; safe to run again.
+
+    Returns each topic's outcome and the index names (for `recon-stream init`).
+    """
+    from recon_stream.adapters import exposure_store, kafka, mongo, scan_queue
+
+    topics = await kafka.create_topics(settings)
+    client = mongo.connect(settings)
+    try:
+        db = client[settings.mongodb_database]
+        indexes = [
+            *await mongo.ensure_indexes(db),
+            *await scan_queue.ensure_indexes(db),
+            *await exposure_store.ensure_indexes(db),
+        ]
+    finally:
+        await client.close()
+    return topics, indexes

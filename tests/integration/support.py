@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pymongo import AsyncMongoClient
 
-from recon_stream.adapters.kafka import create_topics
-from recon_stream.adapters.mongo import ensure_indexes
+from recon_stream.adapters import initialize
 from recon_stream.app import Worker, build_worker
 from recon_stream.settings import Settings
 
@@ -55,14 +53,8 @@ def make_settings(kafka: str, mongodb: str, unique: str, **overrides: Any) -> Se
 
 
 async def prepare(settings: Settings) -> None:
-    await create_topics(settings)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongodb_uri.get_secret_value(), tz_aware=True
-    )
-    try:
-        await ensure_indexes(client[settings.mongodb_database])
-    finally:
-        await client.close()
+    """What `recon-stream init` does: the topics and every index."""
+    await initialize(settings)
 
 
 @asynccontextmanager
