@@ -9,10 +9,9 @@ after all of that succeeded (see `recon_stream.retry` for what is retried).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -29,7 +28,7 @@ from recon_stream.domain.heartbeats import (
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.metrics import Metrics
-from recon_stream.retry import Backoff, until_done
+from recon_stream.retry import Backoff, Retrier, drain_every
 from recon_stream.seen import SeenEntry, SeenKey, SeenPairs
 
 log = logging.getLogger(__name__)
@@ -113,20 +112,8 @@ class IngestService:
         self._dead_letters = dead_letters
         self._seen = seen
         self._metrics = metrics
-        self._backoff = backoff
         self._clock = clock
-        self._on_outage = on_outage
-        self._on_recovery = on_recovery
-
-    async def _retrying(self, what: str, operation: Callable[[], Awaitable[object]]) -> None:
-        await until_done(
-            operation,
-            what,
-            self._backoff,
-            self._metrics,
-            on_failure=self._on_outage,
-            on_success=self._on_recovery,
-        )
+        self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
 
     def _triage(
         self, records: Sequence[RawRecord], report: BatchReport
@@ -232,12 +219,9 @@ class IngestService:
     async def _write(self, to_write: list[_Pending], report: BatchReport) -> None:
         now = self._clock()
         sightings = [p.sighting for p in to_write]
-        created: set[PairKey] = set()
-
-        async def record() -> None:
-            created.update(await self._store.record(sightings, now))
-
-        await self._retrying("upserting org_ips", record)
+        created = await self._retrying(
+            "upserting org_ips", lambda: self._store.record(sightings, now)
+        )
         self._metrics.mongodb_writes.labels("org_ips", "upsert").inc(len(sightings))
         report.written = len(sightings)
         if created:
@@ -267,12 +251,9 @@ class IngestService:
         """Send scan requests left pending past their lease (a crash between the
         upsert and the publish). Returns how many were sent."""
         now = self._clock()
-        claimed: list[PairKey] = []
-
-        async def claim() -> None:
-            claimed[:] = await self._store.claim_unsent(now, limit)
-
-        await self._retrying("claiming unsent scan requests", claim)
+        claimed = await self._retrying(
+            "claiming unsent scan requests", lambda: self._store.claim_unsent(now, limit)
+        )
         if claimed:
             log.info("relaying %d scan requests left unsent", len(claimed))
             await self._announce(claimed, now, path="relay")
@@ -280,12 +261,4 @@ class IngestService:
 
     async def run_relay(self, interval: float) -> None:
         """Relay unsent scan requests now and every `interval` seconds, until cancelled."""
-        while True:
-            try:
-                while await self.relay_unsent() > 0:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scan-request relay failed; will try again")
-            await asyncio.sleep(interval)
+        await drain_every(interval, self.relay_unsent, "scan-request relay")

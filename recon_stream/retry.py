@@ -93,3 +93,43 @@ async def until_done(
             if on_success is not None:
                 on_success()
             return result
+
+
+class Retrier:
+    """`until_done` bound to one worker's backoff, metrics and outage callbacks."""
+
+    def __init__(
+        self,
+        backoff: Backoff,
+        metrics: Metrics | None = None,
+        on_failure: Callable[[str, BaseException], None] | None = None,
+        on_success: Callable[[], None] | None = None,
+    ) -> None:
+        self.backoff = backoff
+        self._metrics = metrics
+        self._on_failure = on_failure
+        self._on_success = on_success
+
+    async def __call__(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await until_done(
+            operation,
+            what,
+            self.backoff,
+            self._metrics,
+            on_failure=self._on_failure,
+            on_success=self._on_success,
+        )
+
+
+async def drain_every(interval: float, drain: Callable[[], Awaitable[int]], what: str) -> None:
+    """Call `drain` until it finds nothing to do, wait `interval`, and again, until
+    cancelled. A failure is logged and the next round tries again (the relays)."""
+    while True:
+        try:
+            while await drain() > 0:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; will try again", what)
+        await asyncio.sleep(interval)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -36,24 +36,20 @@ from recon_stream.domain.scans import HostScan
 from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
 from recon_stream.metrics import Metrics
 from recon_stream.ratelimit import SharedRateLimiter
-from recon_stream.retry import Backoff, until_done
+from recon_stream.retry import Backoff, Retrier, drain_every
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class EventSink(Protocol):
     async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
 
 
-Retrying = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
-
-
 async def publish_outbox(
     sink: EventSink,
     store: ExposureStore,
     metrics: Metrics,
-    retrying: Retrying,
+    retrying: Retrier,
     organization_id: str,
     ip: str,
     events: Sequence[ExposureEvent],
@@ -133,22 +129,11 @@ class ScannerService:
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._backoff = backoff
+        self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
         self._lookup_backoff = lookup_backoff or Backoff(2.0, 300.0)
         self.gate = gate
         self._reuse_age = reuse_age
         self._lease = lease
-        self._on_outage = on_outage
-        self._on_recovery = on_recovery
-
-    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        return await until_done(
-            operation,
-            what,
-            self._backoff,
-            self._metrics,
-            on_failure=self._on_outage,
-            on_success=self._on_recovery,
-        )
 
     # -- the Kafka half ---------------------------------------------------------------
 
@@ -300,15 +285,7 @@ class ScannerService:
         return sent
 
     async def run_relay(self, interval: float) -> None:
-        while True:
-            try:
-                while await self.relay_once() > 0:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("exposure relay failed; will try again")
-            await asyncio.sleep(interval)
+        await drain_every(interval, self.relay_once, "exposure relay")
 
     async def run_key_checks(self, interval: float) -> None:
         """Check the key at start and, while it is rejected, every `interval` seconds."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -26,11 +26,10 @@ from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.leadership import Lease
 from recon_stream.metrics import Metrics
-from recon_stream.retry import Backoff, until_done
+from recon_stream.retry import Backoff, Retrier
 from recon_stream.scanner import publish_outbox
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class RequestSink(Protocol):
@@ -64,13 +63,10 @@ class Scheduler:
         self._requests = requests
         self._events = events
         self._metrics = metrics
-        self._backoff = backoff
+        self._retrying = Retrier(backoff, metrics)
         self._rescan = rescan_interval
         self._retention = retention
         self._batch = batch
-
-    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        return await until_done(operation, what, self._backoff, self._metrics)
 
     async def run(self, tick: float) -> None:
         """Lead or stand by, until cancelled (then hand the lease over at once)."""
