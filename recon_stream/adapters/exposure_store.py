@@ -34,6 +34,7 @@ from recon_stream.domain.exposures import (
     build_events,
     diff,
     retire,
+    snapshot_of,
 )
 from recon_stream.domain.scans import HostScan, Service
 
@@ -222,7 +223,7 @@ class ExposureStore:
                         "first_seen": first_seen.get(s.key, scan.queried_at),
                         "last_seen": scan.queried_at,
                     }
-                    for s in _current(scan)
+                    for _, s in sorted(snapshot_of(scan).items())
                 ]
                 update = {
                     "$set": {
@@ -299,9 +300,3 @@ class ExposureStore:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _current(scan: HostScan) -> list[Service]:
-    from recon_stream.domain.exposures import snapshot_of
-
-    return [snapshot_of(scan)[k] for k in sorted(snapshot_of(scan))]
