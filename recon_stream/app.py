@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,6 +74,50 @@ class Worker:
     scheduler: Scheduler | None = None
 
 
+def subscribe_batches(
+    broker: KafkaBroker,
+    settings: Settings,
+    topic: str,
+    group_id: str,
+    handle: Callable[[Sequence[RawRecord]], Awaitable[object]],
+    *,
+    what: str,
+    max_records: int,
+    batch_timeout_ms: int,
+    pause: float,
+) -> None:
+    """Subscribe `handle` to raw record batches of `topic`, at least once.
+
+    NACK_ON_ERROR: offsets are committed only after `handle` returned; on an
+    unexpected error the batch is rewound and redelivered after `pause`.
+    Outages never get that far: the services retry them inside the handler,
+    committing nothing meanwhile. A new group starts at the earliest offset.
+    """
+
+    @broker.subscriber(
+        topic,
+        batch=True,
+        group_id=group_id,
+        auto_offset_reset="earliest",
+        max_records=max_records,
+        batch_timeout_ms=batch_timeout_ms,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        parser=kafka.raw_batch_parser,
+        decoder=kafka.raw_batch_decoder,
+    )
+    async def on_batch(records: Any) -> None:
+        try:
+            await handle(records)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; it will be redelivered", what)
+            await asyncio.sleep(pause)
+            raise
+
+
 def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
     """Assemble a worker running `roles` (a subset of `ROLES`)."""
     unknown = set(roles) - set(ROLES)
@@ -129,32 +173,17 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
         )
         worker.ingest = service
 
-        # NACK_ON_ERROR: commit only after the handler returned; on an
-        # unexpected error rewind to the batch start. Outages never reach it:
-        # the service retries them inside the handler, committing nothing.
-        @broker.subscriber(
+        subscribe_batches(
+            broker,
+            settings,
             settings.topic_heartbeats,
-            batch=True,
-            group_id=settings.ingest_group_id,
-            auto_offset_reset="earliest",
+            settings.ingest_group_id,
+            service.handle_batch,
+            what="heartbeat batch",
             max_records=settings.ingest_max_records,
             batch_timeout_ms=settings.ingest_batch_timeout_ms,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-            parser=kafka.raw_batch_parser,
-            decoder=kafka.raw_batch_decoder,
+            pause=backoff.maximum / 10,
         )
-        async def on_heartbeats(records: Any) -> None:
-            batch: tuple[RawRecord, ...] = records
-            try:
-                await service.handle_batch(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("heartbeat batch failed; it will be redelivered")
-                await asyncio.sleep(backoff.maximum / 10)
-                raise
 
         @app.after_startup
         async def start_relay() -> None:
@@ -190,32 +219,19 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
         )
         worker.scanner = scanner
 
-        # Requests are only moved into the durable scan queue here, so a plain
-        # batch commit after success is right; while the key is rejected the
-        # handler waits and nothing is committed.
-        @broker.subscriber(
+        # Requests are only moved into the durable scan queue here; while the
+        # key is rejected the handler waits and nothing is committed.
+        subscribe_batches(
+            broker,
+            settings,
             settings.topic_scan_requests,
-            batch=True,
-            group_id=settings.scanner_group_id,
-            auto_offset_reset="earliest",
+            settings.scanner_group_id,
+            scanner.accept,
+            what="scan-request batch",
             max_records=500,
             batch_timeout_ms=100,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-            parser=kafka.raw_batch_parser,
-            decoder=kafka.raw_batch_decoder,
+            pause=backoff.maximum / 10,
         )
-        async def on_scan_requests(records: Any) -> None:
-            batch: tuple[RawRecord, ...] = records
-            try:
-                await scanner.accept(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scan-request batch failed; it will be redelivered")
-                await asyncio.sleep(backoff.maximum / 10)
-                raise
 
         async def sample_gauges() -> None:
             while True:
