@@ -20,9 +20,12 @@ from typing import Any
 
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 from pymongo import AsyncMongoClient
 
+from recon_stream import __version__, tracing
 from recon_stream.adapters import kafka, mongo
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import ScanQueue
@@ -118,23 +121,40 @@ def subscribe_batches(
             raise
 
 
-def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
-    """Assemble a worker running `roles` (a subset of `ROLES`)."""
+def build_worker(
+    settings: Settings,
+    roles: Collection[str],
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> Worker:
+    """Assemble a worker running `roles` (a subset of `ROLES`).
+
+    Spans go to `tracer_provider` when given (tests pass an in-memory one), else
+    to OTLP when the standard `OTEL_*` variables ask for it, else nowhere.
+    """
     unknown = set(roles) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown roles: {sorted(unknown)}; known: {ROLES}")
+    ordered = [role for role in ROLES if role in roles]
+    own_provider = tracer_provider is None
+    exporting = tracer_provider or tracing.configure("recon-stream-" + "-".join(ordered))
+    tracer = tracing.tracer_from(exporting)
     metrics = Metrics()
+    metrics.build_info.labels(__version__, ",".join(ordered)).set(1)
     broker = kafka.build_broker(
         settings,
-        # No broker-wide KafkaTelemetryMiddleware: it extracts W3C baggage from
-        # every record of a batch, which cost ~30% of the ingest hot path
-        # (measured with cProfile). Tracing is added per hop instead.
         middlewares=(
+            # W3C context in and out of Kafka headers. Our raw batch parser hands
+            # it no per-record headers, so it opens one span per batch and costs
+            # nothing per record; per-pair context is handled in `tracing`.
+            KafkaTelemetryMiddleware(tracer_provider=exporting),
             KafkaPrometheusMiddleware(registry=metrics.registry, metrics_prefix="recon_faststream"),
         ),
     )
     # Creating the client opens no connection; it connects on first use.
-    client = mongo.connect(settings)
+    client = mongo.connect(
+        settings, listeners=[tracing.MongoSpans(tracer)] if exporting is not None else []
+    )
     db = client[settings.mongodb_database]
     status = StatusServer(metrics.registry, settings.http_host, settings.http_port)
     outages = Outages()
@@ -154,15 +174,26 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
     app = FastStream(broker)
     worker = Worker(app, broker, settings, metrics, status, client)
     background: list[asyncio.Task[Any]] = []
+    # Gauges read from MongoDB and Kafka every RECON_GAUGE_SAMPLE_SECONDS.
+    samplers: list[Callable[[], Awaitable[None]]] = []
+    lag_probe = kafka.LagProbe(settings)
+
+    def sample_lag(group: str, topic: str) -> Callable[[], Awaitable[None]]:
+        async def sample() -> None:
+            for partition, lag in (await lag_probe.lag(group, topic)).items():
+                metrics.consumer_lag.labels(group, topic, str(partition)).set(lag)
+
+        return sample
 
     if "ingest" in roles:
+        org_ips = mongo.MongoOrgIps(
+            db,
+            max_agents=settings.ingest_max_agents_per_ip,
+            max_sites=settings.ingest_max_sites_per_ip,
+            lease=timedelta(seconds=settings.ingest_request_lease_seconds),
+        )
         service = IngestService(
-            mongo.MongoOrgIps(
-                db,
-                max_agents=settings.ingest_max_agents_per_ip,
-                max_sites=settings.ingest_max_sites_per_ip,
-                lease=timedelta(seconds=settings.ingest_request_lease_seconds),
-            ),
+            org_ips,
             kafka.KafkaScanRequests(broker, settings.topic_scan_requests),
             kafka.KafkaDeadLetters(broker, settings.topic_dlq),
             SeenPairs(settings.ingest_cache_size, settings.ingest_refresh_interval_seconds),
@@ -170,8 +201,17 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             backoff,
             on_outage=outages.failed,
             on_recovery=outages.recovered,
+            tracer=tracer,
         )
         worker.ingest = service
+
+        async def sample_ingest_outbox() -> None:
+            metrics.outbox_pending.labels("scan_requests").set(await org_ips.unsent_count())
+
+        samplers += [
+            sample_lag(settings.ingest_group_id, settings.topic_heartbeats),
+            sample_ingest_outbox,
+        ]
 
         subscribe_batches(
             broker,
@@ -192,7 +232,9 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             )
 
     if "scanner" in roles:
-        gate = KeyGate()
+        gate = KeyGate(metrics)
+        metrics.shodan_rate_limit.set(settings.shodan_rate)
+        metrics.rescan_interval.set(settings.rescan_interval_seconds)
         status.add_check("shodan", gate.check)
         provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
         limiter = SharedRateLimiter(
@@ -216,6 +258,7 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             lease=timedelta(seconds=settings.scan_claim_lease_seconds),
             on_outage=outages.failed,
             on_recovery=outages.recovered,
+            tracer=tracer,
         )
         worker.scanner = scanner
 
@@ -233,23 +276,19 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             pause=backoff.maximum / 10,
         )
 
-        async def sample_gauges() -> None:
-            while True:
-                try:
-                    depth = await queue.depth()
-                    for priority in (0, 1):
-                        metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
-                    metrics.outbox_pending.set(await exposures.outbox_size())
-                    oldest = await ip_scans.oldest_query()
-                    if oldest is not None:
-                        if oldest.tzinfo is None:
-                            oldest = oldest.replace(tzinfo=UTC)
-                        metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:
-                    log.warning("sampling scanner gauges failed: %s", type(error).__name__)
-                await asyncio.sleep(settings.gauge_sample_seconds)
+        async def sample_scanner() -> None:
+            depth = await queue.depth()
+            for priority in (0, 1):
+                metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
+            metrics.outbox_pending.labels("exposure_events").set(await exposures.outbox_size())
+            oldest = await ip_scans.oldest_query()
+            if oldest is not None:
+                if oldest.tzinfo is None:
+                    oldest = oldest.replace(tzinfo=UTC)
+                metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
+
+        samplers += [sample_lag(settings.scanner_group_id, settings.topic_scan_requests)]
+        samplers += [sample_scanner]
 
         @app.after_startup
         async def start_scanner() -> None:
@@ -263,7 +302,6 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
             background.append(
                 asyncio.create_task(scanner.run_relay(settings.exposure_relay_interval_seconds))
             )
-            background.append(asyncio.create_task(sample_gauges()))
 
         @app.after_shutdown
         async def close_provider() -> None:
@@ -289,18 +327,33 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
         )
         worker.scheduler = scheduler
 
-        async def scheduler_ready() -> str | None:
-            return None  # leading or standing by are both ready
-
-        status.add_check("scheduler", scheduler_ready)
+        metrics.rescan_interval.set(settings.rescan_interval_seconds)
+        status.add_check("scheduler", scheduler.ready)
+        status.add_state("scheduler", lambda: scheduler.state)
 
         @app.after_startup
         async def start_scheduler() -> None:
             background.append(asyncio.create_task(scheduler.run(settings.scheduler_tick_seconds)))
 
+    async def sample_gauges() -> None:
+        while True:
+            for sample in samplers:
+                try:
+                    await sample()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    log.warning("sampling gauges failed: %s", type(error).__name__)
+            await asyncio.sleep(settings.gauge_sample_seconds)
+
     @app.on_startup
     async def start_status() -> None:
         await status.start()
+
+    @app.after_startup
+    async def start_sampling() -> None:
+        if samplers:
+            background.append(asyncio.create_task(sample_gauges()))
 
     @app.on_shutdown
     async def stop_background() -> None:
@@ -312,7 +365,10 @@ def build_worker(settings: Settings, roles: Collection[str]) -> Worker:
 
     @app.after_shutdown
     async def close_resources() -> None:
+        await lag_probe.close()
         await client.close()
         await status.stop()
+        if own_provider and exporting is not None:
+            exporting.shutdown()  # flushes the spans still batched
 
     return worker

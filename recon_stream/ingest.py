@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, Tracer
+
+from recon_stream import tracing
 from recon_stream.adapters.mongo import OrgIpStore
 from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_address
 from recon_stream.domain.heartbeats import (
@@ -61,7 +66,9 @@ class Rejected:
 
 
 class ScanRequestSink(Protocol):
-    async def publish(self, requests: Sequence[ScanRequest]) -> None: ...
+    async def publish(
+        self, requests: Sequence[ScanRequest], contexts: Sequence[Context | None] = ()
+    ) -> None: ...
 
 
 class DeadLetterSink(Protocol):
@@ -85,6 +92,8 @@ class BatchReport:
 class _Pending:
     sighting: PairSighting
     cache: list[tuple[SeenKey, SeenEntry]]
+    origin: RawRecord
+    """The batch's first heartbeat of the pair: its trace continues if the pair is new."""
 
 
 def _now() -> datetime:
@@ -106,7 +115,9 @@ class IngestService:
         clock: Callable[[], datetime] = _now,
         on_outage: Callable[[str, BaseException], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or tracing.tracer_from(None)
         self._store = store
         self._scan_requests = scan_requests
         self._dead_letters = dead_letters
@@ -164,7 +175,7 @@ class IngestService:
             pending = pairs.get(pair_key)
             if pending is None:
                 sighting = PairSighting(hb.organization_id, entry.ip, observed, observed)
-                pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)])
+                pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)], record)
             elif all(key != cache_key for key, _ in pending.cache):
                 # Another spelling of the same address (e.g. IPv6 case).
                 pending.cache.append((cache_key, entry))
@@ -227,25 +238,56 @@ class IngestService:
         if created:
             self._metrics.pairs_discovered.inc(len(created))
             report.created = sorted(created)
-            await self._announce(report.created, now, path="ingest")
+            origins = {p.sighting.key: p.origin for p in to_write}
+            await self._announce(report.created, now, path="ingest", origins=origins)
         for pending in to_write:
             s = pending.sighting
             for key, entry in pending.cache:
                 self._seen.written(key, entry, s.agents, s.site_ids)
 
-    async def _announce(self, pairs: Sequence[PairKey], now: datetime, *, path: str) -> None:
+    async def _announce(
+        self,
+        pairs: Sequence[PairKey],
+        now: datetime,
+        *,
+        path: str,
+        origins: Mapping[PairKey, RawRecord] | None = None,
+    ) -> None:
         requests = [
             ScanRequest(organization_id=org, ip=ip, reason=ScanReason.NEW, requested_at=now)
             for org, ip in pairs
         ]
-        await self._retrying(
-            "publishing scan requests", lambda: self._scan_requests.publish(requests)
-        )
+        spans = [self._discovery_span(pair, path, origins) for pair in pairs]
+        contexts = [trace.set_span_in_context(span) for span in spans]
+        try:
+            await self._retrying(
+                "publishing scan requests",
+                lambda: self._scan_requests.publish(requests, contexts),
+            )
+        finally:
+            for span in spans:
+                span.end()
         self._metrics.scan_requests.labels(ScanReason.NEW.value, path).inc(len(requests))
         await self._retrying(
             "marking scan requests sent", lambda: self._store.mark_requested(pairs, now)
         )
         self._metrics.mongodb_writes.labels("org_ips", "mark_requested").inc(len(pairs))
+
+    def _discovery_span(
+        self, pair: PairKey, path: str, origins: Mapping[PairKey, RawRecord] | None
+    ) -> Span:
+        """The span a new pair's scan request is published in: a child of the
+        heartbeat's own trace when it carried one, linked to the batch span."""
+        origin = origins.get(pair) if origins else None
+        parent = tracing.context_of(tracing.carrier_of(origin.headers)) if origin else None
+        batch = trace.get_current_span().get_span_context()
+        links = [Link(batch)] if parent is not None and batch.is_valid else []
+        return self._tracer.start_span(
+            "recon.pair.discovered",
+            context=parent,
+            links=links,
+            attributes={"recon.organization_id": pair[0], "recon.ip": pair[1], "recon.path": path},
+        )
 
     async def relay_unsent(self, limit: int = 500) -> int:
         """Send scan requests left pending past their lease (a crash between the

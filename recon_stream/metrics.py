@@ -110,7 +110,11 @@ class Metrics:
             registry=r,
         )
         self.outbox_pending = Gauge(
-            "recon_outbox_pending", "Exposure events waiting in outboxes (sampled).", registry=r
+            "recon_outbox_pending",
+            "Messages waiting in an outbox (sampled): exposure_events (scanner) or "
+            "scan_requests (ingest: new pairs whose request is not yet sent).",
+            ["outbox"],
+            registry=r,
         )
         self.scan_backlog = Gauge(
             "recon_scan_backlog",
@@ -128,6 +132,34 @@ class Metrics:
         )
         self.pairs_retired = Counter(
             "recon_pairs_retired", "(organization, IP) pairs retired after disuse.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "recon_consumer_lag",
+            "Records not yet consumed: end offset minus the group's committed offset "
+            "(sampled by every replica of the consuming role; aggregate with max).",
+            ["group", "topic", "partition"],
+            registry=r,
+        )
+        self.shodan_key_accepted = Gauge(
+            "recon_shodan_key_accepted",
+            "1 while Shodan accepts the API key, 0 while it rejects it (lookups paused).",
+            registry=r,
+        )
+        self.shodan_rate_limit = Gauge(
+            "recon_shodan_rate_limit",
+            "Configured Shodan budget in lookups per second, shared by all scanner replicas.",
+            registry=r,
+        )
+        self.rescan_interval = Gauge(
+            "recon_rescan_interval_seconds",
+            "Configured interval between lookups of the same IP.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "recon_build_info",
+            "Always 1; labels name the version and the roles this process runs.",
+            ["version", "role"],
+            registry=r,
         )
         self.batch_duration = Histogram(
             "recon_ingest_batch_duration_seconds",

@@ -24,8 +24,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from pydantic import ValidationError
 
+from recon_stream import tracing
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import QueueItem, ScanQueue
 from recon_stream.adapters.shodan import RateLimited, ShodanProvider, Transient, Unauthorized
@@ -71,22 +73,29 @@ async def publish_outbox(
 class KeyGate:
     """Open while the Shodan key is accepted; closed (with the reason) when rejected."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._open = asyncio.Event()
         self._open.set()
         self.reason: str | None = None
+        self._accepted = metrics.shodan_key_accepted if metrics is not None else None
+        if self._accepted is not None:
+            self._accepted.set(1)
 
     def reject(self, reason: str) -> None:
         if self._open.is_set():
             log.error("lookups paused: %s", reason)
         self.reason = reason
         self._open.clear()
+        if self._accepted is not None:
+            self._accepted.set(0)
 
     def accept(self) -> None:
         if not self._open.is_set():
             log.warning("Shodan key accepted again; lookups resume")
         self.reason = None
         self._open.set()
+        if self._accepted is not None:
+            self._accepted.set(1)
 
     @property
     def is_open(self) -> bool:
@@ -119,7 +128,9 @@ class ScannerService:
         lookup_backoff: Backoff | None = None,
         on_outage: Callable[[str, BaseException], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
         self._provider = provider
         self._limiter = limiter
@@ -141,10 +152,12 @@ class ScannerService:
         """Queue a batch of scan requests durably; returns how many were valid."""
         await self.gate.wait()
         requests: list[ScanRequest] = []
+        traces: list[dict[str, str]] = []
         rejected: list[Rejected] = []
         for record in records:
             try:
                 requests.append(ScanRequest.model_validate_json(record.value or b""))
+                traces.append(tracing.carrier_of(record.headers))
             except ValidationError as error:
                 detail = "; ".join(e["msg"] for e in error.errors(include_input=False)[:3])
                 rejected.append(Rejected(record, RejectReason.SCHEMA, detail))
@@ -153,7 +166,9 @@ class ScannerService:
             for r in rejected:
                 self._metrics.dlq.labels(r.reason.value).inc()
         if requests:
-            await self._retrying("queueing scan requests", lambda: self._queue.enqueue(requests))
+            await self._retrying(
+                "queueing scan requests", lambda: self._queue.enqueue(requests, traces)
+            )
             for request in requests:
                 self._metrics.scan_requests_received.labels(request.reason.value).inc()
         return len(requests)
@@ -194,7 +209,24 @@ class ScannerService:
             log.warning("could not release the claim on %s; it will expire", item.ip)
 
     async def process(self, item: QueueItem) -> None:
-        """Serve one IP: reuse or look up, then diff for every org behind it."""
+        """Serve one IP: reuse or look up, then diff for every org behind it.
+
+        Runs in a `recon.scan` span continuing the trace of the (first) request.
+        """
+        parent, links = tracing.parent_and_links(item.traces)
+        with self._tracer.start_as_current_span(
+            "recon.scan",
+            context=parent,
+            links=links,
+            attributes={"recon.ip": item.ip, "recon.requests": item.seq},
+        ) as span:
+            try:
+                await self._process(item)
+            except Exception as error:
+                tracing.fail(span, error)
+                raise
+
+    async def _process(self, item: QueueItem) -> None:
         scan = await self._stored_if_fresh(item)
         if scan is None:
             scan = await self._look_up(item)
@@ -221,6 +253,15 @@ class ScannerService:
     async def _look_up(self, item: QueueItem) -> HostScan | None:
         waited = await self._limiter.acquire()
         self._metrics.rate_wait.observe(waited)
+        with self._tracer.start_as_current_span(
+            "shodan.lookup",
+            kind=SpanKind.CLIENT,
+            attributes={"recon.shodan.provider": self._provider.name, "recon.rate_wait": waited},
+        ) as span:
+            scan = await self._timed_lookup(item, span)
+        return scan
+
+    async def _timed_lookup(self, item: QueueItem, span: Span) -> HostScan | None:
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -242,6 +283,9 @@ class ScannerService:
             await self._queue.retry_later(item, delay)
             return None
         finally:
+            span.set_attribute("recon.shodan.outcome", outcome)
+            if outcome not in ("ok", "not_found"):
+                span.set_status(Status(StatusCode.ERROR, outcome))
             self._metrics.shodan_requests.labels(self._provider.name, outcome).inc()
             self._metrics.shodan_latency.labels(self._provider.name).observe(
                 time.perf_counter() - started

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -67,14 +68,20 @@ class Scheduler:
         self._rescan = rescan_interval
         self._retention = retention
         self._batch = batch
+        self.state = "starting"
+        self._last_round: float | None = None
+        self._tick = 30.0
 
     async def run(self, tick: float) -> None:
         """Lead or stand by, until cancelled (then hand the lease over at once)."""
+        self._tick = tick
         try:
             while True:
                 try:
                     leading = await self.lease.try_acquire()
                     self._metrics.scheduler_leader.set(1 if leading else 0)
+                    self.state = "leading" if leading else "standing by"
+                    self._last_round = time.monotonic()
                     if leading:
                         await self.tick()
                 except asyncio.CancelledError:
@@ -85,6 +92,16 @@ class Scheduler:
         finally:
             self._metrics.scheduler_leader.set(0)
             await asyncio.shield(self.lease.release())
+
+    async def ready(self) -> str | None:
+        """Readiness: leading or standing by both count; a stalled lease loop does not."""
+        if self._last_round is None:
+            return "scheduler has not reached the lease yet"
+        silent = time.monotonic() - self._last_round
+        limit = 3 * self._tick + self.lease.ttl.total_seconds()
+        if silent > limit:
+            return f"scheduler stalled: no lease round for {silent:.0f}s"
+        return None
 
     async def tick(self, now: datetime | None = None) -> tuple[int, int]:
         """One round of work; returns (rescans requested, pairs retired)."""

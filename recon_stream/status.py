@@ -33,11 +33,17 @@ class StatusServer:
         self._host = host
         self._port = port
         self._checks: dict[str, Check] = {}
+        self._states: dict[str, Callable[[], str]] = {}
         self._check_timeout = check_timeout
         self._server: asyncio.Server | None = None
 
     def add_check(self, name: str, check: Check) -> None:
         self._checks[name] = check
+
+    def add_state(self, name: str, state: Callable[[], str]) -> None:
+        """Shown in `/readyz`'s body under "states" (e.g. the scheduler's role);
+        never affects readiness."""
+        self._states[name] = state
 
     @property
     def port(self) -> int:
@@ -101,7 +107,10 @@ class StatusServer:
         if path == "/readyz":
             checks = await self.readiness()
             ready = all(v == "ok" for v in checks.values())
-            body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+            states = {name: state() for name, state in self._states.items()}
+            body = json.dumps(
+                {"status": "ready" if ready else "not ready", "checks": checks, "states": states}
+            )
             return (
                 "200 OK" if ready else "503 Service Unavailable",
                 "application/json",

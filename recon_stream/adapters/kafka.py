@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
@@ -157,17 +159,28 @@ class KafkaScanRequests:
         self._broker = broker
         self._topic = topic
 
-    async def publish(self, requests: Sequence[ScanRequest]) -> None:
-        futures = [
-            await self._broker.publish(
-                r.model_dump_json().encode(),
-                self._topic,
-                key=r.kafka_key(),
-                headers={"content-type": "application/json"},
-                no_confirm=True,
-            )
-            for r in requests
-        ]
+    async def publish(
+        self, requests: Sequence[ScanRequest], contexts: Sequence[Context | None] = ()
+    ) -> None:
+        """`contexts[i]`, when given, is the trace context request i is published in
+        (the telemetry middleware writes its `traceparent`)."""
+        futures = []
+        for i, r in enumerate(requests):
+            parent = contexts[i] if i < len(contexts) else None
+            token = otel_context.attach(parent) if parent is not None else None
+            try:
+                futures.append(
+                    await self._broker.publish(
+                        r.model_dump_json().encode(),
+                        self._topic,
+                        key=r.kafka_key(),
+                        headers={"content-type": "application/json"},
+                        no_confirm=True,
+                    )
+                )
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
         await asyncio.gather(*futures)
 
 
@@ -240,3 +253,53 @@ class KafkaDeadLetters:
                 )
             )
         await asyncio.gather(*futures)
+
+
+class LagProbe:
+    """Samples a consumer group's lag per partition: end offsets minus committed ones.
+
+    Uses its own admin client and group-less consumer, opened on first use, so
+    sampling never touches the workers' consumers. A partition the group has
+    not committed yet counts from the partition's beginning.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._options = admin_options(settings)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._options)
+            await admin.start()
+            self._admin = admin
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(**self._options, enable_auto_commit=False)
+            await consumer.start()
+            self._consumer = consumer
+        return self._admin, self._consumer
+
+    async def lag(self, group: str, topic: str) -> dict[int, int]:
+        admin, consumer = await self._clients()
+        described = await admin.describe_topics([topic])
+        partitions = sorted(p["partition"] for d in described for p in d.get("partitions", ()))
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(tps)
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        missing = [tp for tp in tps if committed.get(tp) is None or committed[tp].offset < 0]
+        starts = await consumer.beginning_offsets(missing) if missing else {}
+        lag: dict[int, int] = {}
+        for tp in tps:
+            done = starts[tp] if tp in starts else committed[tp].offset
+            lag[tp.partition] = max(0, ends[tp] - done)
+        return lag
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None

@@ -25,6 +25,7 @@ from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
+from pymongo.monitoring import CommandListener
 
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.settings import Settings
@@ -34,12 +35,15 @@ ORG_IPS = "org_ips"
 _DUPLICATE_KEY = 11000
 
 
-def connect(settings: Settings) -> AsyncMongoClient[Document]:
+def connect(
+    settings: Settings, listeners: Sequence[CommandListener] = ()
+) -> AsyncMongoClient[Document]:
     """A client for `RECON_MONGODB_URI` with the TLS settings applied."""
     options: dict[str, Any] = {
         "serverSelectionTimeoutMS": settings.mongodb_server_selection_timeout_ms,
         "appname": "recon-stream",
         "tz_aware": True,
+        "event_listeners": list(listeners),
     }
     if settings.mongodb_tls:
         options["tls"] = True
@@ -239,6 +243,10 @@ class MongoOrgIps:
                     raise
                 pending = [pending[e["index"]] for e in write_errors]
         raise RuntimeError("duplicate-key conflicts did not resolve after 5 attempts")
+
+    async def unsent_count(self) -> int:
+        """Scan requests still pending in the outbox (a gauge; uses the outbox index)."""
+        return await self._collection.count_documents({"scan_request.state": "pending"})
 
     async def mark_requested(self, pairs: Sequence[PairKey], now: datetime) -> None:
         if not pairs:

@@ -6,15 +6,18 @@ replica then claim the most urgent IP: new and manual requests before routine
 rescans, oldest first, whatever order Kafka delivered them in.
 
     {_id: ip, priority: 0 (new/manual) | 1 (rescan), requested_at, orgs: [...],
-     reasons: [...], seq, attempts, not_before, claim_until}
+     reasons: [...], seq, attempts, not_before, claim_until,
+     traces: [{traceparent, tracestate}, ...]}
 
 `seq` grows with every request for the IP; a finished lookup deletes the item
 only if no request arrived meanwhile, otherwise releases it to run again.
+`traces` keeps the W3C trace context of the first few traced requests, so the
+lookup continues their traces (see `recon_stream.tracing`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +32,7 @@ SCAN_QUEUE = "scan_queue"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 0, ScanReason.RESCAN: 1}
 MAX_ORGS = 1000
+MAX_TRACES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class QueueItem:
     reasons: tuple[str, ...]
     orgs: tuple[str, ...]
     claim_until: datetime
+    traces: tuple[dict[str, str], ...] = ()
 
     @property
     def forced(self) -> bool:
@@ -60,27 +65,26 @@ class ScanQueue:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._collection: AsyncCollection[dict[str, Any]] = db[SCAN_QUEUE]
 
-    async def enqueue(self, requests: Sequence[ScanRequest]) -> int:
-        """Add requests (idempotent per org and reason); returns documents touched."""
+    async def enqueue(
+        self, requests: Sequence[ScanRequest], traces: Sequence[Mapping[str, str]] = ()
+    ) -> int:
+        """Add requests (idempotent per org and reason); returns documents touched.
+
+        `traces[i]`, when given and not empty, is request i's W3C trace context.
+        """
         if not requests:
             return 0
-        ops = [
-            UpdateOne(
-                {"_id": r.ip},
-                {
-                    "$min": {"priority": PRIORITY[r.reason], "requested_at": r.requested_at},
-                    "$addToSet": {"orgs": r.organization_id, "reasons": r.reason.value},
-                    "$inc": {"seq": 1},
-                    "$setOnInsert": {
-                        "attempts": 0,
-                        "not_before": EPOCH,
-                        "claim_until": EPOCH,
-                    },
-                },
-                upsert=True,
-            )
-            for r in requests
-        ]
+        ops = []
+        for i, r in enumerate(requests):
+            update: dict[str, Any] = {
+                "$min": {"priority": PRIORITY[r.reason], "requested_at": r.requested_at},
+                "$addToSet": {"orgs": r.organization_id, "reasons": r.reason.value},
+                "$inc": {"seq": 1},
+                "$setOnInsert": {"attempts": 0, "not_before": EPOCH, "claim_until": EPOCH},
+            }
+            if i < len(traces) and traces[i]:
+                update["$push"] = {"traces": {"$each": [dict(traces[i])], "$slice": MAX_TRACES}}
+            ops.append(UpdateOne({"_id": r.ip}, update, upsert=True))
         result = await self._collection.bulk_write(ops, ordered=False)
         return result.upserted_count + result.matched_count
 
@@ -103,6 +107,7 @@ class ScanQueue:
             reasons=tuple(doc.get("reasons", ())),
             orgs=tuple(doc.get("orgs", ())[:MAX_ORGS]),
             claim_until=doc["claim_until"],
+            traces=tuple(doc.get("traces", ())),
         )
 
     async def complete(self, item: QueueItem) -> bool:

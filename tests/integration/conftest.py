@@ -11,6 +11,8 @@ import pytest_asyncio
 from pymongo import AsyncMongoClient
 
 from recon_stream.settings import Settings
+from tests.emulators.fixtures import shodan_emulator_fixture  # noqa: F401
+from tests.emulators.shodan import ShodanEmulator
 
 from .support import make_settings, prepare
 
@@ -39,3 +41,24 @@ async def db(settings: Settings) -> AsyncIterator[Any]:
     )
     yield client[settings.mongodb_database]
     await client.close()
+
+
+@pytest_asyncio.fixture
+async def scan_settings(settings: Settings, shodan_emulator: ShodanEmulator) -> Settings:
+    shodan_emulator.rate = 20.0
+    return settings.model_copy(
+        update={
+            "shodan_provider": "api",
+            "shodan_api_key": __import__("pydantic").SecretStr(shodan_emulator.api_key),
+            "shodan_api_url": shodan_emulator.url,
+            "shodan_rate": 10.0,
+            "shodan_timeout_seconds": 1.0,
+            "shodan_key_check_seconds": 0.5,
+            "scan_claim_lease_seconds": 10.0,
+            "exposure_relay_interval_seconds": 0.5,
+            "scheduler_tick_seconds": 0.5,
+            "scheduler_lease_seconds": 3.0,
+            "gauge_sample_seconds": 0.5,
+            "scanner_group_id": settings.ingest_group_id + "-scanner",
+        }
+    )

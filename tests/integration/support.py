@@ -58,8 +58,10 @@ async def prepare(settings: Settings) -> None:
 
 
 @asynccontextmanager
-async def running(settings: Settings, roles: Iterable[str] = ("ingest",)) -> AsyncIterator[Worker]:
-    worker = build_worker(settings, list(roles))
+async def running(
+    settings: Settings, roles: Iterable[str] = ("ingest",), **options: Any
+) -> AsyncIterator[Worker]:
+    worker = build_worker(settings, list(roles), **options)
     await worker.app.start()
     try:
         yield worker
@@ -176,3 +178,52 @@ def start_worker(settings: Settings, role: str, log: Path, http_port: int = 0) -
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+# --- the scanner's test data -------------------------------------------------------
+
+NOW = datetime.now(UTC)
+
+
+def banner(
+    port: int,
+    module: str,
+    *,
+    product: str | None = None,
+    version: str | None = None,
+    vulns: dict[str, Any] | None = None,
+    transport: str = "tcp",
+) -> dict[str, Any]:
+    return {
+        "port": port,
+        "transport": transport,
+        "product": product,
+        "version": version,
+        "timestamp": (NOW - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%f"),
+        "data": f"{module} banner",
+        "_shodan": {"module": module, "crawler": "x", "id": "y"},
+        **({"vulns": vulns} if vulns else {}),
+    }
+
+
+def host(ip: str, *banners: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ip_str": ip,
+        "ports": [b["port"] for b in banners],
+        "hostnames": [],
+        "org": "Example",
+        "isp": "Example",
+        "asn": "AS64500",
+        "last_update": NOW.strftime("%Y-%m-%dT%H:%M:%S.%f"),
+        "data": list(banners),
+    }
+
+
+async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        records = await read_all(
+            settings.kafka_bootstrap_servers, settings.topic_exposures, idle=1.0
+        )
+        return [json.loads(r.value) for r in records] if len(records) >= n else None
+
+    return await eventually(enough, timeout=timeout, interval=0.5)  # type: ignore[no-any-return]

@@ -13,77 +13,20 @@ import pytest
 from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.settings import Settings
-from tests.emulators.fixtures import shodan_emulator_fixture  # noqa: F401
 from tests.emulators.shodan import ShodanEmulator
 
-from .support import eventually, heartbeat, produce, read_all, running, sample, start_worker
-
-NOW = datetime.now(UTC)
-
-
-def banner(
-    port: int,
-    module: str,
-    *,
-    product: str | None = None,
-    version: str | None = None,
-    vulns: dict[str, Any] | None = None,
-    transport: str = "tcp",
-) -> dict[str, Any]:
-    return {
-        "port": port,
-        "transport": transport,
-        "product": product,
-        "version": version,
-        "timestamp": (NOW - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%f"),
-        "data": f"{module} banner",
-        "_shodan": {"module": module, "crawler": "x", "id": "y"},
-        **({"vulns": vulns} if vulns else {}),
-    }
-
-
-def host(ip: str, *banners: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "ip_str": ip,
-        "ports": [b["port"] for b in banners],
-        "hostnames": [],
-        "org": "Example",
-        "isp": "Example",
-        "asn": "AS64500",
-        "last_update": NOW.strftime("%Y-%m-%dT%H:%M:%S.%f"),
-        "data": list(banners),
-    }
-
-
-@pytest.fixture
-async def scan_settings(settings: Settings, shodan_emulator: ShodanEmulator) -> Settings:
-    shodan_emulator.rate = 20.0
-    return settings.model_copy(
-        update={
-            "shodan_provider": "api",
-            "shodan_api_key": __import__("pydantic").SecretStr(shodan_emulator.api_key),
-            "shodan_api_url": shodan_emulator.url,
-            "shodan_rate": 10.0,
-            "shodan_timeout_seconds": 1.0,
-            "shodan_key_check_seconds": 0.5,
-            "scan_claim_lease_seconds": 10.0,
-            "exposure_relay_interval_seconds": 0.5,
-            "scheduler_tick_seconds": 0.5,
-            "scheduler_lease_seconds": 3.0,
-            "gauge_sample_seconds": 0.5,
-            "scanner_group_id": settings.ingest_group_id + "-scanner",
-        }
-    )
-
-
-async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
-    async def enough() -> list[dict[str, Any]] | None:
-        records = await read_all(
-            settings.kafka_bootstrap_servers, settings.topic_exposures, idle=1.0
-        )
-        return [json.loads(r.value) for r in records] if len(records) >= n else None
-
-    return await eventually(enough, timeout=timeout, interval=0.5)  # type: ignore[no-any-return]
+from .support import (
+    NOW,
+    banner,
+    events_on,
+    eventually,
+    heartbeat,
+    host,
+    produce,
+    running,
+    sample,
+    start_worker,
+)
 
 
 def host_requests(emulator: ShodanEmulator, ip: str) -> int:

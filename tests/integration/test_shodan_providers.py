@@ -24,7 +24,6 @@ from recon_stream.adapters.shodan import (
     build_provider,
 )
 from recon_stream.settings import Settings
-from tests.emulators.fixtures import shodan_emulator_fixture  # noqa: F401
 from tests.emulators.shodan import ShodanEmulator
 
 IP = "198.51.100.7"

@@ -128,11 +128,13 @@ class FakeOrgIps:
 class FakeScanRequests:
     def __init__(self) -> None:
         self.published: list[ScanRequest] = []
+        self.contexts: list[Any] = []
         self.failures = Failures()
 
-    async def publish(self, requests: Sequence[ScanRequest]) -> None:
+    async def publish(self, requests: Sequence[ScanRequest], contexts: Sequence[Any] = ()) -> None:
         self.failures.check()
         self.published.extend(requests)
+        self.contexts.extend(contexts)
 
     def pairs(self) -> list[PairKey]:
         return [(r.organization_id, r.ip) for r in self.published]
