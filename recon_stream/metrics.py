@@ -140,11 +140,6 @@ class Metrics:
             ["group", "topic", "partition"],
             registry=r,
         )
-        self.shodan_key_accepted = Gauge(
-            "recon_shodan_key_accepted",
-            "1 while Shodan accepts the API key, 0 while it rejects it (lookups paused).",
-            registry=r,
-        )
         self.shodan_rate_limit = Gauge(
             "recon_shodan_rate_limit",
             "Configured Shodan budget in lookups per second, shared by all scanner replicas.",
@@ -157,8 +152,9 @@ class Metrics:
         )
         self.build_info = Gauge(
             "recon_build_info",
-            "Always 1; labels name the version and the roles this process runs.",
-            ["version", "role"],
+            "Always 1; labels name the version and the roles this process runs "
+            "(`roles`, comma-separated: scrape configs usually add a `role` label of their own).",
+            ["version", "roles"],
             registry=r,
         )
         self.batch_duration = Histogram(
@@ -172,4 +168,13 @@ class Metrics:
             "Records per heartbeat batch.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
             registry=r,
+        )
+
+    def shodan_key_gauge(self) -> Gauge:
+        """`recon_shodan_key_accepted`, registered only by processes that check the key:
+        an unlabelled gauge reads 0 until set, and 0 means "rejected"."""
+        return Gauge(
+            "recon_shodan_key_accepted",
+            "1 while Shodan accepts the API key, 0 while it rejects it (lookups paused).",
+            registry=self.registry,
         )

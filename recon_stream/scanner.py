@@ -77,7 +77,7 @@ class KeyGate:
         self._open = asyncio.Event()
         self._open.set()
         self.reason: str | None = None
-        self._accepted = metrics.shodan_key_accepted if metrics is not None else None
+        self._accepted = metrics.shodan_key_gauge() if metrics is not None else None
         if self._accepted is not None:
             self._accepted.set(1)
 

@@ -234,7 +234,7 @@ async def test_real_prometheus_scrapes_the_domain_series_after_a_known_workload(
     assert total(series, "recon_shodan_rate_limit") == settings.shodan_rate
     assert total(series, "recon_rescan_interval_seconds") == settings.rescan_interval_seconds
     assert total(series, "recon_scan_backlog") == 0
-    assert total(series, "recon_build_info", role="ingest,scanner,scheduler") == 1
+    assert total(series, "recon_build_info", roles="ingest,scanner,scheduler") == 1
     lag = {
         dict(k)["partition"]
         for k in series
