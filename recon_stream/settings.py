@@ -20,6 +20,8 @@ class Settings(BaseSettings):
         env_file=".env",
         extra="ignore",
         frozen=True,
+        # `RECON_SHODAN_API_KEY=` (as in a copied .env.example) means unset, not "".
+        env_ignore_empty=True,
         # Validation errors are printed at startup; they must not echo the input.
         hide_input_in_errors=True,
     )

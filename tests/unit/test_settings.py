@@ -86,6 +86,13 @@ def test_env_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
     assert Settings().mongodb_database == "from_dotenv"
 
 
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in a .env copied from .env.example with the key left blank.
+    monkeypatch.setenv("RECON_SHODAN_API_KEY", "")
+    assert Settings().shodan_api_key is None
+    assert Settings().effective_shodan_provider != "api"
+
+
 def test_shodan_key_selects_the_api_provider(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECON_SHODAN_API_KEY", SHODAN_KEY)
     assert Settings().effective_shodan_provider == "api"

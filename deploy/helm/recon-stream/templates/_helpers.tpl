@@ -1,0 +1,265 @@
+{{/* The roles, each one Deployment running `recon-stream run <role>`. */}}
+{{- define "recon-stream.roles" -}}
+{{- list "ingest" "scanner" "scheduler" | toJson -}}
+{{- end -}}
+
+{{- define "recon-stream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Leaves room for the longest suffix ("-scheduler") within 63 characters. */}}
+{{- define "recon-stream.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of a role's objects. Call with (dict "root" $ "role" "ingest"). */}}
+{{- define "recon-stream.roleName" -}}
+{{- printf "%s-%s" (include "recon-stream.fullname" .root) .role -}}
+{{- end -}}
+
+{{- define "recon-stream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "recon-stream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "recon-stream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "recon-stream.labels" -}}
+helm.sh/chart: {{ include "recon-stream.chart" . }}
+{{ include "recon-stream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: recon-stream
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Call with (dict "root" $ "role" "ingest"). */}}
+{{- define "recon-stream.roleSelectorLabels" -}}
+{{ include "recon-stream.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "recon-stream.roleLabels" -}}
+{{ include "recon-stream.labels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "recon-stream.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "recon-stream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "recon-stream.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret the workers read their credentials from. */}}
+{{- define "recon-stream.secretName" -}}
+{{- default (include "recon-stream.fullname" .) .Values.existingSecret -}}
+{{- end -}}
+
+{{- define "recon-stream.sasl" -}}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol -}}true{{- end -}}
+{{- end -}}
+
+{{- define "recon-stream.kafkaTls" -}}
+{{- if hasSuffix "SSL" .Values.kafka.securityProtocol -}}true{{- end -}}
+{{- end -}}
+
+{{/* Where the TLS Secrets are mounted. */}}
+{{- define "recon-stream.kafkaTlsDir" -}}/etc/recon-stream/kafka-tls{{- end -}}
+{{- define "recon-stream.mongodbTlsDir" -}}/etc/recon-stream/mongodb-tls{{- end -}}
+
+{{/*
+The non-secret settings as a map of RECON_* variables (YAML). The ConfigMap
+holds them; the init hook Job, which runs before the ConfigMap exists on a
+first install, gets them inline. Keys set here win over settings.extra.
+*/}}
+{{- define "recon-stream.settings" -}}
+{{- $v := .Values -}}
+{{- $s := dict
+  "RECON_KAFKA_BOOTSTRAP_SERVERS" $v.kafka.bootstrapServers
+  "RECON_KAFKA_SECURITY_PROTOCOL" $v.kafka.securityProtocol
+  "RECON_KAFKA_TOPIC_PARTITIONS" (toString (int64 $v.kafka.topicPartitions))
+  "RECON_KAFKA_TOPIC_REPLICATION_FACTOR" (toString (int64 $v.kafka.topicReplicationFactor))
+  "RECON_TOPIC_HEARTBEATS" $v.kafka.topics.heartbeats
+  "RECON_TOPIC_SCAN_REQUESTS" $v.kafka.topics.scanRequests
+  "RECON_TOPIC_EXPOSURES" $v.kafka.topics.exposures
+  "RECON_TOPIC_DLQ" $v.kafka.topics.dlq
+  "RECON_INGEST_GROUP_ID" $v.kafka.consumerGroups.ingest
+  "RECON_SCANNER_GROUP_ID" $v.kafka.consumerGroups.scanner
+  "RECON_MONGODB_DATABASE" $v.mongodb.database
+  "RECON_SHODAN_RATE" (toString $v.shodan.rate)
+  "RECON_HTTP_PORT" (toString (int64 $v.settings.httpPort))
+  "RECON_GRACEFUL_TIMEOUT_SECONDS" (toString $v.settings.gracefulTimeoutSeconds)
+  "RECON_LOG_LEVEL" $v.settings.logLevel
+-}}
+{{- if include "recon-stream.sasl" . -}}
+{{- $_ := set $s "RECON_KAFKA_SASL_MECHANISM" $v.kafka.sasl.mechanism -}}
+{{- end -}}
+{{- if include "recon-stream.kafkaTls" . -}}
+{{- $_ := set $s "RECON_KAFKA_SSL_CHECK_HOSTNAME" (toString $v.kafka.tls.checkHostname) -}}
+{{- if $v.kafka.tls.existingSecret -}}
+{{- $_ := set $s "RECON_KAFKA_SSL_CAFILE" (printf "%s/%s" (include "recon-stream.kafkaTlsDir" .) $v.kafka.tls.caKey) -}}
+{{- if $v.kafka.tls.clientCertificate -}}
+{{- $_ := set $s "RECON_KAFKA_SSL_CERTFILE" (printf "%s/tls.crt" (include "recon-stream.kafkaTlsDir" .)) -}}
+{{- $_ := set $s "RECON_KAFKA_SSL_KEYFILE" (printf "%s/tls.key" (include "recon-stream.kafkaTlsDir" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.mongodb.tls.enabled -}}
+{{- $_ := set $s "RECON_MONGODB_TLS" "true" -}}
+{{- $_ := set $s "RECON_MONGODB_TLS_ALLOW_INVALID_HOSTNAMES" (toString $v.mongodb.tls.allowInvalidHostnames) -}}
+{{- if $v.mongodb.tls.existingSecret -}}
+{{- $_ := set $s "RECON_MONGODB_TLS_CA_FILE" (printf "%s/%s" (include "recon-stream.mongodbTlsDir" .) $v.mongodb.tls.caKey) -}}
+{{- if $v.mongodb.tls.certificateKeyKey -}}
+{{- $_ := set $s "RECON_MONGODB_TLS_CERTIFICATE_KEY_FILE" (printf "%s/%s" (include "recon-stream.mongodbTlsDir" .) $v.mongodb.tls.certificateKeyKey) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $v.shodan.provider -}}
+{{- $_ := set $s "RECON_SHODAN_PROVIDER" . -}}
+{{- end -}}
+{{- with $v.shodan.apiUrl -}}
+{{- $_ := set $s "RECON_SHODAN_API_URL" . -}}
+{{- end -}}
+{{- range $key, $value := $v.settings.extra -}}
+{{- if not (hasKey $s $key) -}}
+{{- /* Helm reads numbers as float64: 1000000 would print as 1e+06. */ -}}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) -}}
+{{- $value = int64 $value -}}
+{{- end -}}
+{{- $_ := set $s $key (toString $value) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $s -}}
+{{- end -}}
+
+{{/*
+The credentials as env entries read from the Secret. Call with
+(dict "root" $ "secret" NAME "shodan" BOOL): only the scanner gets the Shodan key.
+*/}}
+{{- define "recon-stream.secretEnv" -}}
+{{- $v := .root.Values -}}
+{{- $keys := $v.existingSecretKeys -}}
+- name: RECON_MONGODB_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ $keys.mongodbUri }}
+{{- if include "recon-stream.sasl" .root }}
+- name: RECON_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ $keys.kafkaSaslUsername }}
+- name: RECON_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ $keys.kafkaSaslPassword }}
+{{- end }}
+{{- if and .shodan (ne $v.shodan.provider "sample") (ne $v.shodan.provider "internetdb") }}
+- name: RECON_SHODAN_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ $keys.shodanApiKey }}
+      {{- /* Without an explicit provider a missing key means sample data, as in the app. */}}
+      optional: {{ ne $v.shodan.provider "api" }}
+{{- end }}
+{{- end -}}
+
+{{/* Secret data (base64), shared by the release Secret and the init hook's copy. */}}
+{{- define "recon-stream.secretData" -}}
+{{- $v := .Values -}}
+{{- $keys := $v.existingSecretKeys -}}
+{{ $keys.mongodbUri }}: {{ $v.mongodb.uri | b64enc | quote }}
+{{- if $v.shodan.apiKey }}
+{{ $keys.shodanApiKey }}: {{ $v.shodan.apiKey | b64enc | quote }}
+{{- end }}
+{{- if include "recon-stream.sasl" . }}
+{{ $keys.kafkaSaslUsername }}: {{ $v.kafka.sasl.username | b64enc | quote }}
+{{ $keys.kafkaSaslPassword }}: {{ $v.kafka.sasl.password | b64enc | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes shared by the workers and the init Job. */}}
+{{- define "recon-stream.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if and .Values.mongodb.tls.enabled .Values.mongodb.tls.existingSecret }}
+- name: mongodb-tls
+  secret:
+    secretName: {{ .Values.mongodb.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "recon-stream.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  mountPath: {{ include "recon-stream.kafkaTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if and .Values.mongodb.tls.enabled .Values.mongodb.tls.existingSecret }}
+- name: mongodb-tls
+  mountPath: {{ include "recon-stream.mongodbTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Refuse settings that cannot work; the schema cannot compare two values. */}}
+{{- define "recon-stream.validate" -}}
+{{- if le (float64 .Values.terminationGracePeriodSeconds) (float64 .Values.settings.gracefulTimeoutSeconds) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than settings.gracefulTimeoutSeconds (%v): otherwise Kubernetes kills a worker in the middle of a batch" .Values.terminationGracePeriodSeconds .Values.settings.gracefulTimeoutSeconds) -}}
+{{- end -}}
+{{- range $role := list "ingest" "scanner" -}}
+{{- $a := (index $.Values $role).autoscaling -}}
+{{- if and (ne $a.mode "none") (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- fail (printf "%s.autoscaling.minReplicas (%v) is above maxReplicas (%v)" $role $a.minReplicas $a.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The TriggerAuthentication KEDA's Kafka scaler uses: keda.authenticationRef, or
+the chart's own when SASL or a TLS Secret needs credentials; empty otherwise.
+*/}}
+{{- define "recon-stream.kedaAuthentication" -}}
+{{- if .Values.keda.authenticationRef -}}
+{{- .Values.keda.authenticationRef -}}
+{{- else if or (include "recon-stream.sasl" .) (and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret) -}}
+{{- printf "%s-kafka" (include "recon-stream.fullname" .) -}}
+{{- end -}}
+{{- end -}}

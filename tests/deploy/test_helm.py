@@ -1,0 +1,811 @@
+"""The Helm chart, linted and rendered by the real Helm engine (helm-python-sdk
+bundles Helm v4 as a library), every manifest validated against the Kubernetes
+schemas (kubernetes-validate, strict) or, for the CRDs, against their schemas in
+conftest.py; then the properties a platform team relies on, value set by value set.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import helm_python as helm
+import kubernetes_validate.utils as kubernetes_validate
+import pytest
+import yaml
+from jsonschema import Draft202012Validator, ValidationError
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "recon-stream"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ROLES = ("ingest", "scanner", "scheduler")
+RELEASE, NAMESPACE = "recon", "security"
+FULLNAME = f"{RELEASE}-recon-stream"
+
+# The default values and four others a platform team would install with.
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "existing-secret": {
+        "existingSecret": "recon-stream-credentials",
+        "shodan": {"provider": "api"},
+        "kafka": {
+            "bootstrapServers": "b-1.kafka.example.com:9096,b-2.kafka.example.com:9096",
+            "securityProtocol": "SASL_SSL",
+            "sasl": {"mechanism": "SCRAM-SHA-512"},
+            "tls": {"existingSecret": "kafka-ca"},
+        },
+        "mongodb": {
+            "tls": {
+                "enabled": True,
+                "existingSecret": "mongodb-tls",
+                "certificateKeyKey": "client.pem",
+            }
+        },
+        "networkPolicy": {"egress": {"kafkaPorts": [9096]}},
+    },
+    "keda": {
+        "ingest": {"autoscaling": {"mode": "keda"}},
+        "scanner": {
+            "autoscaling": {
+                "mode": "keda",
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600}},
+            }
+        },
+        "keda": {"bootstrapServers": "kafka.kafka.svc.cluster.local:9092"},
+        "kafka": {
+            "bootstrapServers": "kafka.kafka.svc.cluster.local:9092",
+            "securityProtocol": "SASL_PLAINTEXT",
+            "sasl": {"mechanism": "SCRAM-SHA-256", "username": "recon", "password": "kafka-pass"},
+        },
+        "mongodb": {
+            "uri": "mongodb://recon:mongo-pass@mongodb-0.mongodb.db.svc:27017/?replicaSet=rs0"
+        },
+        "shodan": {"provider": "api", "apiKey": "shodan-test-key"},
+    },
+    "monitoring": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "tracing": {
+            "enabled": True,
+            "otlpEndpoint": "http://otel-collector.observability:4318",
+            "sampler": "parentbased_traceidratio",
+            "samplerArg": "0.1",
+            "resourceAttributes": {"deployment.environment": "production"},
+        },
+        "networkPolicy": {
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ]
+        },
+    },
+    "fixed-replicas": {
+        "ingest": {"replicas": 3, "autoscaling": {"mode": "none"}},
+        "scanner": {"replicas": 1, "autoscaling": {"mode": "none"}},
+        "scheduler": {
+            "replicas": 1,
+            "podDisruptionBudget": {"enabled": False, "maxUnavailable": 1},
+        },
+        "networkPolicy": {"enabled": False},
+        "settings": {
+            "httpPort": 9100,
+            "gracefulTimeoutSeconds": 45,
+            "extra": {"RECON_INGEST_CACHE_SIZE": 2_000_000, "RECON_SCANNER_CONCURRENCY": 4},
+        },
+        "terminationGracePeriodSeconds": 60,
+        "image": {"digest": "sha256:" + "ab" * 32},
+    },
+}
+SETS = list(VALUE_SETS)
+
+
+# ---------------------------------------------------------------- helpers
+class Rendered:
+    """The manifests of one `helm template`, parsed."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+        self.notes = next((text for path, text in files.items() if path.endswith("NOTES.txt")), "")
+        self.docs = [
+            doc
+            for path, text in sorted(files.items())
+            if path.endswith((".yaml", ".yml"))
+            for doc in yaml.safe_load_all(text)
+            if doc
+        ]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind: str, name: str) -> dict[str, Any]:
+        (found,) = [d for d in self.of(kind) if d["metadata"]["name"] == name]
+        return found
+
+    def workloads(self) -> list[dict[str, Any]]:
+        """Deployments and Jobs: everything that runs a pod."""
+        return self.of("Deployment") + self.of("Job")
+
+    def settings(self) -> dict[str, str]:
+        return self.one("ConfigMap", FULLNAME)["data"]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(workload)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def pod_annotations(workload: dict[str, Any]) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["annotations"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, present = labels.get(expr["key"]), expr["key"] in labels
+        op = expr["operator"]
+        if (
+            (op == "In" and value not in expr["values"])
+            or (op == "NotIn" and value in expr["values"])
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
+            return False
+    return True
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def render(chart: helm.Chart) -> Any:
+    cache: dict[str, Rendered] = {}
+
+    def go(values: dict[str, Any]) -> Rendered:
+        key = repr(sorted(values.items()))
+        if key not in cache:
+            cache[key] = Rendered(chart.render(values, name=RELEASE, namespace=NAMESPACE))
+        return cache[key]
+
+    return go
+
+
+@pytest.fixture(params=SETS)
+def case(request: pytest.FixtureRequest, render: Any, chart: helm.Chart) -> Any:
+    """(name, values as given, values as merged with the defaults, manifests)."""
+    values = VALUE_SETS[request.param]
+    return request.param, values, chart.merge_values(values), render(values)
+
+
+def kube_versions() -> list[str]:
+    """The oldest Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest
+    kubernetes-validate knows."""
+    claimed = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))["kubeVersion"]
+    oldest = re.search(r"(\d+\.\d+)", claimed).group(1)
+    return [f"{oldest}.0", kubernetes_validate.latest_version()]
+
+
+# ------------------------------------------------------------ lint, schema
+@pytest.mark.parametrize("name", SETS)
+def test_chart_lints_strictly(name: str) -> None:
+    report = helm.lint(
+        CHART,
+        VALUE_SETS[name],
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{kube_versions()[0]}",
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [], report
+    assert problems == [], problems
+
+
+def test_lint_reports_a_broken_value() -> None:
+    """The lint call is a real check: a bad value is reported as an error."""
+    report = helm.lint(CHART, {"ingest": {"replicas": "two"}}, strict=True)
+    assert report["errors"], report
+
+
+@pytest.mark.parametrize(
+    ("values", "why"),
+    [
+        ({"ingest": {"replicas": "two"}}, "replicas must be an integer"),
+        ({"shodan": {"provider": "censys"}}, "unknown Shodan provider"),
+        ({"shodan": {"rate": 0}}, "the rate must be positive"),
+        ({"ingest": {"autoscaling": {"mode": "both"}}}, "HPA and KEDA at once"),
+        ({"scanner": {"autoscaling": {"mode": "keda", "hpa": True}}}, "unknown key"),
+        (
+            {"scheduler": {"autoscaling": {"mode": "hpa"}}},
+            "the leader-elected scheduler never scales",
+        ),
+        ({"ingest": {"autoscaling": {"minReplicas": 0}}}, "scale to zero stops the relay"),
+        ({"shodan": {"provider": "api"}}, "api provider without a key or existingSecret"),
+        ({"kafka": {"securityProtocol": "SASL_SSL"}}, "SASL without credentials"),
+        ({"kafka": {"securityProtocol": "TLS"}}, "unknown security protocol"),
+        ({"kafka": {"bootstrapServers": "kafka"}}, "bootstrap server without a port"),
+        ({"settings": {"extra": {"RECON_SHODAN_API_KEY": "x"}}}, "a secret in the ConfigMap"),
+        ({"settings": {"extra": {"SHODAN_RATE": "2"}}}, "not a RECON_ setting"),
+        ({"settings": {"httpPort": 80}}, "a privileged port as non-root"),
+        ({"image": {"digest": "latest"}}, "a digest that is not sha256"),
+        ({"replicas": 3}, "unknown top-level key"),
+    ],
+)
+def test_schema_rejects(chart: helm.Chart, values: dict[str, Any], why: str) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+    # `helm install` validates the same way before rendering anything.
+    with pytest.raises(helm.HelmValuesError):
+        chart.render(values, name=RELEASE)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_schema_accepts_the_value_sets(chart: helm.Chart, name: str) -> None:
+    chart.validate_schema(VALUE_SETS[name])
+
+
+# ------------------------------------------------------- Kubernetes schemas
+@pytest.mark.parametrize("version", kube_versions())
+def test_every_manifest_validates(
+    case: Any, version: str, crd_schemas: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    _, _, _, rendered = case
+    assert rendered.docs
+    for doc in rendered.docs:
+        crd = crd_schemas.get((doc["apiVersion"], doc["kind"]))
+        if crd is not None:
+            Draft202012Validator(crd).validate(doc)
+            continue
+        # Raises ValidationError on a bad manifest, SchemaNotFoundError on a kind
+        # (or apiVersion) this Kubernetes does not serve: neither passes silently.
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it"),
+    [
+        ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(lagThreshold=10)),
+        ("ScaledObject", lambda d: d["spec"].pop("scaleTargetRef")),
+        ("ScaledObject", lambda d: d["spec"].update(maxReplicas=4)),
+        ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key")),
+        ("ServiceMonitor", lambda d: d["spec"].update(endpoint=d["spec"].pop("endpoints"))),
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(interval="30 seconds")),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].update(summary="x")),
+    ],
+)
+def test_crd_schemas_reject_what_the_api_server_would(
+    render: Any, crd_schemas: dict[tuple[str, str], dict[str, Any]], kind: str, break_it: Any
+) -> None:
+    """The CRD schemas are real checks: a broken custom resource fails them."""
+    docs = render(VALUE_SETS["keda"]).docs + render(VALUE_SETS["monitoring"]).docs
+    doc = copy.deepcopy(next(d for d in docs if d["kind"] == kind))
+    schema = crd_schemas[(doc["apiVersion"], kind)]
+    Draft202012Validator(schema).validate(doc)
+    break_it(doc)
+    with pytest.raises(ValidationError):
+        Draft202012Validator(schema).validate(doc)
+
+
+def test_kubernetes_validate_rejects_a_broken_manifest(render: Any) -> None:
+    deployment = copy.deepcopy(render({}).of("Deployment")[0])
+    kubernetes_validate.validate(deployment, kube_versions()[-1], strict=True)
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRoot"] = (
+        True
+    )
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kube_versions()[-1], strict=True)
+
+
+# ------------------------------------------------------------ workloads
+def test_one_deployment_per_role_running_that_role(case: Any) -> None:
+    _, _, _, rendered = case
+    deployments = {d["metadata"]["name"]: d for d in rendered.of("Deployment")}
+    assert set(deployments) == {f"{FULLNAME}-{role}" for role in ROLES}
+    for role in ROLES:
+        (container,) = containers(deployments[f"{FULLNAME}-{role}"])
+        assert container["args"] == ["run", role]
+
+
+def test_every_container_is_locked_down(case: Any, dockerfile: Any) -> None:
+    _, _, _, rendered = case
+    image_uid = int(dockerfile.final.last("USER").split(":")[0])
+    for workload in rendered.workloads():
+        pod = pod_spec(workload)
+        assert pod["automountServiceAccountToken"] is False
+        pod_sc = pod.get("securityContext", {})
+        assert pod_sc["runAsNonRoot"] is True
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in containers(workload):
+            sc = container["securityContext"]
+            where = f"{workload['kind']} {workload['metadata']['name']}/{container['name']}"
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["runAsUser"] == image_uid != 0, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc.get("privileged", False) is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            # The one writable place: an emptyDir at /tmp (HOME and TMPDIR in the image).
+            tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1, where
+            assert "emptyDir" in volumes[tmp[0]["name"]], where
+            assert container["resources"]["requests"], where
+            assert container["resources"]["limits"]["memory"], where
+
+
+def test_probes_use_the_health_endpoints_on_the_configured_port(case: Any) -> None:
+    _, _, _, rendered = case
+    port = int(rendered.settings()["RECON_HTTP_PORT"])
+    for deployment in rendered.of("Deployment"):
+        (container,) = containers(deployment)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": port}
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+
+
+def test_grace_period_outlasts_the_graceful_shutdown(case: Any) -> None:
+    _, _, _, rendered = case
+    timeout = float(rendered.settings()["RECON_GRACEFUL_TIMEOUT_SECONDS"])
+    for deployment in rendered.of("Deployment"):
+        assert pod_spec(deployment)["terminationGracePeriodSeconds"] > timeout
+
+
+@pytest.mark.parametrize(("grace", "timeout"), [(20, 20), (30, 45)])
+def test_too_short_grace_period_is_refused(chart: helm.Chart, grace: int, timeout: int) -> None:
+    values = {
+        "terminationGracePeriodSeconds": grace,
+        "settings": {"gracefulTimeoutSeconds": timeout},
+    }
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        chart.render(values, name=RELEASE)
+
+
+def test_settings_are_what_the_app_accepts(
+    case: Any, setting_names: set[str], load_settings: Any
+) -> None:
+    """The ConfigMap plus the Secret make a configuration the workers start with."""
+    _, _, merged, rendered = case
+    data = rendered.settings()
+    assert set(data) <= setting_names, set(data) - setting_names
+    secrets = {s["metadata"]["name"]: s.get("data", {}) for s in rendered.of("Secret")}
+    for deployment in rendered.of("Deployment"):
+        (container,) = containers(deployment)
+        env = dict(data)
+        for name, entry in env_of(container).items():
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref is None:
+                continue
+            if ref["name"] in secrets:
+                encoded = secrets[ref["name"]].get(ref["key"])
+                if encoded is None:
+                    assert ref.get("optional") is True, f"{name}: {ref['key']} is not in the Secret"
+                    continue
+                env[name] = base64.b64decode(encoded).decode()
+            else:
+                # An existing Secret: only the one the values name.
+                assert ref["name"] == merged["existingSecret"], ref
+                env[name] = "mongodb://db:27017" if name == "RECON_MONGODB_URI" else "from-secret"
+        settings = load_settings(env)
+        assert settings.http_port == container["ports"][0]["containerPort"]
+        assert settings.kafka_bootstrap_servers == merged["kafka"]["bootstrapServers"]
+        assert settings.kafka_security_protocol == merged["kafka"]["securityProtocol"]
+        assert settings.topic_heartbeats == merged["kafka"]["topics"]["heartbeats"]
+        assert settings.ingest_group_id == merged["kafka"]["consumerGroups"]["ingest"]
+        if not merged["existingSecret"]:
+            assert settings.mongodb_uri.get_secret_value() == merged["mongodb"]["uri"]
+        for key, value in merged["settings"]["extra"].items():
+            field = key.removeprefix("RECON_").lower()
+            assert getattr(settings, field) == value, key
+
+
+def test_secret_values_reach_only_the_pods_that_need_them(case: Any) -> None:
+    _, _, merged, rendered = case
+    shodan_key_users = set()
+    for workload in rendered.workloads():
+        for container in containers(workload):
+            env = env_of(container)
+            assert "RECON_MONGODB_URI" in env
+            assert "value" not in env["RECON_MONGODB_URI"], "a secret written into the manifest"
+            if "RECON_SHODAN_API_KEY" in env:
+                shodan_key_users.add(container["name"])
+            sasl = merged["kafka"]["securityProtocol"].startswith("SASL")
+            assert ("RECON_KAFKA_SASL_PASSWORD" in env) == sasl
+    expected = set() if merged["shodan"]["provider"] in ("sample", "internetdb") else {"scanner"}
+    assert shodan_key_users == expected
+
+
+def test_existing_secret_is_used_and_no_secret_is_made(render: Any) -> None:
+    values = VALUE_SETS["existing-secret"]
+    rendered = render(values)
+    assert rendered.of("Secret") == []
+    names = values["existingSecret"]
+    keys = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["existingSecretKeys"]
+    refs = [
+        entry["valueFrom"]["secretKeyRef"]
+        for workload in rendered.workloads()
+        for container in containers(workload)
+        for entry in container["env"]
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    ]
+    assert refs
+    assert {ref["name"] for ref in refs} == {names}
+    assert {ref["key"] for ref in refs} == set(keys.values())
+    # provider=api: the scanner must not start without the key.
+    (scanner,) = containers(rendered.one("Deployment", f"{FULLNAME}-scanner"))
+    assert env_of(scanner)["RECON_SHODAN_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is False
+    # TLS material comes from the Secrets the values name, mounted read-only.
+    mounts = {
+        volume["secret"]["secretName"]
+        for workload in rendered.workloads()
+        for volume in pod_spec(workload)["volumes"]
+        if "secret" in volume
+    }
+    assert mounts == {"kafka-ca", "mongodb-tls"}
+
+
+def test_chart_made_secret_holds_the_values(render: Any) -> None:
+    values = VALUE_SETS["keda"]
+    rendered = render(values)
+    secret = rendered.one("Secret", FULLNAME)
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {
+        "RECON_MONGODB_URI": values["mongodb"]["uri"],
+        "RECON_SHODAN_API_KEY": values["shodan"]["apiKey"],
+        "RECON_KAFKA_SASL_USERNAME": values["kafka"]["sasl"]["username"],
+        "RECON_KAFKA_SASL_PASSWORD": values["kafka"]["sasl"]["password"],
+    }
+    # Changing a secret value rolls the pods.
+    changed = render(deep_merge(values, {"shodan": {"apiKey": "another-key"}}))
+    for role in ROLES:
+        before = rendered.one("Deployment", f"{FULLNAME}-{role}")
+        after = changed.one("Deployment", f"{FULLNAME}-{role}")
+        assert (
+            pod_annotations(before)["checksum/secret"] != pod_annotations(after)["checksum/secret"]
+        )
+
+
+def test_init_hook_runs_first_with_the_same_settings(case: Any) -> None:
+    _, _, merged, rendered = case
+    (job,) = rendered.of("Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    (container,) = containers(job)
+    assert container["args"][0] == "init"
+    env = env_of(container)
+    # Inline, not from the ConfigMap: on a first install it does not exist yet.
+    inline = {
+        name: entry["value"]
+        for name, entry in env.items()
+        if name.startswith("RECON_") and "value" in entry
+    }
+    assert inline == rendered.settings()
+    assert "envFrom" not in container
+    # Nor does the release's ServiceAccount or Secret: the Job uses neither.
+    assert "serviceAccountName" not in pod_spec(job)
+    secret_names = {
+        e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e
+    }
+    if merged["existingSecret"]:
+        assert secret_names == {merged["existingSecret"]}
+    else:
+        (hook_secret,) = [s for s in rendered.of("Secret") if s["metadata"]["name"] in secret_names]
+        hook = hook_secret["metadata"]["annotations"]
+        assert hook["helm.sh/hook"] == annotations["helm.sh/hook"]
+        assert int(hook["helm.sh/hook-weight"]) < int(annotations["helm.sh/hook-weight"])
+        assert hook_secret["data"] == rendered.one("Secret", FULLNAME)["data"]
+
+
+def test_init_can_be_left_to_the_platform(render: Any) -> None:
+    rendered = render({"init": {"enabled": False}})
+    assert rendered.of("Job") == []
+    assert [s["metadata"]["name"] for s in rendered.of("Secret")] == [FULLNAME]
+
+
+def test_image_defaults_to_app_version_and_prefers_a_digest(render: Any, chart: helm.Chart) -> None:
+    app_version = chart.metadata["appVersion"]
+    images = {c["image"] for w in render({}).workloads() for c in containers(w)}
+    assert images == {f"recon-stream:{app_version}"}
+    digest = VALUE_SETS["fixed-replicas"]["image"]["digest"]
+    images = {
+        c["image"] for w in render(VALUE_SETS["fixed-replicas"]).workloads() for c in containers(w)
+    }
+    assert images == {f"recon-stream@{digest}"}
+
+
+# ---------------------------------------------------------------- scaling
+@pytest.mark.parametrize(
+    ("ingest", "scanner"), list(itertools.product(["none", "hpa", "keda"], repeat=2))
+)
+def test_an_hpa_and_a_scaledobject_never_share_a_deployment(
+    render: Any, ingest: str, scanner: str
+) -> None:
+    rendered = render(
+        {"ingest": {"autoscaling": {"mode": ingest}}, "scanner": {"autoscaling": {"mode": scanner}}}
+    )
+    deployments = {d["metadata"]["name"]: d for d in rendered.of("Deployment")}
+    by_hpa = [h["spec"]["scaleTargetRef"] for h in rendered.of("HorizontalPodAutoscaler")]
+    by_keda = [s["spec"]["scaleTargetRef"] for s in rendered.of("ScaledObject")]
+    for ref in by_hpa + by_keda:
+        assert ref["kind"] == "Deployment"
+        assert ref["name"] in deployments
+    hpa_targets = [r["name"] for r in by_hpa]
+    keda_targets = [r["name"] for r in by_keda]
+    assert not set(hpa_targets) & set(keda_targets)
+    assert len(hpa_targets + keda_targets) == len(set(hpa_targets + keda_targets))
+    modes = {"ingest": ingest, "scanner": scanner, "scheduler": "none"}
+    for role, mode in modes.items():
+        name = f"{FULLNAME}-{role}"
+        assert (name in hpa_targets) == (mode == "hpa")
+        assert (name in keda_targets) == (mode == "keda")
+        # An autoscaled Deployment leaves replicas to the autoscaler, so an
+        # upgrade does not reset it.
+        assert ("replicas" in deployments[name]["spec"]) == (mode == "none")
+
+
+def test_scaledobjects_follow_the_consumer_lag_of_each_role(render: Any) -> None:
+    rendered = render(VALUE_SETS["keda"])
+    settings = rendered.settings()
+    expected = {
+        "ingest": (settings["RECON_INGEST_GROUP_ID"], settings["RECON_TOPIC_HEARTBEATS"]),
+        "scanner": (settings["RECON_SCANNER_GROUP_ID"], settings["RECON_TOPIC_SCAN_REQUESTS"]),
+    }
+    auths = {a["metadata"]["name"]: a for a in rendered.of("TriggerAuthentication")}
+    secrets = {s["metadata"]["name"]: s["data"] for s in rendered.of("Secret")}
+    for role, (group, topic) in expected.items():
+        scaled = rendered.one("ScaledObject", f"{FULLNAME}-{role}")
+        spec = scaled["spec"]
+        assert spec["minReplicaCount"] >= 1
+        (trigger,) = spec["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert (meta["consumerGroup"], meta["topic"]) == (group, topic)
+        assert meta["bootstrapServers"] == VALUE_SETS["keda"]["keda"]["bootstrapServers"]
+        assert meta["offsetResetPolicy"] == "earliest"
+        assert meta["allowIdleConsumers"] == "false"
+        assert meta["sasl"] == "scram_sha256"
+        # The credentials KEDA reads are the ones the workers read.
+        auth = auths[trigger["authenticationRef"]["name"]]
+        params = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        assert set(params) == {"username", "password"}
+        for ref in params.values():
+            assert ref["key"] in secrets[ref["name"]]
+    behavior = rendered.one("ScaledObject", f"{FULLNAME}-scanner")["spec"]["advanced"]
+    assert behavior["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
+        "stabilizationWindowSeconds": 600
+    }
+
+
+def test_pod_disruption_budgets_never_block_a_drain(case: Any) -> None:
+    _, _, merged, rendered = case
+    budgets = rendered.of("PodDisruptionBudget")
+    deployments = rendered.of("Deployment")
+    expected = {role for role in ROLES if merged[role]["podDisruptionBudget"]["enabled"]}
+    assert {b["metadata"]["labels"]["app.kubernetes.io/component"] for b in budgets} == expected
+    for budget in budgets:
+        assert "minAvailable" not in budget["spec"]
+        assert budget["spec"]["maxUnavailable"] >= 1
+        matched = [
+            d
+            for d in deployments
+            if selects(budget["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(matched) == 1
+
+
+# ------------------------------------------------------- services, metrics
+def test_each_service_selects_exactly_its_role(case: Any) -> None:
+    _, _, _, rendered = case
+    pods = {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"]
+        for w in rendered.workloads()
+    }
+    for service in rendered.of("Service"):
+        role = service["metadata"]["labels"]["app.kubernetes.io/component"]
+        matched = [
+            name
+            for name, labels in pods.items()
+            if selects({"matchLabels": service["spec"]["selector"]}, labels)
+        ]
+        assert matched == [f"{FULLNAME}-{role}"]
+        (port,) = service["spec"]["ports"]
+        assert port["targetPort"] == "http"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_service_monitor_scrapes_every_role_as_the_alerts_expect(render: Any) -> None:
+    rendered = render(VALUE_SETS["monitoring"])
+    monitor = rendered.one("ServiceMonitor", FULLNAME)
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    services = [
+        s
+        for s in rendered.of("Service")
+        if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    ]
+    assert len(services) == len(ROLES) == len(rendered.of("Service"))
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    for service in services:
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # The job label the rules select on: the Service label jobLabel names.
+    jobs = {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in services}
+    assert len(jobs) == 1
+    (job,) = jobs
+    for pattern in job_matchers():
+        assert re.fullmatch(pattern, job), (pattern, job)
+    # The same job and role labels as the compose scrape config.
+    compose = yaml.safe_load(
+        (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
+    )
+    scrape = next(c for c in compose["scrape_configs"] if c["job_name"] == job)
+    compose_roles = {s["labels"]["role"] for s in scrape["static_configs"]}
+    assert compose_roles == set(ROLES)
+    (relabel,) = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "role"]
+    assert relabel["sourceLabels"] == [
+        "__meta_kubernetes_service_label_app_kubernetes_io_component"
+    ]
+
+
+def job_matchers() -> list[str]:
+    """The regular expressions alerts.yml matches `job` with (`=` is a literal)."""
+    rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    patterns = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for op, value in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', str(rule["expr"])):
+                patterns.append(value if op == "=~" else re.escape(value))
+    return patterns
+
+
+def test_prometheus_rule_carries_the_compose_alert_rules(render: Any) -> None:
+    rendered = render(VALUE_SETS["monitoring"])
+    rule = rendered.one("PrometheusRule", FULLNAME)
+    expected = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    assert expected["groups"], "deploy/prometheus/alerts.yml has no rule groups"
+    assert rule["spec"]["groups"] == expected["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_alert_rules_are_one_file_in_the_packaged_chart_too(tmp_path: Path) -> None:
+    link = CHART / "files" / "alerts.yml"
+    assert link.resolve() == ALERTS.resolve()
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("recon-stream/files/alerts.yml")
+        assert member.isfile()  # the contents, not a link that would dangle
+        packaged = tar.extractfile(member).read()
+    assert packaged == ALERTS.read_bytes()
+
+
+def test_monitoring_objects_are_opt_in(render: Any) -> None:
+    rendered = render({})
+    assert rendered.of("ServiceMonitor") == rendered.of("PrometheusRule") == []
+
+
+def test_tracing_exports_to_the_configured_collector(render: Any) -> None:
+    tracing = VALUE_SETS["monitoring"]["tracing"]
+    for deployment in render(VALUE_SETS["monitoring"]).of("Deployment"):
+        role = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        env = {k: v.get("value") for k, v in env_of(containers(deployment)[0]).items()}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == tracing["otlpEndpoint"]
+        assert env["OTEL_SERVICE_NAME"] == f"recon-stream-{role}"
+        assert env["OTEL_TRACES_SAMPLER"] == tracing["sampler"]
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == tracing["samplerArg"]
+        assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"].split(",")
+        assert "OTEL_SDK_DISABLED" not in env
+    for deployment in render({}).of("Deployment"):
+        env = env_of(containers(deployment)[0])
+        assert env["OTEL_SDK_DISABLED"]["value"] == "true"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+
+
+# ----------------------------------------------------------- NetworkPolicy
+def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> None:
+    _, _, merged, rendered = case
+    policies = rendered.of("NetworkPolicy")
+    if not merged["networkPolicy"]["enabled"]:
+        assert policies == []
+        return
+    main = rendered.one("NetworkPolicy", FULLNAME)
+    scanner_only = rendered.one("NetworkPolicy", f"{FULLNAME}-scanner-shodan")
+    pods = {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"]
+        for w in rendered.workloads()
+    }
+    assert all(selects(main["spec"]["podSelector"], labels) for labels in pods.values())
+    assert [
+        n for n, labels in pods.items() if selects(scanner_only["spec"]["podSelector"], labels)
+    ] == [f"{FULLNAME}-scanner"]
+    # In: the named HTTP port only, from the configured scrapers.
+    (ingress,) = main["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress.get("from", []) == merged["networkPolicy"]["metricsFrom"]
+    # Out: DNS, every Kafka bootstrap port, MongoDB, and OTLP when tracing.
+    allowed = {(p["port"], p["protocol"]) for rule in main["spec"]["egress"] for p in rule["ports"]}
+    assert {(53, "UDP"), (53, "TCP")} <= allowed
+    for server in merged["kafka"]["bootstrapServers"].split(","):
+        assert (int(server.rsplit(":", 1)[1]), "TCP") in allowed, server
+    if not merged["existingSecret"]:
+        uri = urlsplit(merged["mongodb"]["uri"].split(",")[0])
+        assert (uri.port or 27017, "TCP") in allowed
+    if merged["tracing"]["enabled"]:
+        assert (urlsplit(merged["tracing"]["otlpEndpoint"]).port, "TCP") in allowed
+    assert (443, "TCP") not in allowed
+    https = {
+        (p["port"], p["protocol"]) for rule in scanner_only["spec"]["egress"] for p in rule["ports"]
+    }
+    assert https == {(443, "TCP")}
+
+
+# --------------------------------------------------------- notes, README
+def test_notes_warn_about_sample_data_and_idle_replicas(render: Any) -> None:
+    assert "sample" in render({}).notes
+    assert "WARNING" not in render(VALUE_SETS["keda"]).notes
+    assert "WARNING" not in render(VALUE_SETS["existing-secret"]).notes
+    assert "sit idle" not in render({}).notes
+    assert "sit idle" in render({"ingest": {"autoscaling": {"maxReplicas": 24}}}).notes
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in DOCUMENTED_AS_A_WHOLE:
+            yield from value_paths(value, path + ".")
+        else:
+            yield path
+
+
+# Maps documented as one entry (Kubernetes objects passed through).
+DOCUMENTED_AS_A_WHOLE = {
+    "podSecurityContext",
+    "securityContext",
+    *(f"{role}.resources" for role in ROLES),
+    "init.resources",
+}
+
+
+def test_chart_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\|\s*`([^`]+)`", readme, flags=re.MULTILINE))
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    missing = [path for path in value_paths(values) if path not in documented]
+    assert missing == []
+    stale = [path for path in documented if path.split(".")[0] not in values]
+    assert stale == []
