@@ -303,11 +303,15 @@ async def test_scheduler_failover(scan_settings: Settings, db: Any, tmp_path: An
         async with running(settings, ("scheduler",)) as standby:
             await asyncio.sleep(2)
             assert sample(standby, "recon_scheduler_leader") == 0.0
+            assert standby.scheduler is not None
+            # Standing by is ready; /readyz says which.
+            assert standby.scheduler.state == "standing by"
+            assert (await standby.status.readiness())["scheduler"] == "ok"
             leader.kill()  # dies: no hand-over, the lease must expire
             leader.wait(10)
             await eventually(lambda: _gauge(standby, 1.0), timeout=20)
+            assert standby.scheduler.state == "leading"
             lease = await db.leases.find_one({"_id": "scheduler"})
-            assert standby.scheduler is not None
             assert lease["holder"] == standby.scheduler.lease.holder
     finally:
         if leader.poll() is None:
