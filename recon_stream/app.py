@@ -141,6 +141,7 @@ def build_worker(
     tracer = tracing.tracer_from(exporting)
     metrics = Metrics()
     metrics.build_info.labels(__version__, ",".join(ordered)).set(1)
+    metrics.rescan_interval.set(settings.rescan_interval_seconds)
     broker = kafka.build_broker(
         settings,
         middlewares=(
@@ -234,7 +235,6 @@ def build_worker(
     if "scanner" in roles:
         gate = KeyGate(metrics)
         metrics.shodan_rate_limit.set(settings.shodan_rate)
-        metrics.rescan_interval.set(settings.rescan_interval_seconds)
         status.add_check("shodan", gate.check)
         provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
         limiter = SharedRateLimiter(
@@ -287,8 +287,10 @@ def build_worker(
                     oldest = oldest.replace(tzinfo=UTC)
                 metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
 
-        samplers += [sample_lag(settings.scanner_group_id, settings.topic_scan_requests)]
-        samplers += [sample_scanner]
+        samplers += [
+            sample_lag(settings.scanner_group_id, settings.topic_scan_requests),
+            sample_scanner,
+        ]
 
         @app.after_startup
         async def start_scanner() -> None:
@@ -327,7 +329,6 @@ def build_worker(
         )
         worker.scheduler = scheduler
 
-        metrics.rescan_interval.set(settings.rescan_interval_seconds)
         status.add_check("scheduler", scheduler.ready)
         status.add_state("scheduler", lambda: scheduler.state)
 

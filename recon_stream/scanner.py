@@ -77,25 +77,21 @@ class KeyGate:
         self._open = asyncio.Event()
         self._open.set()
         self.reason: str | None = None
-        self._accepted = metrics.shodan_key_gauge() if metrics is not None else None
-        if self._accepted is not None:
-            self._accepted.set(1)
+        if metrics is not None:
+            # Read at scrape time from the gate itself: no copy to keep in step.
+            metrics.shodan_key_gauge().set_function(lambda: 1.0 if self.is_open else 0.0)
 
     def reject(self, reason: str) -> None:
         if self._open.is_set():
             log.error("lookups paused: %s", reason)
         self.reason = reason
         self._open.clear()
-        if self._accepted is not None:
-            self._accepted.set(0)
 
     def accept(self) -> None:
         if not self._open.is_set():
             log.warning("Shodan key accepted again; lookups resume")
         self.reason = None
         self._open.set()
-        if self._accepted is not None:
-            self._accepted.set(1)
 
     @property
     def is_open(self) -> bool:
