@@ -168,6 +168,22 @@ _METADATA = {
         "annotations": _STR_MAP,
     },
 }
+
+
+def _resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a custom resource: the common envelope around its `spec`."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _METADATA,
+            "spec": spec,
+        },
+    }
+
+
 _LABEL_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
@@ -253,186 +269,171 @@ _ENDPOINT_FIELDS = [
     "tlsConfig",
     "trackTimestampsStaleness",
 ]
-SERVICE_MONITOR = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["endpoints", "selector"],
-            "additionalProperties": False,
-            "properties": {
-                "attachMetadata": {"type": "object"},
-                "bodySizeLimit": {"type": "string"},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            **{name: {} for name in _ENDPOINT_FIELDS},
-                            "port": {"type": "string"},
-                            "path": {"type": "string"},
-                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                            "interval": _DURATION,
-                            "scrapeTimeout": _DURATION,
-                            "honorLabels": {"type": "boolean"},
-                            "relabelings": {"type": "array", "items": _RELABEL},
-                            "metricRelabelings": {"type": "array", "items": _RELABEL},
-                        },
-                    },
-                },
-                "jobLabel": {"type": "string"},
-                "namespaceSelector": {
+SERVICE_MONITOR = _resource(
+    "monitoring.coreos.com/v1",
+    "ServiceMonitor",
+    {
+        "type": "object",
+        "required": ["endpoints", "selector"],
+        "additionalProperties": False,
+        "properties": {
+            "attachMetadata": {"type": "object"},
+            "bodySizeLimit": {"type": "string"},
+            "endpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        "any": {"type": "boolean"},
-                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                        **{name: {} for name in _ENDPOINT_FIELDS},
+                        "port": {"type": "string"},
+                        "path": {"type": "string"},
+                        "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                        "interval": _DURATION,
+                        "scrapeTimeout": _DURATION,
+                        "honorLabels": {"type": "boolean"},
+                        "relabelings": {"type": "array", "items": _RELABEL},
+                        "metricRelabelings": {"type": "array", "items": _RELABEL},
                     },
                 },
-                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                "sampleLimit": {"type": "integer"},
-                "scrapeClass": {"type": "string", "minLength": 1},
-                "selector": _LABEL_SELECTOR,
-                "targetLabels": {"type": "array", "items": {"type": "string"}},
-                "targetLimit": {"type": "integer"},
             },
+            "jobLabel": {"type": "string"},
+            "namespaceSelector": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "any": {"type": "boolean"},
+                    "matchNames": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+            "sampleLimit": {"type": "integer"},
+            "scrapeClass": {"type": "string", "minLength": 1},
+            "selector": _LABEL_SELECTOR,
+            "targetLabels": {"type": "array", "items": {"type": "string"}},
+            "targetLimit": {"type": "integer"},
         },
     },
-}
-PROMETHEUS_RULE = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "PrometheusRule"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "groups": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "name": {"type": "string", "minLength": 1},
-                            "interval": _DURATION,
-                            "query_offset": _DURATION,
-                            "limit": {"type": "integer"},
-                            "labels": _STR_MAP,
-                            "partial_response_strategy": {"type": "string"},
-                            "rules": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "required": ["expr"],
-                                    "additionalProperties": False,
-                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                                    "properties": {
-                                        "alert": {"type": "string"},
-                                        "record": {"type": "string"},
-                                        "expr": {"type": ["string", "integer"]},
-                                        "for": _DURATION,
-                                        "keep_firing_for": _DURATION,
-                                        "labels": _STR_MAP,
-                                        "annotations": _STR_MAP,
-                                    },
-                                },
-                            },
-                        },
-                    },
-                }
-            },
-        },
-    },
-}
-_BEHAVIOR = {"type": "object"}
-SCALED_OBJECT = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "ScaledObject"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["scaleTargetRef", "triggers"],
-            "additionalProperties": False,
-            "properties": {
-                "advanced": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "horizontalPodAutoscalerConfig": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {"behavior": _BEHAVIOR, "name": {"type": "string"}},
-                        },
-                        "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        "scalingModifiers": {"type": "object"},
-                    },
-                },
-                "cooldownPeriod": {"type": "integer"},
-                "initialCooldownPeriod": {"type": "integer"},
-                "fallback": {
-                    "type": "object",
-                    "required": ["failureThreshold", "replicas"],
-                    "properties": {
-                        "failureThreshold": {"type": "integer"},
-                        "replicas": {"type": "integer"},
-                        "behavior": {"type": "string"},
-                    },
-                },
-                "idleReplicaCount": {"type": "integer"},
-                "minReplicaCount": {"type": "integer"},
-                "maxReplicaCount": {"type": "integer"},
-                "pollingInterval": {"type": "integer"},
-                "scaleTargetRef": {
+)
+PROMETHEUS_RULE = _resource(
+    "monitoring.coreos.com/v1",
+    "PrometheusRule",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "groups": {
+                "type": "array",
+                "items": {
                     "type": "object",
                     "required": ["name"],
                     "additionalProperties": False,
                     "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "name": {"type": "string"},
-                        "envSourceContainerName": {"type": "string"},
+                        "name": {"type": "string", "minLength": 1},
+                        "interval": _DURATION,
+                        "query_offset": _DURATION,
+                        "limit": {"type": "integer"},
+                        "labels": _STR_MAP,
+                        "partial_response_strategy": {"type": "string"},
+                        "rules": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["expr"],
+                                "additionalProperties": False,
+                                "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                "properties": {
+                                    "alert": {"type": "string"},
+                                    "record": {"type": "string"},
+                                    "expr": {"type": ["string", "integer"]},
+                                    "for": _DURATION,
+                                    "keep_firing_for": _DURATION,
+                                    "labels": _STR_MAP,
+                                    "annotations": _STR_MAP,
+                                },
+                            },
+                        },
                     },
                 },
-                "triggers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
+            }
+        },
+    },
+)
+_BEHAVIOR = {"type": "object"}
+SCALED_OBJECT = _resource(
+    "keda.sh/v1alpha1",
+    "ScaledObject",
+    {
+        "type": "object",
+        "required": ["scaleTargetRef", "triggers"],
+        "additionalProperties": False,
+        "properties": {
+            "advanced": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "horizontalPodAutoscalerConfig": {
                         "type": "object",
-                        "required": ["metadata", "type"],
                         "additionalProperties": False,
-                        "properties": {
-                            "type": {"type": "string"},
-                            "name": {"type": "string"},
-                            # Every value a string: KEDA's CRD says so, and a
-                            # number here is rejected by the API server.
-                            "metadata": _STR_MAP,
-                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                            "useCachedMetrics": {"type": "boolean"},
-                            "authenticationRef": {
-                                "type": "object",
-                                "required": ["name"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "kind": {
-                                        "enum": [
-                                            "TriggerAuthentication",
-                                            "ClusterTriggerAuthentication",
-                                        ]
-                                    },
+                        "properties": {"behavior": _BEHAVIOR, "name": {"type": "string"}},
+                    },
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "scalingModifiers": {"type": "object"},
+                },
+            },
+            "cooldownPeriod": {"type": "integer"},
+            "initialCooldownPeriod": {"type": "integer"},
+            "fallback": {
+                "type": "object",
+                "required": ["failureThreshold", "replicas"],
+                "properties": {
+                    "failureThreshold": {"type": "integer"},
+                    "replicas": {"type": "integer"},
+                    "behavior": {"type": "string"},
+                },
+            },
+            "idleReplicaCount": {"type": "integer"},
+            "minReplicaCount": {"type": "integer"},
+            "maxReplicaCount": {"type": "integer"},
+            "pollingInterval": {"type": "integer"},
+            "scaleTargetRef": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "name": {"type": "string"},
+                    "envSourceContainerName": {"type": "string"},
+                },
+            },
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["metadata", "type"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "type": {"type": "string"},
+                        "name": {"type": "string"},
+                        # Every value a string: KEDA's CRD says so, and a
+                        # number here is rejected by the API server.
+                        "metadata": _STR_MAP,
+                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                        "useCachedMetrics": {"type": "boolean"},
+                        "authenticationRef": {
+                            "type": "object",
+                            "required": ["name"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "kind": {
+                                    "enum": [
+                                        "TriggerAuthentication",
+                                        "ClusterTriggerAuthentication",
+                                    ]
                                 },
                             },
                         },
@@ -441,58 +442,51 @@ SCALED_OBJECT = {
             },
         },
     },
-}
-TRIGGER_AUTHENTICATION = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                **{
-                    name: {}
-                    for name in [
-                        "awsSecretManager",
-                        "azureKeyVault",
-                        "boundServiceAccountToken",
-                        "configMapTargetRef",
-                        "env",
-                        "gcpSecretManager",
-                        "hashiCorpVault",
-                        "podIdentity",
-                    ]
-                },
-                "secretTargetRef": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["key", "name", "parameter"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "key": {"type": "string"},
-                            "name": {"type": "string"},
-                            "parameter": {"type": "string"},
-                        },
+)
+TRIGGER_AUTHENTICATION = _resource(
+    "keda.sh/v1alpha1",
+    "TriggerAuthentication",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            **{
+                name: {}
+                for name in [
+                    "awsSecretManager",
+                    "azureKeyVault",
+                    "boundServiceAccountToken",
+                    "configMapTargetRef",
+                    "env",
+                    "gcpSecretManager",
+                    "hashiCorpVault",
+                    "podIdentity",
+                ]
+            },
+            "secretTargetRef": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key", "name", "parameter"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "key": {"type": "string"},
+                        "name": {"type": "string"},
+                        "parameter": {"type": "string"},
                     },
                 },
             },
         },
     },
-}
+)
 
 
 @pytest.fixture(scope="session")
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) → JSON Schema, for the custom resources the chart renders."""
     schemas = {
-        ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
-        ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
-        ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
-        ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
+        (s["properties"]["apiVersion"]["const"], s["properties"]["kind"]["const"]): s
+        for s in (SERVICE_MONITOR, PROMETHEUS_RULE, SCALED_OBJECT, TRIGGER_AUTHENTICATION)
     }
     # Fail loudly on a malformed schema rather than validate nothing.
     from jsonschema import Draft202012Validator
