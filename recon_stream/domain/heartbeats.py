@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 from typing import Annotated
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 MAX_HEARTBEAT_BYTES = 64 * 1024
+EVENT_ID_MAX = 128
+HOSTNAME_MAX = 255
+AGENT_VERSION_MAX = 64
 
 Identifier = Annotated[
     str,
@@ -56,10 +61,10 @@ class Heartbeat(BaseModel):
     agent_id: Identifier
     public_ip: IpText = Field(description="Source address seen at the cloud edge.")
     observed_at: Rfc3339Text = Field(description="RFC 3339 date-time with offset.")
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=EVENT_ID_MAX)] | None = None
     site_id: Identifier | None = None
-    hostname: Annotated[str, StringConstraints(max_length=255)] | None = None
-    agent_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    hostname: Annotated[str, StringConstraints(max_length=HOSTNAME_MAX)] | None = None
+    agent_version: Annotated[str, StringConstraints(max_length=AGENT_VERSION_MAX)] | None = None
     # Not Literal[1]: that would take JSON `true`, and strict literals don't exist.
     schema_version: Annotated[
         int, Field(ge=1, le=1, strict=True, json_schema_extra={"const": 1})
@@ -134,3 +139,58 @@ def parse_heartbeat(raw: bytes | None) -> Heartbeat:
             _valid_days.clear()
         _valid_days.add(day)
     return heartbeat
+
+
+# --- the ingest hot path's pre-check ------------------------------------------
+
+
+class Prevalidated(msgspec.Struct, frozen=True, gc=False):
+    """A heartbeat whose every field but the identity is known to be valid."""
+
+    organization_id: str
+    agent_id: str
+    public_ip: str
+    observed_at: str
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_ID_MAX)] | None = None
+    site_id: str | None = None
+    hostname: Annotated[str, msgspec.Meta(max_length=HOSTNAME_MAX)] | None = None
+    agent_version: Annotated[str, msgspec.Meta(max_length=AGENT_VERSION_MAX)] | None = None
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+
+
+_decode_prevalidated = msgspec.json.Decoder(Prevalidated).decode
+_rfc3339 = re.compile(RFC3339_PATTERN, re.ASCII).fullmatch
+# pydantic's JSON parser refuses more than 200 nested levels; msgspec skips
+# unknown fields without that limit and without checking their UTF-8. A
+# message this short cannot nest deeper, nor can one with fewer brackets.
+_DEEPEST_ACCEPTED = 200
+_SHALLOW_BYTES = 2 * _DEEPEST_ACCEPTED
+
+
+def prevalidate(raw: bytes | None) -> Prevalidated | None:
+    """The ingest hot path's pre-check: the heartbeat, if all but its identity is valid.
+
+    On an answer, every field except the four identity values
+    (`organization_id`, `public_ip`, `agent_id`, `site_id`) is valid, and so
+    are size, encoding and JSON; the identity values are only known to be text
+    (or a null site). A caller that finds all four among values
+    `parse_heartbeat` accepted before (the ingest cache) has validated the
+    heartbeat for about a sixth of the cost. Returns None whenever it is not
+    certain; the caller then runs `parse_heartbeat`. It may be stricter than
+    the schema, never looser: a property test holds it to that.
+    """
+    if not raw or len(raw) > MAX_HEARTBEAT_BYTES:
+        return None
+    if len(raw) > _SHALLOW_BYTES and raw.count(b"[") + raw.count(b"{") > _DEEPEST_ACCEPTED:
+        return None
+    try:
+        if not raw.isascii():
+            raw.decode()
+        heartbeat = _decode_prevalidated(raw)
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        return None
+    observed = heartbeat.observed_at
+    # The pattern checks the form; the calendar was checked once per day.
+    if observed[:10] in _valid_days and _rfc3339(observed) is not None:
+        return heartbeat
+    return None

@@ -15,7 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from recon_stream.domain.heartbeats import MAX_HEARTBEAT_BYTES, RejectReason
+from recon_stream import ingest
+from recon_stream.domain.heartbeats import (
+    MAX_HEARTBEAT_BYTES,
+    Heartbeat,
+    RejectReason,
+    parse_heartbeat,
+)
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.ingest import BatchReport, IngestService, Rejected
@@ -429,11 +435,58 @@ async def test_invalid_records_go_to_the_dead_letter_sink_and_the_rest_proceeds(
         assert h.sample("recon_dlq_messages_total", reason=reason.value) == expected
 
 
-async def test_a_bad_record_on_a_cached_pair_still_goes_to_the_dlq(h: Harness) -> None:
+def _raw_heartbeat(member: bytes) -> bytes:
+    return json.dumps(heartbeat())[:-1].encode() + b", " + member + b"}"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        heartbeat(hostname="h" * 300),
+        heartbeat(event_id=""),
+        heartbeat(schema_version=2),
+        {**heartbeat(), "observed_at": "2024-02-30T12:00:00Z"},
+        {**heartbeat(), "observed_at": "2024-05-01T12:00:00"},
+        _raw_heartbeat(b'"extra": "\xff"'),
+        _raw_heartbeat(b'"extra": ' + b"[" * 250 + b"]" * 250),
+    ],
+    ids=[
+        "long hostname",
+        "empty event id",
+        "version 2",
+        "February 30",
+        "no offset",
+        "invalid UTF-8",
+        "too deep",
+    ],
+)
+async def test_a_bad_record_on_a_cached_pair_still_goes_to_the_dlq(h: Harness, bad: object) -> None:
     await h.service.handle_batch(records(heartbeat()))
-    report = await h.service.handle_batch(records(heartbeat(), heartbeat(hostname="h" * 300)))
-    assert [r.reason for r in h.dead_letters.published] == [RejectReason.SCHEMA]
+    report = await h.service.handle_batch(records(heartbeat(), bad))
+    assert len(h.dead_letters.published) == 1
+    assert h.dead_letters.published[0].reason in {RejectReason.SCHEMA, RejectReason.INVALID_JSON}
     assert (report.duplicate, report.invalid) == (1, 1)
+
+
+async def test_cache_hits_skip_the_full_validation(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = records(*(heartbeat(agent=f"a{i % 3}", minute=i, site_id="s1") for i in range(9)))
+    await h.service.handle_batch(batch)
+    full_parses: list[object] = []
+
+    def counting_parse(raw: bytes | None) -> Heartbeat:
+        full_parses.append(raw)
+        return parse_heartbeat(raw)
+
+    monkeypatch.setattr(ingest, "parse_heartbeat", counting_parse)
+    report = await h.service.handle_batch(
+        records(*(heartbeat(agent=f"a{i % 3}", minute=60 + i, site_id="s1") for i in range(9)))
+    )
+    assert report == BatchReport(records=9, duplicate=9)
+    assert full_parses == []
+    await h.service.handle_batch(records(heartbeat(agent="a4", site_id="s1")))
+    assert len(full_parses) == 1
 
 
 async def test_an_all_invalid_batch_touches_no_store(h: Harness) -> None:
