@@ -88,6 +88,7 @@ def subscribe_batches(
     max_records: int,
     batch_timeout_ms: int,
     pause: float,
+    max_partition_fetch_bytes: int = 1024 * 1024,
 ) -> None:
     """Subscribe `handle` to raw record batches of `topic`, at least once.
 
@@ -109,6 +110,7 @@ def subscribe_batches(
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         parser=kafka.raw_batch_parser,
         decoder=kafka.raw_batch_decoder,
+        max_partition_fetch_bytes=max_partition_fetch_bytes,
     )
     async def on_batch(records: Any) -> None:
         try:
@@ -223,6 +225,7 @@ def build_worker(
             what="heartbeat batch",
             max_records=settings.ingest_max_records,
             batch_timeout_ms=settings.ingest_batch_timeout_ms,
+            max_partition_fetch_bytes=settings.ingest_max_partition_fetch_bytes,
             pause=backoff.maximum / 10,
         )
 

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     ingest_group_id: str = "recon-ingest"
     ingest_max_records: int = Field(2000, ge=1, description="records per batch")
     ingest_batch_timeout_ms: int = Field(200, ge=1)
+    ingest_max_partition_fetch_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="bytes fetched per partition per request: heartbeats are small and many, "
+        "and aiokafka's 1 MiB leaves the worker waiting on fetches",
+    )
     ingest_refresh_interval_seconds: float = Field(
         300.0, ge=0, description="a known pair's last_seen is written at most this often"
     )

@@ -106,6 +106,7 @@ def test_shodan_key_selects_the_api_provider(monkeypatch: pytest.MonkeyPatch) ->
         ("RECON_RESCAN_INTERVAL_SECONDS", "0"),
         ("RECON_HTTP_PORT", "70000"),
         ("RECON_SHODAN_PROVIDER", "scraping"),
+        ("RECON_INGEST_MAX_PARTITION_FETCH_BYTES", "1024"),
         ("RECON_KAFKA_SECURITY_PROTOCOL", "SASL"),
     ],
 )
@@ -186,3 +187,20 @@ def test_validation_errors_do_not_leak_secrets(monkeypatch: pytest.MonkeyPatch) 
     for text in (str(error), repr(error)):
         for secret in SECRETS:
             assert not _leaks(secret, text), text
+
+
+def test_the_ingest_fetch_size_reaches_only_the_heartbeat_subscriber(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from recon_stream.app import build_worker
+
+    assert Settings().ingest_max_partition_fetch_bytes == 4 * 1024 * 1024
+    monkeypatch.setenv("RECON_INGEST_MAX_PARTITION_FETCH_BYTES", "2097152")
+    worker = build_worker(Settings(), ["ingest", "scanner"])
+    # FastStream keeps the consumer's arguments on the subscriber.
+    fetch = {
+        topic: subscriber._connection_args["max_partition_fetch_bytes"]
+        for subscriber in worker.broker.subscribers
+        for topic in subscriber.topic_names
+    }
+    assert fetch == {"agent.heartbeats.v1": 2097152, "recon.scan-requests.v1": 1024 * 1024}
