@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, free_port
+from recon_stream.settings import Settings
 
 
 def build_stream(args: argparse.Namespace) -> tuple[list[bytes], list[bytes], int]:
@@ -177,6 +178,9 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--refresh-interval", type=float, default=300.0)
     parser.add_argument("--max-records", type=int, default=5000)
+    parser.add_argument(
+        "--fetch-bytes", type=int, help="the worker's RECON_INGEST_MAX_PARTITION_FETCH_BYTES"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settle", type=float, default=0.2, help="share of steady not timed")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
@@ -217,6 +221,8 @@ def main() -> None:
             "RECON_HTTP_PORT": str(port),
             "RECON_HTTP_HOST": "127.0.0.1",
         }
+        if args.fetch_bytes:
+            env["RECON_INGEST_MAX_PARTITION_FETCH_BYTES"] = str(args.fetch_bytes)
         subprocess.run(
             [sys.executable, "-m", "recon_stream", "init"], env=env, check=True, capture_output=True
         )
@@ -274,6 +280,8 @@ def main() -> None:
         "distinct_pairs": pairs,
         "partitions": args.partitions,
         "max_records": args.max_records,
+        "worker_fetch_bytes": args.fetch_bytes
+        or Settings.model_fields["ingest_max_partition_fetch_bytes"].default,
         "refresh_interval_s": args.refresh_interval,
         "publish_s": round(publish_s, 2),
         "bare_consumer_msgs_per_s": round(bare),

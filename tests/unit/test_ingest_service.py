@@ -24,7 +24,7 @@ from recon_stream.domain.heartbeats import (
 )
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
-from recon_stream.ingest import BatchReport, IngestService, Rejected
+from recon_stream.ingest import TRIAGE_SLICE, BatchReport, IngestService, Rejected
 from recon_stream.metrics import Metrics
 from recon_stream.retry import Backoff
 from recon_stream.seen import SeenPairs
@@ -290,6 +290,43 @@ async def test_second_identical_batch_writes_and_publishes_nothing(h: Harness) -
     assert len(h.scan_requests.published) == 1
     assert report == BatchReport(records=6, duplicate=6)
     assert h.sample("recon_ingest_cache_hits_total") == 6
+
+
+async def test_a_pair_spread_over_triage_slices_is_written_once(h: Harness) -> None:
+    count = 2 * TRIAGE_SLICE + 1
+    batch = records(*(heartbeat(agent=f"a{i % 3}", minute=i) for i in range(count)))
+    report = await h.service.handle_batch(batch)
+
+    assert h.store.recorded == [[("org-1", "8.8.8.8")]]
+    pair = h.store.pairs["org-1", "8.8.8.8"]
+    assert (pair.first_seen, pair.last_seen) == (NOW, NOW + timedelta(minutes=count - 1))
+    assert set(pair.agents) == {"a0", "a1", "a2"}
+    assert report == BatchReport(
+        records=count, accepted=1, duplicate=count - 1, written=1, created=[("org-1", "8.8.8.8")]
+    )
+
+
+async def test_a_large_batch_of_cache_hits_lets_the_event_loop_run(h: Harness) -> None:
+    """Triage is CPU work; the consumer's fetches must progress during it."""
+    await h.service.handle_batch(records(heartbeat()))
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    task = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    before = turns
+    report = await h.service.handle_batch(
+        records(*(heartbeat(minute=i) for i in range(4 * TRIAGE_SLICE)))
+    )
+    during = turns - before
+    task.cancel()
+    assert report.duplicate == 4 * TRIAGE_SLICE
+    assert during >= 3
 
 
 async def test_new_agent_on_a_cached_pair_triggers_a_write(h: Harness) -> None:
