@@ -175,7 +175,7 @@ def prevalidate(raw: bytes | None) -> Prevalidated | None:
     are size, encoding and JSON; the identity values are only known to be text
     (or a null site). A caller that finds all four among values
     `parse_heartbeat` accepted before (the ingest cache) has validated the
-    heartbeat for about a sixth of the cost. Returns None whenever it is not
+    heartbeat for about half the cost. Returns None whenever it is not
     certain; the caller then runs `parse_heartbeat`. It may be stricter than
     the schema, never looser: a property test holds it to that.
     """
