@@ -27,6 +27,7 @@ from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_ad
 from recon_stream.domain.heartbeats import (
     Heartbeat,
     InvalidHeartbeat,
+    Prevalidated,
     RejectReason,
     observed_time,
     parse_heartbeat,
@@ -105,6 +106,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _parse_or_reject(record: RawRecord, rejected: list[Rejected]) -> Heartbeat | None:
+    try:
+        return parse_heartbeat(record.value)
+    except InvalidHeartbeat as error:
+        rejected.append(Rejected(record, error.reason, error.detail))
+        return None
+
+
 class IngestService:
     """Turns heartbeat batches into `org_ips` writes and scan requests."""
 
@@ -146,32 +155,35 @@ class IngestService:
         """
         seen = self._seen
         lookup = seen.get
-        parse = parse_heartbeat
         fresh_after = seen.fresh_after()
         public = AddressClass.PUBLIC
         non_public: dict[AddressClass, int] = {}
         hits = 0
         for record in records:
-            quick = prevalidate(record.value)
-            if quick is not None:
-                # Every value the cache holds passed `parse_heartbeat`: a hit on
-                # all four identity fields completes this heartbeat's validation.
-                known = lookup((quick.organization_id, quick.public_ip))
-                if (
-                    known is not None
-                    and known.written_at > fresh_after
-                    and quick.agent_id in known.agents
-                    and (quick.site_id is None or quick.site_id in known.sites)
-                ):
-                    hits += 1
+            hb: Heartbeat | None = None
+            known: Heartbeat | Prevalidated | None = prevalidate(record.value)
+            if known is None:
+                hb = _parse_or_reject(record, rejected)
+                if hb is None:
                     continue
-            try:
-                hb: Heartbeat = parse(record.value)
-            except InvalidHeartbeat as error:
-                rejected.append(Rejected(record, error.reason, error.detail))
-                continue
-            cache_key = (hb.organization_id, hb.public_ip)
+                known = hb
+            cache_key = (known.organization_id, known.public_ip)
             entry = lookup(cache_key)
+            if (
+                entry is not None
+                and entry.written_at > fresh_after
+                and known.agent_id in entry.agents
+                and (known.site_id is None or known.site_id in entry.sites)
+            ):
+                # Every value the cache holds passed `parse_heartbeat`: after
+                # the pre-check, a hit on all four identity values completes
+                # this heartbeat's validation.
+                hits += 1
+                continue
+            if hb is None:
+                hb = _parse_or_reject(record, rejected)
+                if hb is None:
+                    continue
             if entry is None:
                 try:
                     address = parse_address(hb.public_ip)
@@ -181,13 +193,6 @@ class IngestService:
                     )
                     continue
                 entry = seen.remember(cache_key, address.cls, address.text)
-            elif (
-                entry.written_at > fresh_after
-                and hb.agent_id in entry.agents
-                and (hb.site_id is None or hb.site_id in entry.sites)
-            ):
-                hits += 1
-                continue
             if entry.address_class is not public:
                 non_public[entry.address_class] = non_public.get(entry.address_class, 0) + 1
                 continue
