@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -174,19 +173,30 @@ def exposures(
 
 @cli.command()
 def dev(
-    data_dir: Annotated[Path, typer.Option(help="where SecantusDB keeps its data")] = Path(
-        ".recon-dev"
-    ),
-    keep_running: Annotated[bool, typer.Option(help="keep the workers running")] = False,
+    data_dir: Annotated[
+        Path, typer.Option(help="where the embedded MongoDB keeps its data, and the logs")
+    ] = Path(".recon-dev"),
+    keep_running: Annotated[
+        bool, typer.Option(help="keep the stack running until Ctrl-C/SIGTERM")
+    ] = False,
     http_port: Annotated[int, typer.Option(help="metrics/health port")] = 8080,
+    kafka_port: Annotated[
+        int | None, typer.Option(help="the Kafka broker's port; default: a free one")
+    ] = None,
+    mongodb_port: Annotated[
+        int | None, typer.Option(help="MongoDB's port; default: a free one")
+    ] = None,
+    samples: Annotated[
+        bool, typer.Option(help="publish the sample heartbeats and print the results")
+    ] = True,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """The whole pipeline on this machine, with embedded Kafka and MongoDB."""
-    from recon_stream.dev import run_dev
+    from recon_stream.dev import DevOptions, run_dev
 
     _logging(log_level)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_dev(data_dir, keep_running, http_port))
+    options = DevOptions(data_dir, keep_running, http_port, kafka_port, mongodb_port, samples)
+    asyncio.run(run_dev(options))
 
 
 @cli.command()

@@ -1,9 +1,10 @@
 """`recon-stream dev`: the pipeline on one machine with embedded infrastructure.
 
-Starts Tansu (Kafka protocol, in memory) and SecantusDB (MongoDB protocol,
-data kept under `--data-dir`) as subprocesses, creates the topics and indexes,
-runs the workers in this process, publishes sample heartbeats and prints what
-the pipeline made of them.
+Starts Tansu (Kafka protocol, in memory) and MongoDB (genuine mongod as a
+one-node replica set, or SecantusDB where the mongod wheel cannot install; data
+kept under `--data-dir`) as subprocesses, creates the topics and indexes, runs
+the workers in this process, publishes sample heartbeats, prints what the
+pipeline made of them, and where a platform team's own producer can publish.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from recon_stream.adapters import initialize, kafka, mongo
 from recon_stream.adapters.exposure_store import EXPOSURES
 from recon_stream.adapters.scan_queue import SCAN_QUEUE
 from recon_stream.app import ROLES, build_worker
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
+from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, default_mongo_engine
 from recon_stream.exposure_table import load_rows, render
 from recon_stream.settings import Settings
 
@@ -152,11 +154,80 @@ async def wait_for_scans(settings: Settings, patience: float = 120.0) -> None:
         await client.close()
 
 
-async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
-    print(f"recon-stream dev: embedded Tansu + SecantusDB, data under {data_dir}/")
+@dataclass(frozen=True)
+class DevOptions:
+    data_dir: Path
+    keep_running: bool = False
+    http_port: int = 8080
+    kafka_port: int | None = None
+    """None: a free port."""
+    mongodb_port: int | None = None
+    samples: bool = True
+
+
+def publish_your_own(bootstrap: str, topic: str) -> str:
+    """How a platform team points its own producer at the dev stack (printed by `dev`)."""
+    return f"""\
+publish your own heartbeat (a public IP of yours; any organization and agent id):
+  RECON_KAFKA_BOOTSTRAP_SERVERS={bootstrap} recon-stream publish-heartbeat \\
+      --org my-org --agent my-agent-1 --ip 8.8.4.4 --site hq
+or from your producer (a JSON value; confluent-kafka shown, any Kafka client works):
+  from confluent_kafka import Producer
+  import json, datetime
+  p = Producer({{"bootstrap.servers": "{bootstrap}"}})
+  p.produce("{topic}", key="my-agent-1", value=json.dumps({{
+      "organization_id": "my-org", "agent_id": "my-agent-1", "public_ip": "8.8.4.4",
+      "observed_at": datetime.datetime.now(datetime.UTC).isoformat()}}))
+  p.flush()
+then: recon-stream exposures --org my-org  (with RECON_MONGODB_URI set as above)
+(on Tansu, librdkafka consumer groups hang in JoinGroup: to read a topic with
+librdkafka, assign partitions explicitly; producing works)"""
+
+
+async def run_dev(options: DevOptions) -> None:
+    """Run the dev stack until done (or, with `keep_running`, until a signal).
+
+    SIGTERM, SIGINT and SIGHUP stop the workers, then the broker and the
+    database: the servers run in sessions of their own (so a terminal's Ctrl-C
+    reaches us, not them), so nothing else would stop them.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    received: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:
+            main.cancel()
+        received.append(sig)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in handled:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await _run_stack(options)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        print(f"{received[0].name}: workers, broker and database stopped", flush=True)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+async def _run_stack(options: DevOptions) -> None:
+    data_dir = options.data_dir
+    engine = default_mongo_engine()
+    print(f"recon-stream dev: embedded Tansu + {engine}, data under {data_dir}/", flush=True)
     with (
-        EmbeddedKafka(log_dir=data_dir / "logs") as broker,
-        EmbeddedMongo(data_dir=data_dir / "mongodb", log_dir=data_dir / "logs") as db,
+        EmbeddedKafka(log_dir=data_dir / "logs", port=options.kafka_port) as broker,
+        # The two engines' files differ: each keeps its own folder.
+        EmbeddedMongo(
+            data_dir=data_dir / engine,
+            port=options.mongodb_port,
+            log_dir=data_dir / "logs",
+            engine=engine,
+        ) as db,
     ):
         base = Settings()
         sample_data = base.effective_shodan_provider == "sample"
@@ -165,7 +236,7 @@ async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
                 "kafka_bootstrap_servers": broker.bootstrap_servers,
                 "mongodb_uri": SecretStr(db.uri),
                 "kafka_topic_partitions": 4,
-                "http_port": http_port,
+                "http_port": options.http_port,
                 "http_host": "127.0.0.1",
                 "ingest_batch_timeout_ms": 100,
                 # Sample answers cost nothing: no need to pace them like Shodan.
@@ -173,6 +244,9 @@ async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
                 "gauge_sample_seconds": 2.0,
             }
         )
+        print(f"Kafka (Tansu, in memory): {broker.bootstrap_servers}")
+        print(f"MongoDB: {db.uri}  (database {settings.mongodb_database!r})")
+        print(f"  {db.description}")
         topics, _ = await initialize(settings)
         print(f"topics: {', '.join(topics)}")
         if sample_data:
@@ -188,47 +262,54 @@ async def run_dev(data_dir: Path, keep_running: bool, http_port: int) -> None:
         worker = build_worker(settings, ROLES)
         await worker.app.start()
         try:
-            print(f"metrics: http://127.0.0.1:{worker.status.port}/metrics")
-            sample = await publish_samples(settings)
-            print(
-                f"published {sample.heartbeats} SAMPLE heartbeats from "
-                f"{len(SAMPLE_ORGS) * 4} agents in {len(SAMPLE_ORGS)} organizations "
-                f"(+{sample.invalid} malformed ones, for the DLQ)"
-            )
-            metrics = worker.metrics.registry
-            total = sample.heartbeats + sample.invalid
-            for _ in range(600):
-                outcomes = sum(
-                    metrics.get_sample_value("recon_heartbeats_total", {"outcome": o}) or 0
-                    for o in ("accepted", "duplicate", "non_public", "invalid")
-                )
-                if outcomes >= total:
-                    break
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)
+            print(f"metrics: http://127.0.0.1:{worker.status.port}/metrics", flush=True)
+            if options.samples:
+                await _demo(settings, worker.metrics.registry)
             print()
-            print(await report(settings))
-            print()
-            for outcome in ("accepted", "duplicate", "non_public", "invalid"):
-                value = metrics.get_sample_value("recon_heartbeats_total", {"outcome": outcome})
-                print(f"heartbeats {outcome:<10} {int(value or 0)}")
-            requests = sum(
-                metrics.get_sample_value(
-                    "recon_scan_requests_published_total", {"reason": "new", "path": p}
-                )
-                or 0
-                for p in ("ingest", "relay")
-            )
-            print(f"scan requests published to {settings.topic_scan_requests}: {int(requests)}")
-            await wait_for_scans(settings)
-            events = sum(v for k, v in _samples(metrics, "recon_exposure_events_total").items())
-            print(f"exposure events published to {settings.topic_exposures}: {int(events)}")
-            for org in SAMPLE_ORGS:
-                print()
-                print(f"exposures of {org}  (recon-stream exposures --org {org})")
-                print(render(await load_rows(settings, org), "table"), end="")
-            if keep_running:
-                print("running; Ctrl-C to stop")
+            print(publish_your_own(broker.bootstrap_servers, settings.topic_heartbeats))
+            if options.keep_running:
+                print("running; Ctrl-C (or SIGTERM) to stop", flush=True)
                 await asyncio.Event().wait()
         finally:
             await worker.app.stop()
+
+
+async def _demo(settings: Settings, metrics: Any) -> None:
+    """Publish the sample heartbeats and print what the pipeline made of them."""
+    sample = await publish_samples(settings)
+    print(
+        f"published {sample.heartbeats} SAMPLE heartbeats from "
+        f"{len(SAMPLE_ORGS) * 4} agents in {len(SAMPLE_ORGS)} organizations "
+        f"(+{sample.invalid} malformed ones, for the DLQ)"
+    )
+    total = sample.heartbeats + sample.invalid
+    for _ in range(600):
+        outcomes = sum(
+            metrics.get_sample_value("recon_heartbeats_total", {"outcome": o}) or 0
+            for o in ("accepted", "duplicate", "non_public", "invalid")
+        )
+        if outcomes >= total:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    print()
+    print(await report(settings))
+    print()
+    for outcome in ("accepted", "duplicate", "non_public", "invalid"):
+        value = metrics.get_sample_value("recon_heartbeats_total", {"outcome": outcome})
+        print(f"heartbeats {outcome:<10} {int(value or 0)}")
+    requests = sum(
+        metrics.get_sample_value(
+            "recon_scan_requests_published_total", {"reason": "new", "path": p}
+        )
+        or 0
+        for p in ("ingest", "relay")
+    )
+    print(f"scan requests published to {settings.topic_scan_requests}: {int(requests)}")
+    await wait_for_scans(settings)
+    events = sum(v for k, v in _samples(metrics, "recon_exposure_events_total").items())
+    print(f"exposure events published to {settings.topic_exposures}: {int(events)}")
+    for org in SAMPLE_ORGS:
+        print()
+        print(f"exposures of {org}  (recon-stream exposures --org {org})")
+        print(render(await load_rows(settings, org), "table"), end="")

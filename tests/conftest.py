@@ -1,8 +1,9 @@
-"""Shared fixtures: real Kafka-protocol and MongoDB-protocol servers for the session.
+"""Shared fixtures: real Kafka-protocol and MongoDB servers for the session.
 
+The embedded servers are Tansu and genuine ``mongod`` (a one-node replica set),
+or SecantusDB where the mongod wheel cannot install (said in the report header).
 Set ``RECON_TEST_KAFKA_BOOTSTRAP_SERVERS`` / ``RECON_TEST_MONGODB_URI`` to run the
-suite against an external Apache Kafka / mongod instead of the embedded Tansu and
-SecantusDB subprocesses.
+suite against an external Apache Kafka / MongoDB instead.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
+from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, default_mongo_engine
 
 _UNIT_DIR = Path(__file__).parent / "unit"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if os.environ.get("RECON_TEST_MONGODB_URI"):
+        return "MongoDB: external (RECON_TEST_MONGODB_URI)"
+    engine = default_mongo_engine()
+    if engine == "mongod":
+        return "MongoDB: embedded genuine mongod (one-node replica set)"
+    return "MongoDB: embedded SecantusDB (the mongod wheel is not installed on this platform)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,7 +49,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a MongoDB-protocol server shared by the whole session."""
+    """URI of a MongoDB server shared by the whole session."""
     external = os.environ.get("RECON_TEST_MONGODB_URI")
     if external:
         yield external
