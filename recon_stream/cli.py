@@ -70,13 +70,13 @@ def run(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a worker until SIGTERM/SIGINT."""
-    from recon_stream.app import ROLES, build_worker
+    from recon_stream.app import ROLES, build_worker, serve
 
     _logging(log_level)
     settings = _settings()
     roles = ROLES if role is Role.all else (role.value,)
     worker = build_worker(settings, roles)
-    asyncio.run(worker.app.run())
+    asyncio.run(serve(worker))
 
 
 @cli.command()

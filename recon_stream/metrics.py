@@ -98,6 +98,13 @@ class Metrics:
             buckets=(0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
+        self.slots_missed = Counter(
+            "recon_rate_limiter_slots_missed",
+            "Budget slots left unused because their lookup was too late to send inside "
+            "the slot's window (a stalled event loop or a busy core); the lookup took "
+            "another slot.",
+            registry=r,
+        )
         self.lookups_saved = Counter(
             "recon_lookups_saved",
             "Scan requests served from a fresh stored lookup (no Shodan call).",

@@ -30,14 +30,20 @@ from pydantic import ValidationError
 from recon_stream import tracing
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import QueueItem, ScanQueue
-from recon_stream.adapters.shodan import RateLimited, ShodanProvider, Transient, Unauthorized
+from recon_stream.adapters.shodan import (
+    NotSent,
+    RateLimited,
+    ShodanProvider,
+    Transient,
+    Unauthorized,
+)
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.heartbeats import RejectReason
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan
 from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
 from recon_stream.metrics import Metrics
-from recon_stream.ratelimit import SharedRateLimiter
+from recon_stream.ratelimit import SharedRateLimiter, Slot
 from recon_stream.retry import Backoff, Retrier, drain_every
 
 log = logging.getLogger(__name__)
@@ -247,24 +253,32 @@ class ScannerService:
         return stored if age < self._reuse_age else None
 
     async def _look_up(self, item: QueueItem) -> HostScan | None:
-        waited = await self._limiter.acquire()
-        self._metrics.rate_wait.observe(waited)
+        reserved = time.monotonic()
         with self._tracer.start_as_current_span(
             "shodan.lookup",
             kind=SpanKind.CLIENT,
-            attributes={"recon.shodan.provider": self._provider.name, "recon.rate_wait": waited},
+            attributes={"recon.shodan.provider": self._provider.name},
         ) as span:
-            scan = await self._timed_lookup(item, span)
-        return scan
+            while True:
+                slot = await self._limiter.reserve()
+                try:
+                    return await self._timed_lookup(item, span, slot, reserved)
+                except NotSent:
+                    # Late for its slot (a busy loop or core): the slot stays unused.
+                    self._metrics.slots_missed.inc()
 
-    async def _timed_lookup(self, item: QueueItem, span: Span) -> HostScan | None:
-        started = time.perf_counter()
+    async def _timed_lookup(
+        self, item: QueueItem, span: Span, slot: Slot, reserved: float
+    ) -> HostScan | None:
         outcome = "ok"
         try:
-            scan = await self._provider.lookup(item.ip)
+            scan = await self._provider.lookup(item.ip, slot)
             if not scan.services:
                 outcome = "not_found"
             return scan
+        except NotSent:
+            outcome = "not_sent"
+            raise
         except Unauthorized as error:
             outcome = "unauthorized"
             self.gate.reject(f"Shodan rejected the API key ({error}); lookups paused")
@@ -279,13 +293,20 @@ class ScannerService:
             await self._queue.retry_later(item, delay)
             return None
         finally:
-            span.set_attribute("recon.shodan.outcome", outcome)
-            if outcome not in ("ok", "not_found"):
-                span.set_status(Status(StatusCode.ERROR, outcome))
-            self._metrics.shodan_requests.labels(self._provider.name, outcome).inc()
-            self._metrics.shodan_latency.labels(self._provider.name).observe(
-                time.perf_counter() - started
-            )
+            if outcome != "not_sent":
+                self._record(span, outcome, reserved, slot.entered_at)
+
+    def _record(self, span: Span, outcome: str, reserved: float, sent: float | None) -> None:
+        """Metrics and span attributes of a request that was sent (or timed out waiting)."""
+        now = time.monotonic()
+        sent = now if sent is None else sent
+        span.set_attribute("recon.rate_wait", sent - reserved)
+        span.set_attribute("recon.shodan.outcome", outcome)
+        if outcome not in ("ok", "not_found"):
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        self._metrics.rate_wait.observe(sent - reserved)
+        self._metrics.shodan_requests.labels(self._provider.name, outcome).inc()
+        self._metrics.shodan_latency.labels(self._provider.name).observe(now - sent)
 
     async def fan_out(self, scan: HostScan) -> int:
         """Apply a lookup to every org behind its IP and publish the events."""
@@ -327,6 +348,14 @@ class ScannerService:
     async def run_relay(self, interval: float) -> None:
         await drain_every(interval, self.relay_once, "exposure relay")
 
+    async def _check_key(self) -> None:
+        # The check is a request too: it spends from the same budget.
+        while True:
+            try:
+                return await self._provider.check_key(await self._limiter.reserve())
+            except NotSent:
+                self._metrics.slots_missed.inc()
+
     async def run_key_checks(self, interval: float) -> None:
         """Check the key at start and, while it is rejected, every `interval` seconds."""
         first = True
@@ -334,9 +363,7 @@ class ScannerService:
             if first or not self.gate.is_open:
                 first = False
                 try:
-                    # The check is a request too: it spends from the same budget.
-                    await self._limiter.acquire()
-                    await self._provider.check_key()
+                    await self._check_key()
                     self.gate.accept()
                 except Unauthorized as error:
                     self.gate.reject(f"Shodan rejected the API key ({error}); lookups paused")

@@ -18,8 +18,14 @@ Errors, and what the scanner does with each:
     ├── Unauthorized       key rejected (401 "Invalid API key", 403 "Access denied"):
     │                      retrying cannot help until an operator fixes the key; stop
     │                      looking up, report not-ready, keep the requests unacknowledged
-    └── Transient          5xx, timeouts, connection failures, unparseable or unknown
-                           answers: retry with backoff, never drop the request
+    ├── Transient          5xx, timeouts, connection failures, unparseable or unknown
+    │                      answers: retry with backoff, never drop the request
+    └── NotSent            the request's send slot (`SendGate`) had passed when its
+                           thread got to it: nothing was sent; take a new slot at once
+
+Requests run on the provider's own threads (not the event loop's default pool,
+which DNS lookups share), each behind its `SendGate`: the rate limiter's last
+word, given in the sending thread right before the request leaves.
 
 Error messages never contain the API key (the client puts it in every URL).
 """
@@ -27,15 +33,17 @@ Error messages never contain the API key (the client puts it in every URL).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import re
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import requests
 import shodan
@@ -71,19 +79,41 @@ class Transient(ShodanError):
     """A failure that a later retry can cure: 5xx, timeout, connection, odd answer."""
 
 
+class NotSent(ShodanError):
+    """The request's send slot had passed before it could leave; nothing was sent."""
+
+
+class SendGate(Protocol):
+    """When a request may leave (`recon_stream.ratelimit.Slot` is one)."""
+
+    @property
+    def wait(self) -> float:
+        """Seconds until the gate opens."""
+        ...
+
+    def enter(self) -> bool:
+        """Block until the gate opens; False if the request may no longer leave."""
+        ...
+
+    def abandon(self) -> None:
+        """The request will not be made: release a waiting `enter`."""
+        ...
+
+
 class ShodanProvider(Protocol):
     """Looks up what Shodan knows about one IP."""
 
     name: str
 
-    async def lookup(self, ip: str) -> HostScan:
+    async def lookup(self, ip: str, gate: SendGate | None = None) -> HostScan:
         """What is known about `ip`; no services when nothing is known.
 
-        Raises `RateLimited`, `Unauthorized` or `Transient`.
+        The request leaves when `gate` lets it (at once without one). Raises
+        `RateLimited`, `Unauthorized`, `Transient` or `NotSent`.
         """
         ...
 
-    async def check_key(self) -> None:
+    async def check_key(self, gate: SendGate | None = None) -> None:
         """Raise `Unauthorized` if the API key is rejected; no-op for keyless providers."""
         ...
 
@@ -98,13 +128,58 @@ def build_provider(settings: Settings, timeout: float = 10.0) -> ShodanProvider:
     `RECON_SHODAN_API_URL`, when set, replaces the base URL of the API or InternetDB.
     """
     kind = settings.effective_shodan_provider
+    # One thread per lookup loop, and one for the key check.
+    threads = settings.scanner_concurrency + 1
     if kind == "api":
         if settings.shodan_api_key is None:
             raise ValueError("RECON_SHODAN_PROVIDER=api needs RECON_SHODAN_API_KEY")
-        return ApiProvider(settings.shodan_api_key, settings.shodan_api_url, timeout)
+        return ApiProvider(settings.shodan_api_key, settings.shodan_api_url, timeout, threads)
     if kind == "internetdb":
-        return InternetDbProvider(settings.shodan_api_url or INTERNETDB_URL, timeout)
+        return InternetDbProvider(settings.shodan_api_url or INTERNETDB_URL, timeout, threads)
     return SampleProvider()
+
+
+T = TypeVar("T")
+
+
+class _Sender:
+    """Blocking requests on threads of their own, each sent when its gate opens."""
+
+    def __init__(self, what: str, timeout: float, threads: int) -> None:
+        self._what = what
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"recon-{what}")
+
+    async def run(self, request: Callable[[], T], gate: SendGate | None) -> T:
+        """`request()` on a thread once `gate` opens; `NotSent` or `Transient` on timeout."""
+
+        def blocking() -> tuple[bool, T | None]:
+            if gate is not None and not gate.enter():
+                return False, None
+            return True, request()
+
+        # The gate's wait is not the server's slowness: only the request has a deadline.
+        deadline = self._timeout * _DEADLINE_FACTOR
+        context = contextvars.copy_context()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, context.run, blocking)
+        try:
+            sent, result = await asyncio.wait_for(future, deadline + (gate.wait if gate else 0.0))
+        except TimeoutError:
+            sent = None
+        except BaseException:
+            if gate is not None:
+                gate.abandon()
+            raise
+        if sent is None:
+            if gate is not None:
+                gate.abandon()
+            raise Transient(f"{self._what} did not answer within {deadline}s")
+        if not sent:
+            raise NotSent(f"the send slot for a {self._what} request had passed; nothing was sent")
+        return result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -159,10 +234,15 @@ class ApiProvider:
     name: str = "api"
 
     def __init__(
-        self, api_key: SecretStr, base_url: str | None = None, timeout: float = 10.0
+        self,
+        api_key: SecretStr,
+        base_url: str | None = None,
+        timeout: float = 10.0,
+        threads: int = 4,
     ) -> None:
         self._key = api_key
         self._timeout = timeout
+        self._sender = _Sender("Shodan", timeout, threads)
         self._client: Any = shodan.Shodan(api_key.get_secret_value())
         if base_url:
             self._client.base_url = base_url.rstrip("/")
@@ -178,23 +258,24 @@ class ApiProvider:
     def __repr__(self) -> str:
         return f"ApiProvider(base_url={self._client.base_url!r}, timeout={self._timeout})"
 
-    async def lookup(self, ip: str) -> HostScan:
+    async def lookup(self, ip: str, gate: SendGate | None = None) -> HostScan:
         queried_at = datetime.now(UTC)
-        payload = await self._call(lambda: self._client.host(ip))
+        payload = await self._call(lambda: self._client.host(ip), gate)
         if payload is None:
             return HostScan(ip=ip, provider="api", queried_at=queried_at)
         if not isinstance(payload, Mapping):
             raise Transient(f"Shodan answered {type(payload).__name__} for {ip}, not an object")
         return parse_host(ip, payload, queried_at, "api")
 
-    async def check_key(self) -> None:
-        if await self._call(self._client.info) is None:
+    async def check_key(self, gate: SendGate | None = None) -> None:
+        if await self._call(self._client.info, gate) is None:
             raise Transient("Shodan answered /api-info with 'No information available'")
 
     async def close(self) -> None:
+        self._sender.close()
         self._session.close()
 
-    async def _call(self, operation: Callable[[], object]) -> object | None:
+    async def _call(self, operation: Callable[[], object], gate: SendGate | None) -> object | None:
         """Run `operation` in a thread; None for "no information", typed errors otherwise."""
 
         def blocking() -> tuple[object, ShodanError | None, bool]:
@@ -202,19 +283,12 @@ class ApiProvider:
             try:
                 return operation(), None, False
             except shodan.APIError as error:
+                # Returned, not raised: no chained exception (whose text would hold the
+                # request URL and its `key=`) may travel with ours.
                 classified = self._classify(str(error), self._session.outcome)
                 return None, classified, classified is None
 
-        deadline = self._timeout * _DEADLINE_FACTOR
-        try:
-            outcome = await asyncio.wait_for(asyncio.to_thread(blocking), deadline)
-        except TimeoutError:
-            outcome = None
-        # Raised here, outside any `except`, so that no chained exception (whose text
-        # would hold the request URL and its `key=`) travels with ours.
-        if outcome is None:
-            raise Transient(f"Shodan did not answer within {deadline}s")
-        result, error, not_found = outcome
+        result, error, not_found = await self._sender.run(blocking, gate)
         if error is not None:
             raise error
         return None if not_found else result
@@ -242,26 +316,22 @@ class InternetDbProvider:
 
     name: str = "internetdb"
 
-    def __init__(self, base_url: str = INTERNETDB_URL, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str = INTERNETDB_URL, timeout: float = 10.0, threads: int = 4
+    ) -> None:
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
         self._session = requests.Session()
+        self._sender = _Sender("InternetDB", timeout, threads)
 
     def __repr__(self) -> str:
         return f"InternetDbProvider(base_url={self._base_url!r}, timeout={self._timeout})"
 
-    async def lookup(self, ip: str) -> HostScan:
+    async def lookup(self, ip: str, gate: SendGate | None = None) -> HostScan:
         queried_at = datetime.now(UTC)
-        try:
-            response = await asyncio.wait_for(
-                asyncio.to_thread(self._get, ip), self._timeout * _DEADLINE_FACTOR
-            )
-        except TimeoutError:
-            response = None
+        response = await self._sender.run(lambda: self._get(ip), gate)
         if isinstance(response, ShodanError):
             raise response
-        if response is None:
-            raise Transient(f"InternetDB did not answer within {self._timeout}s")
         status, retry_after, body = response
         if status == 404:
             return HostScan(ip=ip, provider="internetdb", queried_at=queried_at)
@@ -277,10 +347,11 @@ class InternetDbProvider:
             raise Transient(f"InternetDB answered {type(payload).__name__}, not an object")
         return parse_internetdb(ip, payload, queried_at)
 
-    async def check_key(self) -> None:
+    async def check_key(self, gate: SendGate | None = None) -> None:
         return None
 
     async def close(self) -> None:
+        self._sender.close()
         self._session.close()
 
     def _get(self, ip: str) -> tuple[int, float | None, bytes] | ShodanError:
@@ -335,7 +406,10 @@ class SampleProvider:
         """The IPs with bundled sample answers."""
         return tuple(self._hosts)
 
-    async def lookup(self, ip: str) -> HostScan:
+    async def lookup(self, ip: str, gate: SendGate | None = None) -> HostScan:
+        # No request leaves, but the pace is the same as a real provider's.
+        if gate is not None and not await asyncio.to_thread(gate.enter):
+            raise NotSent("the send slot for a sample lookup had passed")
         queried_at = datetime.now(UTC)
         payload = self._hosts[ip] if ip in self._hosts else _invented_host(ip)
         if payload is None:
@@ -343,7 +417,7 @@ class SampleProvider:
         scan = parse_host(ip, payload, queried_at, "sample")
         return scan.model_copy(update={"sample": True})
 
-    async def check_key(self) -> None:
+    async def check_key(self, gate: SendGate | None = None) -> None:
         return None
 
     async def close(self) -> None:

@@ -14,16 +14,23 @@ emulator enforces a request rate per key (InternetDB: per anonymous client):
 more than ``rate`` requests in a sliding window get 429 and count as a
 violation. Every request is recorded, so tests can prove a budget held.
 ``fail_next`` injects statuses and delays.
+
+A request's time is when its first bytes reached this machine's network stack (the
+kernel's receive timestamp, `SO_TIMESTAMPNS`), as a server's edge sees it, not when
+a thread of this process got round to it: on a busy machine the emulator's own
+threads wait for a core and the GIL, and that delay is not the client's.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import secrets
+import socket
+import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +46,8 @@ NOT_FOUND_MESSAGE = "No information available for that IP."
 INVALID_KEY_MESSAGE = "Invalid API key"
 _HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
 _ANONYMOUS = ""
+# Linux's value; Python's socket module does not always name it.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ class ShodanEmulator:
         self._internetdb: dict[str, dict[str, Any]] = {}
         self._faults: list[_Fault] = []
         self._requests: list[RecordedRequest] = []
-        self._accepted: dict[str, deque[float]] = {}
+        self._accepted: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -88,7 +97,7 @@ class ShodanEmulator:
         class Handler(_Handler):
             owner = emulator
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = _TimestampingServer(("127.0.0.1", 0), Handler)
         # Handler threads are joined on close; delayed answers wake up on `_stopping`.
         server.daemon_threads = False
         server.block_on_close = True
@@ -202,7 +211,7 @@ class ShodanEmulator:
     # -- request handling (server threads) --------------------------------------------------
 
     def _handle(self, handler: _Handler) -> None:
-        arrived = time.monotonic()
+        arrived = handler.arrived
         parts = urlsplit(handler.path)
         path = unquote(parts.path)
         query = parse_qs(parts.query)
@@ -210,7 +219,7 @@ class ShodanEmulator:
         internetdb = path.startswith("/internetdb/")
         ips = _ips_of(path)
 
-        status, body, headers, delay = self._decide(path, key, internetdb, ips)
+        status, body, headers, delay = self._decide(path, key, internetdb, ips, arrived)
         with self._lock:
             self._requests.append(RecordedRequest(arrived, key, path, status))
         if delay > 0 and self._stopping.wait(delay):
@@ -218,7 +227,7 @@ class ShodanEmulator:
         handler.answer(status, body, headers)
 
     def _decide(
-        self, path: str, key: str | None, internetdb: bool, ips: list[str]
+        self, path: str, key: str | None, internetdb: bool, ips: list[str], arrived: float
     ) -> tuple[int, Any, Mapping[str, str], float]:
         with self._lock:
             fault = self._take_fault(ips)
@@ -228,7 +237,7 @@ class ShodanEmulator:
         delay = fault.delay if fault is not None else 0.0
         if not internetdb and key not in self.keys:
             return 401, {"error": INVALID_KEY_MESSAGE}, {}, delay
-        if not self._admit(_ANONYMOUS if internetdb else str(key)):
+        if not self._admit(_ANONYMOUS if internetdb else str(key), arrived):
             body = (
                 {"detail": "Rate limit exceeded"} if internetdb else {"error": RATE_LIMIT_MESSAGE}
             )
@@ -245,22 +254,29 @@ class ShodanEmulator:
                 return fault
         return None
 
-    def _admit(self, bucket: str) -> bool:
-        """Sliding-window limit: at most `rate * window` accepted requests per window."""
+    def _admit(self, bucket: str, arrived: float) -> bool:
+        """Sliding-window limit: at most `rate * window` accepted requests per window.
+
+        Handler threads may get here out of arrival order, so the accepted arrivals
+        are kept sorted and every window that would hold this one is checked.
+        """
         rate = self.rate
         if rate is None:
             return True
         window = max(1.0, 1.0 / rate)
         capacity = max(1, math.floor(rate * window + 1e-9))
-        now = time.monotonic()
         with self._lock:
-            accepted = self._accepted.setdefault(bucket, deque())
-            while accepted and now - accepted[0] >= window:
-                accepted.popleft()
-            if len(accepted) >= capacity:
-                self.violations += 1
-                return False
-            accepted.append(now)
+            accepted = self._accepted.setdefault(bucket, [])
+            while accepted and accepted[-1] - accepted[0] >= 2 * window:
+                accepted.pop(0)
+            at = bisect.bisect(accepted, arrived)
+            times = [*accepted[:at], arrived, *accepted[at:]]
+            for first in range(max(0, at - capacity), at + 1):
+                last = first + capacity
+                if last < len(times) and times[last] - times[first] < window:
+                    self.violations += 1
+                    return False
+            accepted.insert(at, arrived)
             return True
 
     def _route(self, path: str, internetdb: bool, ips: list[str]) -> tuple[int, Any]:
@@ -283,10 +299,34 @@ class ShodanEmulator:
         return 404, {"error": "Not found"}
 
 
+class _TimestampingServer(ThreadingHTTPServer):
+    """Accepted connections inherit `SO_TIMESTAMPNS`: the kernel stamps what arrives."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_bind()
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: ShodanEmulator
     server_version = "nginx"
     sys_version = ""
+    arrived: float
+    """`time.monotonic()` reading of when the request's first bytes arrived."""
+
+    def setup(self) -> None:
+        super().setup()
+        # One request per connection (HTTP/1.0), so the first bytes are the request's.
+        self.arrived = time.monotonic()
+        try:
+            _, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
+        except OSError:
+            return
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", data[:16])
+                waited = time.time() - (seconds + nanoseconds / 1e9)
+                self.arrived = time.monotonic() - max(0.0, waited)
 
     def do_GET(self) -> None:
         self.owner._handle(self)

@@ -216,36 +216,6 @@ async def test_a_rejected_key_stops_cleanly_and_loses_nothing(
     assert [e["data"]["port"] for e in events] == [5900]
 
 
-async def test_three_scanners_never_exceed_the_shared_rate(
-    scan_settings: Settings, shodan_emulator: ShodanEmulator
-) -> None:
-    rate = 4.0
-    shodan_emulator.rate = rate
-    ips = [f"52.0.0.{i}" for i in range(1, 25)]
-    for ip in ips:
-        shodan_emulator.set_host(ip, host(ip, banner(80, "http")))
-    # A wider margin than production's 3%: CI machines are shared and noisy,
-    # and this test is about coordination (three uncoordinated replicas would
-    # run at three times the rate), not about the last percent.
-    settings = scan_settings.model_copy(
-        update={"shodan_rate": rate, "scanner_concurrency": 2, "shodan_rate_margin": 0.1}
-    )
-    await produce(
-        settings.kafka_bootstrap_servers,
-        settings.topic_heartbeats,
-        [heartbeat("acme", ip, "a1", NOW) for ip in ips],
-    )
-    async with (
-        running(settings, ("ingest", "scanner")),
-        running(settings, ("scanner",)),
-        running(settings, ("scanner",)),
-    ):
-        await events_on(settings, len(ips), timeout=120)
-    assert shodan_emulator.violations == 0
-    assert shodan_emulator.max_requests_in_any_window(1.0) <= rate
-    assert all(host_requests(shodan_emulator, ip) == 1 for ip in ips)
-
-
 async def test_an_event_stored_but_not_published_goes_out_once_with_its_id(
     scan_settings: Settings, shodan_emulator: ShodanEmulator, db: Any
 ) -> None:
