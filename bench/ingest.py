@@ -130,6 +130,59 @@ async def bare_consumer_rate(bootstrap: str, topic: str, total: int) -> float:
         await consumer.stop()
 
 
+def servers(
+    stack: ExitStack, args: argparse.Namespace, tmp: Path
+) -> tuple[str, str, dict[str, int | None], str]:
+    """(Kafka bootstrap, MongoDB URI, server pids, MongoDB engine): `--kafka` and
+    `--mongodb` when given, else embedded servers that `stack` stops."""
+    pids: dict[str, int | None] = {"kafka": None, "mongodb": None}
+    if args.kafka:
+        kafka = args.kafka
+    else:
+        embedded_kafka = stack.enter_context(EmbeddedKafka(log_dir=tmp))
+        kafka, pids["kafka"] = embedded_kafka.bootstrap_servers, embedded_kafka.pid
+    if args.mongodb:
+        return kafka, args.mongodb, pids, "external"
+    embedded_mongo = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
+    pids["mongodb"] = embedded_mongo.pid
+    return kafka, embedded_mongo.uri, pids, embedded_mongo.engine
+
+
+def start_ingest_worker(
+    kafka: str,
+    mongodb: str,
+    topic: str,
+    database: str,
+    port: int,
+    log: Path,
+    extra: dict[str, str],
+) -> subprocess.Popen[bytes]:
+    """`recon-stream init`, then `recon-stream run ingest` on `topic`, /metrics on `port`."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RECON_")},
+        "RECON_KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "RECON_MONGODB_URI": mongodb,
+        "RECON_MONGODB_DATABASE": database,
+        "RECON_TOPIC_HEARTBEATS": topic,
+        "RECON_TOPIC_SCAN_REQUESTS": f"{topic}-requests",
+        "RECON_TOPIC_DLQ": f"{topic}-dlq",
+        "RECON_INGEST_GROUP_ID": f"{topic}-ingest",
+        "RECON_HTTP_PORT": str(port),
+        "RECON_HTTP_HOST": "127.0.0.1",
+        **extra,
+    }
+    subprocess.run(
+        [sys.executable, "-m", "recon_stream", "init"], env=env, check=True, capture_output=True
+    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "recon_stream", "run", "ingest", "--log-level", "WARNING"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         text = answer.read().decode()
@@ -184,55 +237,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settle", type=float, default=0.2, help="share of steady not timed")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
-    parser.add_argument("--mongodb", help="URI (default: embedded SecantusDB)")
+    parser.add_argument("--mongodb", help="URI (default: embedded mongod, else SecantusDB)")
     args = parser.parse_args()
 
     warm, steady, pairs = build_stream(args)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        pids: dict[str, int | None] = {"kafka": None, "mongodb": None}
-        if args.kafka:
-            kafka = args.kafka
-        else:
-            embedded_kafka = stack.enter_context(EmbeddedKafka(log_dir=tmp))
-            kafka, pids["kafka"] = embedded_kafka.bootstrap_servers, embedded_kafka.pid
-        if args.mongodb:
-            mongodb = args.mongodb
-        else:
-            embedded_mongo = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
-            mongodb, pids["mongodb"] = embedded_mongo.uri, embedded_mongo.pid
+        kafka, mongodb, pids, _ = servers(stack, args, tmp)
         topic = f"bench-heartbeats-{time.time_ns()}"
         publish_s = asyncio.run(publish(kafka, topic, warm + steady, args.partitions))
         total = len(warm) + len(steady)
         bare = asyncio.run(bare_consumer_rate(kafka, topic, total))
 
         port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RECON_")},
-            "RECON_KAFKA_BOOTSTRAP_SERVERS": kafka,
-            "RECON_MONGODB_URI": mongodb,
-            "RECON_MONGODB_DATABASE": f"bench_{time.time_ns()}",
-            "RECON_TOPIC_HEARTBEATS": topic,
-            "RECON_TOPIC_SCAN_REQUESTS": f"{topic}-requests",
-            "RECON_TOPIC_DLQ": f"{topic}-dlq",
-            "RECON_INGEST_GROUP_ID": f"{topic}-ingest",
+        extra = {
             "RECON_INGEST_MAX_RECORDS": str(args.max_records),
             "RECON_INGEST_REFRESH_INTERVAL_SECONDS": str(args.refresh_interval),
-            "RECON_HTTP_PORT": str(port),
-            "RECON_HTTP_HOST": "127.0.0.1",
         }
         if args.fetch_bytes:
-            env["RECON_INGEST_MAX_PARTITION_FETCH_BYTES"] = str(args.fetch_bytes)
-        subprocess.run(
-            [sys.executable, "-m", "recon_stream", "init"], env=env, check=True, capture_output=True
+            extra["RECON_INGEST_MAX_PARTITION_FETCH_BYTES"] = str(args.fetch_bytes)
+        worker = start_ingest_worker(
+            kafka, mongodb, topic, f"bench_{time.time_ns()}", port, tmp / "worker.log", extra
         )
-        with (tmp / "worker.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "recon_stream", "run", "ingest", "--log-level", "WARNING"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
         try:
             m: dict[str, float] = {}
             deadline = time.monotonic() + 1800

@@ -390,6 +390,12 @@ def build_worker(
 
     @app.after_shutdown
     async def close_resources() -> None:
+        if worker.ingest is not None:
+            # Pairs whose marking does not finish in time are sent again by a
+            # relay after their lease: a duplicate, never a loss.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.graceful_timeout_seconds):
+                    await worker.ingest.flush()
         await lag_probe.close()
         await client.close()
         await status.stop()

@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Tracer
 
 from recon_stream import tracing
-from recon_stream.adapters.mongo import OrgIpStore
+from recon_stream.adapters.mongo import Created, OrgIpStore
 from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_address
 from recon_stream.domain.heartbeats import (
     Heartbeat,
@@ -40,9 +40,13 @@ from recon_stream.retry import Backoff, Retrier, drain_every
 from recon_stream.seen import SeenEntry, SeenKey, SeenPairs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRIAGE_SLICE = 250
 """Records triaged between two turns of the event loop (about 0.5 ms of work)."""
+
+WRITE_CHUNK = 500
+"""Pairs per upsert; a batch's chunks are written and announced side by side."""
 
 
 class RawRecord(Protocol):
@@ -114,6 +118,20 @@ def _parse_or_reject(record: RawRecord, rejected: list[Rejected]) -> Heartbeat |
         return None
 
 
+async def _concurrently(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Await them side by side; on the first error cancel the rest and raise it as is."""
+    if len(coroutines) == 1:
+        return [await coroutines[0]]
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class IngestService:
     """Turns heartbeat batches into `org_ips` writes and scan requests."""
 
@@ -139,6 +157,7 @@ class IngestService:
         self._metrics = metrics
         self._clock = clock
         self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
+        self._marking: asyncio.Task[None] | None = None
 
     def _triage(
         self,
@@ -262,21 +281,34 @@ class IngestService:
 
     async def _write(self, to_write: list[_Pending], report: BatchReport) -> None:
         now = self._clock()
-        sightings = [p.sighting for p in to_write]
+        chunks = [to_write[i : i + WRITE_CHUNK] for i in range(0, len(to_write), WRITE_CHUNK)]
+        # Chunks go side by side: while MongoDB applies one, the scan requests
+        # of another are on their way to Kafka (one chunk after the other, the
+        # worker and the database took turns waiting for each other).
+        created: Created = {}
+        for done in await _concurrently([self._write_chunk(c, now) for c in chunks]):
+            created.update(done)
+        report.written = len(to_write)
+        if created:
+            report.created = sorted(created)
+            await self._mark_sent_later(list(created.values()), now)
+
+    async def _write_chunk(self, chunk: list[_Pending], now: datetime) -> Created:
+        """Upsert the chunk and announce the pairs it created; returns those."""
+        sightings = [p.sighting for p in chunk]
         created = await self._retrying(
             "upserting org_ips", lambda: self._store.record(sightings, now)
         )
         self._metrics.mongodb_writes.labels("org_ips", "upsert").inc(len(sightings))
-        report.written = len(sightings)
         if created:
             self._metrics.pairs_discovered.inc(len(created))
-            report.created = sorted(created)
-            origins = {p.sighting.key: p.origin for p in to_write}
-            await self._announce(report.created, now, path="ingest", origins=origins)
-        for pending in to_write:
+            origins = {p.sighting.key: p.origin for p in chunk}
+            await self._announce(sorted(created), now, path="ingest", origins=origins)
+        for pending in chunk:
             s = pending.sighting
             for key, entry in pending.cache:
                 self._seen.written(key, entry, s.agents, s.site_ids)
+        return created
 
     async def _announce(
         self,
@@ -286,6 +318,7 @@ class IngestService:
         path: str,
         origins: Mapping[PairKey, RawRecord] | None = None,
     ) -> None:
+        """Publish one scan request per pair (marking them sent is the caller's)."""
         requests = [
             ScanRequest(organization_id=org, ip=ip, reason=ScanReason.NEW, requested_at=now)
             for org, ip in pairs
@@ -301,10 +334,39 @@ class IngestService:
             for span in spans:
                 span.end()
         self._metrics.scan_requests.labels(ScanReason.NEW.value, path).inc(len(requests))
+
+    async def _mark_sent(self, ids: Sequence[Any], now: datetime) -> None:
         await self._retrying(
-            "marking scan requests sent", lambda: self._store.mark_requested(pairs, now)
+            "marking scan requests sent", lambda: self._store.mark_requested(ids, now)
         )
-        self._metrics.mongodb_writes.labels("org_ips", "mark_requested").inc(len(pairs))
+        self._metrics.mongodb_writes.labels("org_ips", "mark_requested").inc(len(ids))
+
+    async def _mark_sent_later(self, ids: Sequence[Any], now: datetime) -> None:
+        """Flip the outbox of published pairs to `sent` while the next batch runs.
+
+        The batch can be committed before this is done: a pair left `pending`
+        only costs a duplicate scan request once its lease runs out (the relay),
+        never a lost one. One marking at a time, so a slow database holds the
+        stream back instead of piling marks up.
+        """
+        await self.flush()
+        self._marking = asyncio.create_task(self._mark_sent_or_leave(ids, now))
+
+    async def _mark_sent_or_leave(self, ids: Sequence[Any], now: datetime) -> None:
+        try:
+            await self._mark_sent(ids, now)
+        except Exception:
+            log.exception(
+                "marking %d scan requests sent failed; the relay sends them again "
+                "once their lease has run out",
+                len(ids),
+            )
+
+    async def flush(self) -> None:
+        """Wait for the outbox marking in progress, if any (tests; clean shutdown)."""
+        marking, self._marking = self._marking, None
+        if marking is not None:
+            await marking
 
     def _discovery_span(
         self, pair: PairKey, path: str, origins: Mapping[PairKey, RawRecord] | None
@@ -331,7 +393,8 @@ class IngestService:
         )
         if claimed:
             log.info("relaying %d scan requests left unsent", len(claimed))
-            await self._announce(claimed, now, path="relay")
+            await self._announce(sorted(claimed), now, path="relay")
+            await self._mark_sent(list(claimed.values()), now)
         return len(claimed)
 
     async def run_relay(self, interval: float) -> None:

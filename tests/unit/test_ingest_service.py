@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from recon_stream import ingest
+from recon_stream.adapters.mongo import Created
 from recon_stream.domain.heartbeats import (
     MAX_HEARTBEAT_BYTES,
     Heartbeat,
@@ -24,7 +25,7 @@ from recon_stream.domain.heartbeats import (
 )
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
-from recon_stream.ingest import TRIAGE_SLICE, BatchReport, IngestService, Rejected
+from recon_stream.ingest import TRIAGE_SLICE, WRITE_CHUNK, BatchReport, IngestService, Rejected
 from recon_stream.metrics import Metrics
 from recon_stream.retry import Backoff
 from recon_stream.seen import SeenPairs
@@ -84,15 +85,16 @@ class FakeOrgIps:
         self.claim_failures = Failures()
         self.lose_reply_once = False
 
-    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> set[PairKey]:
+    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> Created:
+        # A pair's key serves as its document id.
         self.record_failures.check()
         self.recorded.append([s.key for s in sightings])
-        created: set[PairKey] = set()
+        created: Created = {}
         for s in sightings:
             agents = {a.agent_id: a.last_seen for a in s.agents.values()}
             pair = self.pairs.get(s.key)
             if pair is None:
-                created.add(s.key)
+                created[s.key] = s.key
                 self.pairs[s.key] = Pair(
                     s.first_seen, s.last_seen, agents, set(s.site_ids), "pending", now + LEASE
                 )
@@ -108,15 +110,15 @@ class FakeOrgIps:
             raise AutoReconnect("connection closed")
         return created
 
-    async def mark_requested(self, pairs: Sequence[PairKey], now: datetime) -> None:
+    async def mark_requested(self, ids: Collection[Any], now: datetime) -> None:
         self.mark_failures.check()
-        for key in pairs:
+        for key in ids:
             self.marked.append(key)
             pair = self.pairs[key]
             if pair.state == "pending":
                 pair.state, pair.sent_at = "sent", now
 
-    async def claim_unsent(self, now: datetime, limit: int) -> list[PairKey]:
+    async def claim_unsent(self, now: datetime, limit: int) -> Created:
         self.claim_failures.check()
         claimed = [
             key
@@ -125,7 +127,7 @@ class FakeOrgIps:
         ][:limit]
         for key in claimed:
             self.pairs[key].claim_until = now + LEASE
-        return claimed
+        return {key: key for key in claimed}
 
     def pending(self) -> set[PairKey]:
         return {key for key, pair in self.pairs.items() if pair.state == "pending"}
@@ -144,6 +146,11 @@ class FakeScanRequests:
 
     def pairs(self) -> list[PairKey]:
         return [(r.organization_id, r.ip) for r in self.published]
+
+    async def published_count(self, n: int) -> None:
+        """Return once `n` requests have been published."""
+        while len(self.published) < n:
+            await asyncio.sleep(0)
 
 
 class FakeDeadLetters:
@@ -264,6 +271,7 @@ async def test_batch_with_repeats_writes_each_pair_once_and_requests_each_new_pa
         assert request.reason is ScanReason.NEW
         assert request.requested_at == NOW
         assert request.kafka_key() == request.ip.encode()
+    await h.service.flush()  # the outbox is marked while the next batch runs
     assert h.store.pending() == set()
     assert sorted(h.store.marked) == expected
     pair = h.store.pairs["org-1", "8.8.8.8"]
@@ -547,6 +555,7 @@ async def test_transient_store_outage_is_retried_and_nothing_is_lost(h: Harness)
     h.store.mark_failures.pending = [AutoReconnect("connection reset")]
     batch = records(heartbeat(agent="a1"), heartbeat(agent="a2"), heartbeat(ip="1.1.1.1"))
     report = await h.service.handle_batch(batch)
+    await h.service.flush()
 
     assert h.store.record_failures.raised == 3
     assert h.store.mark_failures.raised == 1
@@ -564,6 +573,7 @@ async def test_transient_kafka_outage_is_retried_and_nothing_is_lost(h: Harness)
     h.scan_requests.failures.pending = [KafkaConnectionError("broker down")] * 2
     h.dead_letters.failures.pending = [KafkaConnectionError("broker down")]
     await h.service.handle_batch(records(heartbeat(), b"garbage"))
+    await h.service.flush()
 
     assert h.scan_requests.pairs() == [("org-1", "8.8.8.8")]
     assert [r.reason for r in h.dead_letters.published] == [RejectReason.INVALID_JSON]
@@ -621,6 +631,67 @@ async def test_crash_between_upsert_and_publish_still_sends_the_request(h: Harne
     h.clock.now = NOW + LEASE + timedelta(seconds=1)
     assert await h.service.relay_unsent() == 1
     assert h.scan_requests.pairs() == [("org-1", "8.8.8.8")]
+    assert h.store.pending() == set()
+
+
+async def test_the_batch_returns_before_its_outbox_is_marked_and_marks_run_one_at_a_time(
+    h: Harness,
+) -> None:
+    release = asyncio.Event()
+    marking = h.store.mark_requested
+
+    async def slow_mark(ids: Collection[Any], now: datetime) -> None:
+        await release.wait()
+        await marking(ids, now)
+
+    h.store.mark_requested = slow_mark  # type: ignore[method-assign]
+    await h.service.handle_batch(records(heartbeat(ip="8.8.8.8")))
+    # Published and returned (so the batch can be committed), not yet marked.
+    assert h.scan_requests.pairs() == [("org-1", "8.8.8.8")]
+    assert h.store.pending() == {("org-1", "8.8.8.8")}
+
+    second = asyncio.create_task(h.service.handle_batch(records(heartbeat(ip="1.1.1.1"))))
+    await asyncio.wait_for(h.scan_requests.published_count(2), timeout=5)
+    assert not second.done(), "a second marking started while the first was in progress"
+    release.set()
+    await second
+    await h.service.flush()
+    assert h.store.pending() == set()
+
+
+async def test_a_failed_marking_leaves_the_pairs_to_the_relay(h: Harness) -> None:
+    h.store.mark_failures.pending = [ValueError("a bug")]
+    await h.service.handle_batch(records(heartbeat()))
+    await h.service.flush()  # logged, not raised: the outbox still says pending
+    assert h.store.pending() == {("org-1", "8.8.8.8")}
+    h.clock.now = NOW + LEASE + timedelta(seconds=1)
+    assert await h.service.relay_unsent() == 1
+    assert h.store.pending() == set()
+
+
+async def test_a_large_batch_is_written_in_chunks_each_pair_once(h: Harness) -> None:
+    n = WRITE_CHUNK * 2 + 7
+    batch = records(*(heartbeat(ip=f"8.8.{i // 250}.{i % 250 + 1}") for i in range(n)))
+    report = await h.service.handle_batch(batch)
+    await h.service.flush()
+    assert [len(chunk) for chunk in h.store.recorded] == [WRITE_CHUNK, WRITE_CHUNK, 7]
+    assert len(report.created) == n == len(set(h.scan_requests.pairs()))
+    assert h.store.pending() == set()
+
+
+async def test_a_failing_chunk_cancels_the_others_and_raises_its_own_error(h: Harness) -> None:
+    h.store.record_failures.pending = [ValueError("a bug")]
+    batch = records(
+        *(heartbeat(ip=f"8.8.{i // 250}.{i % 250 + 1}") for i in range(WRITE_CHUNK * 2))
+    )
+    with pytest.raises(ValueError, match="a bug"):
+        await h.service.handle_batch(batch)
+    # Redelivery writes everything; pairs the other chunk created go out via the relay.
+    await h.service.handle_batch(batch)
+    h.clock.now = NOW + LEASE + timedelta(seconds=1)
+    await h.service.relay_unsent(limit=10_000)
+    await h.service.flush()
+    assert len(set(h.scan_requests.pairs())) == WRITE_CHUNK * 2
     assert h.store.pending() == set()
 
 
@@ -718,7 +789,12 @@ def test_batch_report_counts_add_up(batches: list[list[bytes | None]]) -> None:
     async def run() -> list[BatchReport]:
         return [await h.service.handle_batch(records(*batch)) for batch in batches]
 
-    reports = asyncio.run(run())
+    async def run_and_flush() -> list[BatchReport]:
+        reports = await run()
+        await h.service.flush()
+        return reports
+
+    reports = asyncio.run(run_and_flush())
     for report, batch in zip(reports, batches, strict=True):
         assert report.records == len(batch)
         assert_adds_up(report)
