@@ -3,6 +3,9 @@
 
     python3 tasks.py dev     # install (first time) and run `recon-stream dev`
     python3 tasks.py test    # install (first time) and run lint, types and every test
+    python3 tasks.py repeat N [--jobs J] [PYTEST ARGS]
+                             # the integration suite N times (J copies side by side, to
+                             # load the CPU), then which tests failed in how many runs
 
 It installs the pinned uv into `.tools/` (a virtualenv of its own), and lets
 uv create `.venv` with the locked dependencies (`uv.lock`) before running the
@@ -12,9 +15,11 @@ command.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -64,6 +69,42 @@ def install_test_tools() -> None:
         sh("npm", "ci", "--no-audit", "--no-fund", "--loglevel=error", cwd=tools)
 
 
+def repeat(times: int, jobs: int, extra: list[str]) -> None:
+    """Run the integration suite `times` times, `jobs` copies at once; exit 1 if any failed.
+
+    Each copy starts its own servers on free ports, so copies side by side are
+    independent; they only compete for the CPU, which is the point: a test that
+    waits on a clock instead of a condition fails under load.
+    """
+    command = [str(BIN / "python"), "-m", "pytest", "tests/integration", "-q", "-rfE"]
+    command += ["-p", "no:cacheprovider", *extra]
+    failed: dict[str, int] = {}
+    bad_runs = 0
+    with tempfile.TemporaryDirectory(prefix="recon-repeat-") as logs:
+        for start in range(0, times, jobs):
+            wave = range(start + 1, min(start + jobs, times) + 1)
+            running = []
+            for run in wave:
+                log = Path(logs) / f"run-{run}.log"
+                with log.open("w") as out:
+                    proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                running.append((run, proc, log))
+            for run, proc, log in running:
+                code = proc.wait()
+                text = log.read_text(errors="replace")
+                summary = text.strip().splitlines()[-1] if text.strip() else "(no output)"
+                print(f"run {run}/{times}: {summary}", flush=True)
+                if code:
+                    bad_runs += 1
+                    print(text[-6000:], flush=True)
+                for name in re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.MULTILINE):
+                    failed[name] = failed.get(name, 0) + 1
+    print(f"{times - bad_runs} of {times} runs passed")
+    for name, count in sorted(failed.items(), key=lambda item: -item[1]):
+        print(f"  failed in {count} run(s): {name}")
+    sys.exit(1 if bad_runs else 0)
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "help"
     extra = sys.argv[2:]
@@ -77,6 +118,14 @@ def main() -> None:
         sh(BIN / "ruff", "format", "--check", "recon_stream", "tests", "bench")
         sh(BIN / "mypy")
         sh(BIN / "python", "-m", "pytest", *(extra or ["-q"]))
+    elif command == "repeat":
+        if not extra or not extra[0].isdigit():
+            sys.exit("usage: python3 tasks.py repeat N [--jobs J] [PYTEST ARGS]")
+        times, rest, jobs = int(extra[0]), extra[1:], 1
+        if rest[:1] == ["--jobs"] and len(rest) > 1 and rest[1].isdigit():
+            jobs, rest = int(rest[1]), rest[2:]
+        install(dev=True)
+        repeat(times, max(1, jobs), rest)
     else:
         print(__doc__)
         sys.exit(0 if command == "help" else 2)

@@ -105,8 +105,11 @@ async def produce(
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, idle: float = 2.0, limit: float = 30.0) -> list[Any]:
-    """Every record on `topic`, reading until nothing new arrives for `idle` seconds."""
+async def read_all(
+    bootstrap: str, topic: str, idle: float = 2.0, limit: float = 30.0, expect: int = 0
+) -> list[Any]:
+    """Every record on `topic`: at least `expect` of them (waiting up to `limit`
+    seconds for them), then whatever else arrives before `idle` quiet seconds."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -125,11 +128,23 @@ async def read_all(bootstrap: str, topic: str, idle: float = 2.0, limit: float =
             if got:
                 records.extend(got)
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > (idle if records else idle * 3):
+            elif len(records) >= expect and time.monotonic() - quiet_since > (
+                idle if records else idle * 3
+            ):
                 break
     finally:
         await consumer.stop()
     return records
+
+
+def assigned_partitions(worker: Worker, topic: str) -> set[int]:
+    """The partitions of `topic` the worker's consumers hold now."""
+    held: set[int] = set()
+    for subscriber in worker.broker.subscribers:
+        consumer = getattr(subscriber, "consumer", None)
+        if consumer is not None:
+            held |= {tp.partition for tp in consumer.assignment() if tp.topic == topic}
+    return held
 
 
 async def eventually(
@@ -222,7 +237,7 @@ def host(ip: str, *banners: dict[str, Any]) -> dict[str, Any]:
 async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
     async def enough() -> list[dict[str, Any]] | None:
         records = await read_all(
-            settings.kafka_bootstrap_servers, settings.topic_exposures, idle=1.0
+            settings.kafka_bootstrap_servers, settings.topic_exposures, idle=1.0, expect=n
         )
         return [json.loads(r.value) for r in records] if len(records) >= n else None
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 from recon_stream.settings import Settings
 
-from .support import T0, eventually, heartbeat, minutes, produce, read_all, running, sample
+from .support import (
+    T0,
+    assigned_partitions,
+    eventually,
+    heartbeat,
+    minutes,
+    produce,
+    read_all,
+    running,
+    sample,
+)
 
 
 async def _docs(db: Any, **query: Any) -> list[dict[str, Any]]:
@@ -77,7 +86,13 @@ async def test_repeats_coalesce_and_each_new_pair_is_requested_once(
     await produce(settings.kafka_bootstrap_servers, settings.topic_heartbeats, values)
     async with running(settings) as worker:
         await eventually(lambda: _sent(db, len(pairs)))
-        await asyncio.sleep(1.0)
+
+        async def all_counted() -> bool:
+            outcomes = ("accepted", "duplicate", "non_public", "invalid")
+            counted = sum(sample(worker, "recon_heartbeats_total", outcome=o) for o in outcomes)
+            return counted == len(values)
+
+        await eventually(all_counted)
         writes = sample(
             worker, "recon_mongodb_writes_total", collection="org_ips", operation="upsert"
         )
@@ -94,7 +109,9 @@ async def test_repeats_coalesce_and_each_new_pair_is_requested_once(
     assert sum(counted.values()) == len(values)
     assert counted["accepted"] == writes
 
-    requests = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+    requests = await read_all(
+        settings.kafka_bootstrap_servers, settings.topic_scan_requests, expect=len(pairs)
+    )
     bodies = [json.loads(r.value) for r in requests]
     assert sorted((b["organization_id"], b["ip"]) for b in bodies) == sorted(pairs)
     assert all(b["reason"] == "new" for b in bodies)
@@ -112,11 +129,20 @@ async def test_two_workers_racing_send_exactly_one_request_per_new_pair(
         for a in range(3)
         for i, (org, ip) in enumerate(pairs)
     ]
-    async with running(settings), running(settings):
-        await asyncio.sleep(6)  # both members joined and partitions split
+    async with running(settings) as one, running(settings) as two:
+
+        async def both_members_hold_partitions() -> bool:
+            mine = assigned_partitions(one, settings.topic_heartbeats)
+            theirs = assigned_partitions(two, settings.topic_heartbeats)
+            every = set(range(settings.kafka_topic_partitions))
+            return bool(mine and theirs) and not mine & theirs and mine | theirs == every
+
+        await eventually(both_members_hold_partitions, timeout=60)
         await produce(settings.kafka_bootstrap_servers, settings.topic_heartbeats, values)
         await eventually(lambda: _sent(db, len(pairs)), timeout=60)
-        requests = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+        requests = await read_all(
+            settings.kafka_bootstrap_servers, settings.topic_scan_requests, expect=len(pairs)
+        )
     keys = [(json.loads(r.value)["organization_id"], json.loads(r.value)["ip"]) for r in requests]
     assert len(keys) == len(pairs), f"{len(keys) - len(set(keys))} duplicates"
     assert set(keys) == set(pairs)
@@ -144,7 +170,7 @@ async def test_bad_input_goes_to_the_dlq_byte_for_byte_and_the_worker_keeps_goin
     await produce(settings.kafka_bootstrap_servers, settings.topic_heartbeats, values)
     async with running(settings) as worker:
         await eventually(lambda: _sent(db, 2))
-        dead = await read_all(settings.kafka_bootstrap_servers, settings.topic_dlq)
+        dead = await read_all(settings.kafka_bootstrap_servers, settings.topic_dlq, expect=len(bad))
         dlq_counts = {
             reason: sample(worker, "recon_dlq_messages_total", reason=reason) for reason in bad
         }
@@ -206,6 +232,8 @@ async def test_non_public_addresses_are_counted_and_never_requested(
             return sample(worker, "recon_heartbeats_total", outcome="non_public") == len(private)
 
         await eventually(all_counted)
-        requests = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+        requests = await read_all(
+            settings.kafka_bootstrap_servers, settings.topic_scan_requests, expect=1
+        )
     assert [d["ip"] for d in await _docs(db)] == ["1.1.1.1"]
     assert [json.loads(r.value)["ip"] for r in requests] == ["1.1.1.1"]

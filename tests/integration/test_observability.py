@@ -55,11 +55,11 @@ async def test_one_trace_leads_from_a_heartbeat_to_its_exposure_events(
 
     # Over the wire: the scan request and both events carry the heartbeat's trace.
     requests = await read_all(
-        scan_settings.kafka_bootstrap_servers, scan_settings.topic_scan_requests, idle=0.5
+        scan_settings.kafka_bootstrap_servers, scan_settings.topic_scan_requests, idle=0.5, expect=1
     )
     assert [trace_id_of(r) for r in requests] == [TRACE_ID]
     records = await read_all(
-        scan_settings.kafka_bootstrap_servers, scan_settings.topic_exposures, idle=0.5
+        scan_settings.kafka_bootstrap_servers, scan_settings.topic_exposures, idle=0.5, expect=2
     )
     assert [trace_id_of(r) for r in records] == [TRACE_ID, TRACE_ID]
 

@@ -88,7 +88,9 @@ async def test_a_worker_killed_mid_stream_and_restarted_loses_no_heartbeat(
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
     assert await _count(db) == n
-    requests = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+    requests = await read_all(
+        settings.kafka_bootstrap_servers, settings.topic_scan_requests, expect=n
+    )
     requested = {
         (json.loads(r.value)["organization_id"], json.loads(r.value)["ip"]) for r in requests
     }
@@ -117,7 +119,9 @@ async def test_relay_sends_a_request_left_pending_by_a_crash(settings: Settings,
             return await _count(db, **{"scan_request.state": "sent"}) == 1
 
         await eventually(sent)
-    requests = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+    requests = await read_all(
+        settings.kafka_bootstrap_servers, settings.topic_scan_requests, expect=1
+    )
     assert [(json.loads(r.value)["ip"], json.loads(r.value)["reason"]) for r in requests] == [
         ("4.4.4.4", "new")
     ]
@@ -168,8 +172,12 @@ async def test_mongodb_outage_pauses_commits_nothing_and_recovers(
                 return await db.org_ips.count_documents({"scan_request.state": "sent"}) == n
 
             await eventually(lambda: landed(1))
-            await asyncio.sleep(1)  # let the commit of the first batch go through
-            before = await _committed(settings)
+
+            async def first_batch_committed() -> dict[int, int | None] | None:
+                committed = await _committed(settings)
+                return committed if sum(c or 0 for c in committed.values()) == 1 else None
+
+            before = await eventually(first_batch_committed)
             await client.close()
 
             mongo.stop()

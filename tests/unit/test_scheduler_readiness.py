@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +34,21 @@ class FakeLease:
         return None
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return once `condition()` holds (the loop under test runs meanwhile)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def until_ready_says(s: Scheduler, timeout: float = 10.0) -> str:
+    """Return the first reason `ready()` gives for not being ready."""
+    async with asyncio.timeout(timeout):
+        while (reason := await s.ready()) is None:
+            await asyncio.sleep(0.01)
+    return reason
+
+
 def scheduler(lease: FakeLease) -> Scheduler:
     nothing: Any = None
     scheduler = Scheduler(
@@ -60,8 +76,7 @@ async def test_leading_and_standing_by_are_both_ready(leading: bool, state: str)
     s = scheduler(FakeLease(leading))
     assert await s.ready() == "scheduler has not reached the lease yet"
     task = asyncio.create_task(s.run(tick=0.05))
-    await asyncio.sleep(0.2)
-    assert s.state == state
+    await until(lambda: s.state == state)
     assert await s.ready() is None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -73,12 +88,10 @@ async def test_a_lease_loop_that_stops_answering_is_not_ready() -> None:
     lease = FakeLease(True)
     s = scheduler(lease)
     task = asyncio.create_task(s.run(tick=0.05))
-    await asyncio.sleep(0.1)
+    await until(lambda: s.state == "leading")
     assert await s.ready() is None
     lease.hang = hang  # the store stops answering: no more rounds
-    await asyncio.sleep(3 * 0.05 + 0.2 + 0.3)
-    reason = await s.ready()
-    assert reason is not None
+    reason = await until_ready_says(s)
     assert reason.startswith("scheduler stalled: no lease round for")
     hang.set()
     task.cancel()
