@@ -42,6 +42,10 @@ class Lease:
         if result.matched_count:
             self.held = True
             return True
+        # An update, then an insert on a miss, not one upsert: SecantusDB (the
+        # fallback where mongod cannot install) mishandled upserts (DESIGN.md).
+        # On mongod the two steps are as correct: a lease someone else holds
+        # makes the insert fail on `_id`, which is the answer "not leading".
         try:
             await self._collection.insert_one(
                 {
