@@ -17,6 +17,9 @@ fresh database:
     rate seen by the emulator over the steady window (first 2 s after the first
     lookup and last 2 s before the last one left out), divided by R. The
     limiter keeps a 3% margin (recon_stream/ratelimit.py): ~0.97 is the ceiling.
+    With --burn-cores N, N other processes spin on a core each meanwhile: the
+    budget must hold and stay used on a loaded machine (slots a late lookup
+    forfeits are reported as `slots_missed`).
 
 Prints one JSON object on stdout (logs go to stderr). Example:
     python bench/scanner.py            # full run, ~1-2 minutes
@@ -53,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.emulators.shodan import ShodanEmulator
 from tests.integration import support
 from tests.integration.support import prepare, running
+from tests.load.burn import burning
 
 HOST_PATH = "/shodan/host/"
 
@@ -318,6 +322,7 @@ async def measure_budget(
             return [r for r in emulator.requests if r.path.startswith(HOST_PATH)]
 
         async with AsyncExitStack() as stack:
+            stack.enter_context(burning(args.burn_cores))
             reader = await stack.enter_async_context(EventReader(settings))
             started = time.monotonic()
             workers = [build_worker(settings, ("scanner",)) for _ in range(args.replicas)]
@@ -331,6 +336,10 @@ async def measure_budget(
                 await asyncio.sleep(0.1)
             await reader.wait_for(pairs, within=30)
             await asyncio.sleep(2.0)  # would-be duplicate lookups show up here
+            missed = sum(
+                w.metrics.registry.get_sample_value("recon_rate_limiter_slots_missed_total") or 0.0
+                for w in workers
+            )
 
         lookups = host_requests()
         times = sorted(r.at for r in lookups)
@@ -358,6 +367,7 @@ async def measure_budget(
         result = {
             "backlog_ips": len(ips),
             "scanner_replicas": args.replicas,
+            "cores_burned": args.burn_cores,
             "lookup_loops_per_replica": settings.scanner_concurrency,
             "shodan_rate": rate,
             "emulator_rate": rate,
@@ -376,6 +386,7 @@ async def measure_budget(
             "max_requests_in_any_1s_window": max_1s,
             "max_lookups_in_any_1s_window": max_1s_lookups,
             "violations": emulator.violations,
+            "slots_missed": int(missed),
             "non_200_lookups": sum(1 for r in lookups if r.status != 200),
             "lookups_per_ip": round(len(lookups) / len(ips), 3),
             "ips_looked_up_more_than_once": sum(1 for n in per_ip.values() if n > 1),
@@ -429,6 +440,9 @@ def main() -> None:
         "--concurrency", type=int, help="(b) lookup loops per replica (default: the setting's)"
     )
     parser.add_argument("--skip-s", type=float, default=2.0, help="(b) window trim, each end")
+    parser.add_argument(
+        "--burn-cores", type=int, default=0, help="(b) processes spinning on a core meanwhile"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
