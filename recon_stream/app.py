@@ -1,5 +1,12 @@
-"""The composition root: builds the broker, the MongoDB client, the workers and
-the status endpoint, and wires their lifecycles into one FastStream app.
+"""The composition root: the shared pieces of a worker process, built once, and
+one wiring function per role.
+
+`build_worker` builds what every role uses (`Shared`: the broker, the MongoDB
+client, the status server, the metrics, the outage record, the backoff, the
+gauge samplers and the background tasks), then calls the wiring function of
+each role it runs, in `ROLE_WIRING` order. A role's function is the one place
+that says what runs in that role. To add a role, write `wire_<role>(shared)`
+and add one line to `ROLE_WIRING`.
 
 Resources open in startup hooks and close after shutdown, so in-flight
 handlers keep their connections until the broker has stopped them.
@@ -15,7 +22,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +32,9 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream import __version__, tracing
 from recon_stream.adapters import kafka, mongo
@@ -45,8 +54,9 @@ from recon_stream.status import StatusServer
 
 log = logging.getLogger(__name__)
 
-ROLES = ("ingest", "scanner", "scheduler")
 SENDER_SWITCH_INTERVAL = 0.001
+
+Sampler = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -66,6 +76,72 @@ class Outages:
 
 
 @dataclass
+class Shared:
+    """What every role of a process uses, built once by `build_worker`."""
+
+    settings: Settings
+    app: FastStream
+    broker: KafkaBroker
+    client: AsyncMongoClient[mongo.Document]
+    db: AsyncDatabase[mongo.Document]
+    metrics: Metrics
+    status: StatusServer
+    outages: Outages
+    backoff: Backoff
+    tracer: Tracer
+    lag_probe: kafka.LagProbe
+    samplers: list[Sampler] = field(default_factory=list)
+    tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def subscribe(
+        self,
+        topic: str,
+        group_id: str,
+        handle: Callable[[Sequence[RawRecord]], Awaitable[object]],
+        *,
+        what: str,
+        max_records: int,
+        batch_timeout_ms: int,
+        max_partition_fetch_bytes: int = 1024 * 1024,
+    ) -> None:
+        """`subscribe_batches` on this process's broker, pausing a tenth of the backoff."""
+        subscribe_batches(
+            self.broker,
+            self.settings,
+            topic,
+            group_id,
+            handle,
+            what=what,
+            max_records=max_records,
+            batch_timeout_ms=batch_timeout_ms,
+            pause=self.backoff.maximum / 10,
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+        )
+
+    def run(self, task: Callable[[], Coroutine[Any, Any, None]], copies: int = 1) -> None:
+        """Run `task` in the background from startup until shutdown (`copies` times)."""
+        self.tasks.extend([task] * copies)
+
+    def sample(self, *samplers: Sampler) -> None:
+        """Call `samplers` every RECON_GAUGE_SAMPLE_SECONDS."""
+        self.samplers.extend(samplers)
+
+    def sample_lag(self, group: str, topic: str) -> None:
+        """Sample the consumer lag of `group` on `topic`."""
+
+        async def sample() -> None:
+            for partition, lag in (await self.lag_probe.lag(group, topic)).items():
+                self.metrics.consumer_lag.labels(group, topic, str(partition)).set(lag)
+
+        self.sample(sample)
+
+    def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Call `close` after the broker stopped, before the shared resources close."""
+        self.closers.append(close)
+
+
+@dataclass
 class Worker:
     """A built, not yet started, worker process."""
 
@@ -75,9 +151,23 @@ class Worker:
     metrics: Metrics
     status: StatusServer
     mongo_client: AsyncMongoClient[mongo.Document]
-    ingest: IngestService | None = None
-    scanner: ScannerService | None = None
-    scheduler: Scheduler | None = None
+    services: dict[str, object] = field(default_factory=dict)
+    """What each role's wiring function returned, by role."""
+
+    @property
+    def ingest(self) -> IngestService | None:
+        service = self.services.get("ingest")
+        return service if isinstance(service, IngestService) else None
+
+    @property
+    def scanner(self) -> ScannerService | None:
+        service = self.services.get("scanner")
+        return service if isinstance(service, ScannerService) else None
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        service = self.services.get("scheduler")
+        return service if isinstance(service, Scheduler) else None
 
 
 async def serve(worker: Worker) -> None:
@@ -140,6 +230,161 @@ def subscribe_batches(
             raise
 
 
+# --- the roles ---------------------------------------------------------------------
+
+
+def wire_ingest(shared: Shared) -> IngestService:
+    """Heartbeats in, (organization, IP) pairs upserted, scan requests out; the relay."""
+    settings, metrics = shared.settings, shared.metrics
+    org_ips = mongo.MongoOrgIps(
+        shared.db,
+        max_agents=settings.ingest_max_agents_per_ip,
+        max_sites=settings.ingest_max_sites_per_ip,
+        lease=timedelta(seconds=settings.ingest_request_lease_seconds),
+    )
+    service = IngestService(
+        org_ips,
+        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests),
+        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        SeenPairs(settings.ingest_cache_size, settings.ingest_refresh_interval_seconds),
+        metrics,
+        shared.backoff,
+        on_outage=shared.outages.failed,
+        on_recovery=shared.outages.recovered,
+        tracer=shared.tracer,
+    )
+    shared.subscribe(
+        settings.topic_heartbeats,
+        settings.ingest_group_id,
+        service.handle_batch,
+        what="heartbeat batch",
+        max_records=settings.ingest_max_records,
+        batch_timeout_ms=settings.ingest_batch_timeout_ms,
+        max_partition_fetch_bytes=settings.ingest_max_partition_fetch_bytes,
+    )
+    shared.run(lambda: service.run_relay(settings.ingest_relay_interval_seconds))
+
+    async def sample_outbox() -> None:
+        metrics.outbox_pending.labels("scan_requests").set(await org_ips.unsent_count())
+
+    shared.sample_lag(settings.ingest_group_id, settings.topic_heartbeats)
+    shared.sample(sample_outbox)
+
+    async def flush() -> None:
+        # Pairs whose marking does not finish in time are sent again by a
+        # relay after their lease: a duplicate, never a loss.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.graceful_timeout_seconds):
+                await service.flush()
+
+    shared.on_close(flush)
+    return service
+
+
+def wire_scanner(shared: Shared) -> ScannerService:
+    """Scan requests into the durable queue; lookups within the shared budget; events out."""
+    settings, metrics, db = shared.settings, shared.metrics, shared.db
+    # A lookup's thread sends the moment its rate-limit slot opens, then waits for
+    # the GIL at each socket call; behind a busy event loop Python's default 5 ms
+    # hand-off would spend the slack the budget keeps for exactly that moment.
+    sys.setswitchinterval(min(sys.getswitchinterval(), SENDER_SWITCH_INTERVAL))
+    gate = KeyGate(metrics)
+    metrics.shodan_rate_limit.set(settings.shodan_rate)
+    shared.status.add_check("shodan", gate.check)
+    provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
+    limiter = SharedRateLimiter(
+        db[BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
+    )
+    ip_scans = IpScans(db, settings.rescan_interval_seconds)
+    exposures = ExposureStore(db)
+    queue = ScanQueue(db)
+    scanner = ScannerService(
+        queue,
+        provider,
+        limiter,
+        ip_scans,
+        exposures,
+        kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
+        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        metrics,
+        shared.backoff,
+        gate,
+        reuse_age=settings.scan_reuse_seconds,
+        lease=timedelta(seconds=settings.scan_claim_lease_seconds),
+        on_outage=shared.outages.failed,
+        on_recovery=shared.outages.recovered,
+        tracer=shared.tracer,
+    )
+    # Requests are only moved into the durable scan queue here; while the
+    # key is rejected the handler waits and nothing is committed.
+    shared.subscribe(
+        settings.topic_scan_requests,
+        settings.scanner_group_id,
+        scanner.accept,
+        what="scan-request batch",
+        max_records=500,
+        batch_timeout_ms=100,
+    )
+    shared.run(lambda: scanner.run_key_checks(settings.shodan_key_check_seconds))
+    shared.run(scanner.run_lookups, copies=settings.scanner_concurrency)
+    shared.run(lambda: scanner.run_relay(settings.exposure_relay_interval_seconds))
+
+    async def sample_queue() -> None:
+        depth = await queue.depth()
+        for priority in (0, 1):
+            metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
+        metrics.outbox_pending.labels("exposure_events").set(await exposures.outbox_size())
+        oldest = await ip_scans.oldest_query()
+        if oldest is not None:
+            if oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=UTC)
+            metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
+
+    shared.sample_lag(settings.scanner_group_id, settings.topic_scan_requests)
+    shared.sample(sample_queue)
+    shared.on_close(provider.close)
+    return scanner
+
+
+def wire_scheduler(shared: Shared) -> Scheduler:
+    """One leader under a lease: rescans of stale IPs, retirement of unused pairs."""
+    settings, db = shared.settings, shared.db
+    scheduler = Scheduler(
+        db,
+        Lease(
+            db[LEASES],
+            "scheduler",
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            timedelta(seconds=settings.scheduler_lease_seconds),
+        ),
+        IpScans(db, settings.rescan_interval_seconds),
+        ExposureStore(db),
+        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests),
+        kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
+        shared.metrics,
+        shared.backoff,
+        rescan_interval=settings.rescan_interval_seconds,
+        retention=settings.ip_retention_seconds,
+    )
+    shared.status.add_check("scheduler", scheduler.ready)
+    shared.status.add_state("scheduler", lambda: scheduler.state)
+    shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
+    return scheduler
+
+
+ROLE_WIRING: Mapping[str, Callable[[Shared], object]] = {
+    "ingest": wire_ingest,
+    "scanner": wire_scanner,
+    "scheduler": wire_scheduler,
+}
+"""Each role and the function that wires it, in the order they are wired."""
+
+ROLES = tuple(ROLE_WIRING)
+
+
+# --- the process -------------------------------------------------------------------
+
+
 def build_worker(
     settings: Settings,
     roles: Collection[str],
@@ -157,9 +402,22 @@ def build_worker(
     ordered = [role for role in ROLES if role in roles]
     own_provider = tracer_provider is None
     exporting = tracer_provider or tracing.configure("recon-stream-" + "-".join(ordered))
+    shared = _build_shared(settings, exporting, ordered)
+    worker = Worker(
+        shared.app, shared.broker, settings, shared.metrics, shared.status, shared.client
+    )
+    for role in ordered:
+        worker.services[role] = ROLE_WIRING[role](shared)
+    _manage_lifecycle(shared, close_provider=exporting if own_provider else None)
+    return worker
+
+
+def _build_shared(
+    settings: Settings, exporting: TracerProvider | None, roles: Sequence[str]
+) -> Shared:
     tracer = tracing.tracer_from(exporting)
     metrics = Metrics()
-    metrics.build_info.labels(__version__, ",".join(ordered)).set(1)
+    metrics.build_info.labels(__version__, ",".join(roles)).set(1)
     metrics.rescan_interval.set(settings.rescan_interval_seconds)
     broker = kafka.build_broker(
         settings,
@@ -175,10 +433,8 @@ def build_worker(
     client = mongo.connect(
         settings, listeners=[tracing.MongoSpans(tracer)] if exporting is not None else []
     )
-    db = client[settings.mongodb_database]
     status = StatusServer(metrics.registry, settings.http_host, settings.http_port)
     outages = Outages()
-    backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
 
     async def kafka_ready() -> str | None:
         return None if await broker.ping(timeout=2.0) else "Kafka unreachable"
@@ -190,179 +446,30 @@ def build_worker(
     status.add_check("kafka", kafka_ready)
     status.add_check("mongodb", mongodb_ready)
     status.add_check("pipeline", outages.check)
+    return Shared(
+        settings=settings,
+        app=FastStream(broker),
+        broker=broker,
+        client=client,
+        db=client[settings.mongodb_database],
+        metrics=metrics,
+        status=status,
+        outages=outages,
+        backoff=Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
+        tracer=tracer,
+        lag_probe=kafka.LagProbe(settings),
+    )
 
-    app = FastStream(broker)
-    worker = Worker(app, broker, settings, metrics, status, client)
-    background: list[asyncio.Task[Any]] = []
-    # Gauges read from MongoDB and Kafka every RECON_GAUGE_SAMPLE_SECONDS.
-    samplers: list[Callable[[], Awaitable[None]]] = []
-    lag_probe = kafka.LagProbe(settings)
 
-    def sample_lag(group: str, topic: str) -> Callable[[], Awaitable[None]]:
-        async def sample() -> None:
-            for partition, lag in (await lag_probe.lag(group, topic)).items():
-                metrics.consumer_lag.labels(group, topic, str(partition)).set(lag)
-
-        return sample
-
-    if "ingest" in roles:
-        org_ips = mongo.MongoOrgIps(
-            db,
-            max_agents=settings.ingest_max_agents_per_ip,
-            max_sites=settings.ingest_max_sites_per_ip,
-            lease=timedelta(seconds=settings.ingest_request_lease_seconds),
-        )
-        service = IngestService(
-            org_ips,
-            kafka.KafkaScanRequests(broker, settings.topic_scan_requests),
-            kafka.KafkaDeadLetters(broker, settings.topic_dlq),
-            SeenPairs(settings.ingest_cache_size, settings.ingest_refresh_interval_seconds),
-            metrics,
-            backoff,
-            on_outage=outages.failed,
-            on_recovery=outages.recovered,
-            tracer=tracer,
-        )
-        worker.ingest = service
-
-        async def sample_ingest_outbox() -> None:
-            metrics.outbox_pending.labels("scan_requests").set(await org_ips.unsent_count())
-
-        samplers += [
-            sample_lag(settings.ingest_group_id, settings.topic_heartbeats),
-            sample_ingest_outbox,
-        ]
-
-        subscribe_batches(
-            broker,
-            settings,
-            settings.topic_heartbeats,
-            settings.ingest_group_id,
-            service.handle_batch,
-            what="heartbeat batch",
-            max_records=settings.ingest_max_records,
-            batch_timeout_ms=settings.ingest_batch_timeout_ms,
-            max_partition_fetch_bytes=settings.ingest_max_partition_fetch_bytes,
-            pause=backoff.maximum / 10,
-        )
-
-        @app.after_startup
-        async def start_relay() -> None:
-            background.append(
-                asyncio.create_task(service.run_relay(settings.ingest_relay_interval_seconds))
-            )
-
-    if "scanner" in roles:
-        # A lookup's thread sends the moment its rate-limit slot opens, then waits for
-        # the GIL at each socket call; behind a busy event loop Python's default 5 ms
-        # hand-off would spend the slack the budget keeps for exactly that moment.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SENDER_SWITCH_INTERVAL))
-        gate = KeyGate(metrics)
-        metrics.shodan_rate_limit.set(settings.shodan_rate)
-        status.add_check("shodan", gate.check)
-        provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
-        limiter = SharedRateLimiter(
-            db[BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
-        )
-        ip_scans = IpScans(db, settings.rescan_interval_seconds)
-        exposures = ExposureStore(db)
-        queue = ScanQueue(db)
-        scanner = ScannerService(
-            queue,
-            provider,
-            limiter,
-            ip_scans,
-            exposures,
-            kafka.KafkaExposureEvents(broker, settings.topic_exposures),
-            kafka.KafkaDeadLetters(broker, settings.topic_dlq),
-            metrics,
-            backoff,
-            gate,
-            reuse_age=settings.scan_reuse_seconds,
-            lease=timedelta(seconds=settings.scan_claim_lease_seconds),
-            on_outage=outages.failed,
-            on_recovery=outages.recovered,
-            tracer=tracer,
-        )
-        worker.scanner = scanner
-
-        # Requests are only moved into the durable scan queue here; while the
-        # key is rejected the handler waits and nothing is committed.
-        subscribe_batches(
-            broker,
-            settings,
-            settings.topic_scan_requests,
-            settings.scanner_group_id,
-            scanner.accept,
-            what="scan-request batch",
-            max_records=500,
-            batch_timeout_ms=100,
-            pause=backoff.maximum / 10,
-        )
-
-        async def sample_scanner() -> None:
-            depth = await queue.depth()
-            for priority in (0, 1):
-                metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
-            metrics.outbox_pending.labels("exposure_events").set(await exposures.outbox_size())
-            oldest = await ip_scans.oldest_query()
-            if oldest is not None:
-                if oldest.tzinfo is None:
-                    oldest = oldest.replace(tzinfo=UTC)
-                metrics.oldest_scan_age.set((datetime.now(UTC) - oldest).total_seconds())
-
-        samplers += [
-            sample_lag(settings.scanner_group_id, settings.topic_scan_requests),
-            sample_scanner,
-        ]
-
-        @app.after_startup
-        async def start_scanner() -> None:
-            background.append(
-                asyncio.create_task(scanner.run_key_checks(settings.shodan_key_check_seconds))
-            )
-            background.extend(
-                asyncio.create_task(scanner.run_lookups())
-                for _ in range(settings.scanner_concurrency)
-            )
-            background.append(
-                asyncio.create_task(scanner.run_relay(settings.exposure_relay_interval_seconds))
-            )
-
-        @app.after_shutdown
-        async def close_provider() -> None:
-            await provider.close()
-
-    if "scheduler" in roles:
-        scheduler = Scheduler(
-            db,
-            Lease(
-                db[LEASES],
-                "scheduler",
-                f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                timedelta(seconds=settings.scheduler_lease_seconds),
-            ),
-            IpScans(db, settings.rescan_interval_seconds),
-            ExposureStore(db),
-            kafka.KafkaScanRequests(broker, settings.topic_scan_requests),
-            kafka.KafkaExposureEvents(broker, settings.topic_exposures),
-            metrics,
-            backoff,
-            rescan_interval=settings.rescan_interval_seconds,
-            retention=settings.ip_retention_seconds,
-        )
-        worker.scheduler = scheduler
-
-        status.add_check("scheduler", scheduler.ready)
-        status.add_state("scheduler", lambda: scheduler.state)
-
-        @app.after_startup
-        async def start_scheduler() -> None:
-            background.append(asyncio.create_task(scheduler.run(settings.scheduler_tick_seconds)))
+def _manage_lifecycle(shared: Shared, *, close_provider: TracerProvider | None) -> None:
+    """Status server up first; background tasks and sampling after startup; the roles'
+    closers, then the shared resources, after shutdown."""
+    app, settings = shared.app, shared.settings
+    background: list[asyncio.Task[None]] = []
 
     async def sample_gauges() -> None:
         while True:
-            for sample in samplers:
+            for sample in shared.samplers:
                 try:
                     await sample()
                 except asyncio.CancelledError:
@@ -373,11 +480,12 @@ def build_worker(
 
     @app.on_startup
     async def start_status() -> None:
-        await status.start()
+        await shared.status.start()
 
     @app.after_startup
-    async def start_sampling() -> None:
-        if samplers:
+    async def start_background() -> None:
+        background.extend(asyncio.create_task(task()) for task in shared.tasks)
+        if shared.samplers:
             background.append(asyncio.create_task(sample_gauges()))
 
     @app.on_shutdown
@@ -390,16 +498,10 @@ def build_worker(
 
     @app.after_shutdown
     async def close_resources() -> None:
-        if worker.ingest is not None:
-            # Pairs whose marking does not finish in time are sent again by a
-            # relay after their lease: a duplicate, never a loss.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settings.graceful_timeout_seconds):
-                    await worker.ingest.flush()
-        await lag_probe.close()
-        await client.close()
-        await status.stop()
-        if own_provider and exporting is not None:
-            exporting.shutdown()  # flushes the spans still batched
-
-    return worker
+        for close in shared.closers:
+            await close()
+        await shared.lag_probe.close()
+        await shared.client.close()
+        await shared.status.stop()
+        if close_provider is not None:
+            close_provider.shutdown()  # flushes the spans still batched
