@@ -242,13 +242,17 @@ class ScannerService:
         await self._retrying("completing the scan", lambda: self._queue.complete(item))
 
     async def _stored_if_fresh(self, item: QueueItem) -> HostScan | None:
-        if item.forced:
-            return None
         stored = await self._retrying(
             "reading the stored lookup", lambda: self._ip_scans.get(item.ip)
         )
         if stored is None:
             return None
+        if item.forced:
+            # A forced request wants a lookup made after it was asked for, not a new one
+            # per request: the scheduler asks once per org behind an IP, and a request
+            # that reaches the queue after that lookup finished must not repeat it.
+            asked = item.requested_at
+            return stored if asked is not None and stored.queried_at >= asked else None
         age = (datetime.now(UTC) - stored.queried_at).total_seconds()
         return stored if age < self._reuse_age else None
 

@@ -4,8 +4,10 @@ Every `tick` seconds each replica tries to take or renew the lease; only the
 holder works:
 
 - IPs whose lookup is due (`ip_scans.next_scan_at`, set by the scanner to the
-  rescan interval ± 10%) get a scan request with reason `rescan`, on behalf of
-  one org still using the IP; IPs no org uses any more are left alone.
+  rescan interval ± 10%) get a scan request with reason `rescan` for every org
+  still using the IP, one per (organization, IP) pair like ingest's: each
+  request names an org that really is behind the IP, and the scan queue folds
+  them into one lookup. IPs no org uses any more are left alone.
 - (organization, IP) pairs not seen for the retention period are retired, and
   their open exposures closed with reason `ip_retired` (through the outbox).
 """
@@ -109,24 +111,15 @@ class Scheduler:
         return await self.request_rescans(now), await self.retire_unused(now)
 
     async def request_rescans(self, now: datetime) -> int:
+        """Request a rescan of every due IP, one request per active (org, IP) pair."""
         due = await self._retrying(
             "finding due rescans", lambda: self._ip_scans.due(now, self._batch)
         )
-        requests = []
-        for ip in due:
-            orgs = await self._retrying(
-                "reading the orgs behind an IP",
-                lambda ip=ip: self._exposures.orgs_behind(ip),  # type: ignore[misc]
-            )
-            if orgs:
-                requests.append(
-                    ScanRequest(
-                        organization_id=orgs[0].organization_id,
-                        ip=ip,
-                        reason=ScanReason.RESCAN,
-                        requested_at=now,
-                    )
-                )
+        pairs = await self._retrying("reading the orgs behind due IPs", lambda: self._users(due))
+        requests = [
+            ScanRequest(organization_id=org, ip=ip, reason=ScanReason.RESCAN, requested_at=now)
+            for ip, org in pairs
+        ]
         if requests:
             await self._retrying("publishing rescans", lambda: self._requests.publish(requests))
             self._metrics.scan_requests.labels(ScanReason.RESCAN.value, "scheduler").inc(
@@ -140,6 +133,15 @@ class Scheduler:
                 lambda: self._ip_scans.postpone(due, now + timedelta(seconds=self._rescan)),
             )
         return len(requests)
+
+    async def _users(self, ips: Sequence[str]) -> list[tuple[str, str]]:
+        """The active (ip, organization) pairs of `ips`, in a stable order."""
+        if not ips:
+            return []
+        docs = await self._org_ips.find(
+            {"ip": {"$in": list(ips)}, "status": "active"}, {"organization_id": 1, "ip": 1}
+        ).to_list()
+        return sorted((doc["ip"], doc["organization_id"]) for doc in docs)
 
     async def retire_unused(self, now: datetime) -> int:
         cutoff = now - timedelta(seconds=self._retention)

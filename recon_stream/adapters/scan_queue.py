@@ -45,6 +45,8 @@ class QueueItem:
     orgs: tuple[str, ...]
     claim_until: datetime
     traces: tuple[dict[str, str], ...] = ()
+    requested_at: datetime | None = None
+    """When the oldest request the item holds was made."""
 
     @property
     def forced(self) -> bool:
@@ -108,6 +110,7 @@ class ScanQueue:
             orgs=tuple(doc.get("orgs", ())[:MAX_ORGS]),
             claim_until=doc["claim_until"],
             traces=tuple(doc.get("traces", ())),
+            requested_at=doc.get("requested_at"),
         )
 
     async def complete(self, item: QueueItem) -> bool:

@@ -23,6 +23,7 @@ from .support import (
     heartbeat,
     host,
     produce,
+    read_all,
     running,
     sample,
     start_worker,
@@ -122,6 +123,42 @@ async def test_a_rescan_that_closes_one_port_and_opens_another_emits_exactly_tha
     ]
     closed = next(e for e in later if e["data"]["change"] == "closed")
     assert closed["data"]["reason"] == "port_closed"
+
+
+async def test_a_rescan_of_a_shared_ip_is_requested_for_every_org_and_looked_up_once(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    ip = "44.1.2.4"
+    shodan_emulator.set_host(ip, host(ip, banner(22, "ssh", product="OpenSSH")))
+    settings = scan_settings.model_copy(update={"rescan_interval_seconds": 2.0})
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW), heartbeat("globex", ip, "g1", NOW)],
+    )
+    async with running(settings, ("ingest", "scanner", "scheduler")) as worker:
+        await events_on(settings, 2)
+
+        async def rescanned() -> bool:
+            return host_requests(shodan_emulator, ip) >= 2 and (
+                sample(worker, "recon_shodan_requests_total", provider="api", outcome="ok") >= 2
+            )
+
+        await eventually(rescanned, timeout=60)
+        lookups = host_requests(shodan_emulator, ip)
+        published = sample(
+            worker, "recon_scan_requests_published_total", reason="rescan", path="scheduler"
+        )
+    records = await read_all(settings.kafka_bootstrap_servers, settings.topic_scan_requests)
+    rescans = [json.loads(r.value) for r in records if json.loads(r.value)["reason"] == "rescan"]
+    assert len(rescans) == published
+    assert all(r["ip"] == ip for r in rescans)
+    by_org = {org: sum(r["organization_id"] == org for r in rescans) for org in ("acme", "globex")}
+    # Each round asks on behalf of both orgs, never one standing for the other.
+    assert by_org["acme"] == by_org["globex"] >= 1
+    assert len(rescans) == 2 * by_org["acme"]
+    # Two requests a round, one lookup a round (plus the first, for the new pair).
+    assert lookups <= 1 + by_org["acme"]
 
 
 @pytest.mark.parametrize("status", [404, 429, 500, 503, "slow"])
