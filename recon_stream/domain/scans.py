@@ -49,6 +49,9 @@ class HostScan(BaseModel):
     hostnames: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     vulns: tuple[str, ...] = ()
+    cpes: tuple[str, ...] = ()
+    """CPEs the provider gave for the host but for none of its services (InternetDB's
+    operating systems and products it could not place on an open port)."""
     org: str | None = None
     isp: str | None = None
     asn: str | None = None

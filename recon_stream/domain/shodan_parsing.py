@@ -9,6 +9,7 @@ an answer that is not a JSON object at all is rejected.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,20 +71,99 @@ def parse_internetdb(ip: str, payload: Mapping[str, Any], queried_at: datetime) 
     """An InternetDB answer `{ip, ports, cpes, hostnames, tags, vulns}` as a `HostScan`.
 
     InternetDB does not say which port a CPE or a CVE belongs to: ports become
-    bare TCP services, vulns stay at host level and CPEs are not kept.
-    Raises `ValueError` only when `payload` is not a JSON object.
+    bare TCP services and vulns stay at host level. An application CPE goes to
+    the open ports its product is known to serve (OpenSSH on 22, nginx on 80
+    and 443, ...), or to the only open port when there is one; the rest
+    (operating systems, hardware, products it cannot place) stay on the host
+    (`HostScan.cpes`). Raises `ValueError` only when `payload` is not a JSON
+    object.
     """
     if not isinstance(payload, Mapping):
         raise ValueError(f"InternetDB answer for {ip} is not an object")
+    ports = sorted(set(_ports(payload.get("ports"))))
+    by_port, unplaced = _place_cpes(_strings(payload.get("cpes")), ports)
     return HostScan(
         ip=ip,
         provider="internetdb",
         queried_at=_as_utc(queried_at),
-        services=tuple(Service(port=p) for p in sorted(set(_ports(payload.get("ports"))))),
+        services=tuple(Service(port=p, cpe=tuple(sorted(by_port.get(p, ())))) for p in ports),
         hostnames=_strings(payload.get("hostnames")),
         tags=_strings(payload.get("tags")),
         vulns=tuple(sorted(set(_vuln_ids(payload.get("vulns"))))),
+        cpes=tuple(sorted(unplaced)),
     )
+
+
+_WEB = (80, 443, 8000, 8008, 8080, 8081, 8443, 8888)
+_MAIL = (25, 465, 587)
+# The ports an application (by its CPE product name) usually listens on.
+_CPE_PRODUCT_PORTS: Mapping[str, tuple[int, ...]] = {
+    "openssh": (22, 2222),
+    "dropbear_ssh": (22, 2222),
+    "dropbear_ssh_server": (22, 2222),
+    "nginx": _WEB,
+    "http_server": _WEB,
+    "internet_information_services": _WEB,
+    "lighttpd": _WEB,
+    "tomcat": _WEB,
+    "jetty": _WEB,
+    "vsftpd": (21,),
+    "proftpd": (21,),
+    "pure-ftpd": (21,),
+    "filezilla_server": (21,),
+    "postfix": _MAIL,
+    "exim": _MAIL,
+    "sendmail": _MAIL,
+    "dovecot": (110, 143, 993, 995),
+    "bind": (53,),
+    "dnsmasq": (53,),
+    "unbound": (53,),
+    "samba": (139, 445),
+    "mysql": (3306,),
+    "mariadb": (3306,),
+    "postgresql": (5432,),
+    "sql_server": (1433,),
+    "redis": (6379,),
+    "mongodb": (27017,),
+    "elasticsearch": (9200, 9300),
+    "memcached": (11211,),
+    "rabbitmq": (5672, 15672),
+}
+
+
+def _place_cpes(cpes: Iterable[str], ports: Iterable[int]) -> tuple[dict[int, set[str]], set[str]]:
+    # Which open ports each CPE belongs to, as far as the CPE alone tells; and the rest.
+    open_ports = set(ports)
+    by_port: dict[int, set[str]] = {}
+    unplaced: set[str] = set()
+    for cpe in cpes:
+        parsed = _cpe_fields(cpe)
+        if parsed is None:
+            continue
+        part, _vendor, product = parsed
+        targets = open_ports & set(_CPE_PRODUCT_PORTS.get(product, ()))
+        if part == "a" and not targets and len(open_ports) == 1:
+            targets = open_ports
+        if part != "a" or not targets:
+            unplaced.add(cpe)
+        for port in targets:
+            by_port.setdefault(port, set()).add(cpe)
+    return by_port, unplaced
+
+
+def _cpe_fields(cpe: str) -> tuple[str, str, str] | None:
+    # (part, vendor, product) of a CPE 2.3 formatted string (`cpe:2.3:a:f5:nginx:1.18.0:…`)
+    # or a CPE 2.2 URI (`cpe:/a:openbsd:openssh:7.4`, what InternetDB has been seen to send).
+    text = cpe.strip().lower()
+    if text.startswith("cpe:2.3:"):
+        fields = re.split(r"(?<!\\):", text[len("cpe:2.3:") :])
+    elif text.startswith("cpe:/"):
+        fields = text[len("cpe:/") :].split(":")
+    else:
+        return None
+    if len(fields) < 3 or fields[0] not in ("a", "o", "h") or not fields[2]:
+        return None
+    return fields[0], fields[1], fields[2]
 
 
 def parse_timestamp(value: object) -> datetime | None:

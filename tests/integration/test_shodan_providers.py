@@ -270,10 +270,12 @@ async def test_internetdb_found_and_not_found(
     empty = await internetdb.lookup("203.0.113.9")
 
     assert scan.provider == "internetdb"
-    assert [(s.port, s.transport, s.module) for s in scan.services] == [
-        (443, "tcp", None),
-        (3389, "tcp", None),
+    # InternetDB's `cpes` name no port: nginx's goes to the web port.
+    assert [(s.port, s.transport, s.module, s.cpe) for s in scan.services] == [
+        (443, "tcp", None, ("cpe:2.3:a:f5:nginx:1.18.0",)),
+        (3389, "tcp", None, ()),
     ]
+    assert scan.cpes == ()
     assert scan.vulns == ("CVE-2021-23017",)
     assert scan.hostnames == ("rdp.example.net",)
     assert empty.services == ()

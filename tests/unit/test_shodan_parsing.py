@@ -298,10 +298,12 @@ def test_internetdb_answer() -> None:
     scan = parse_internetdb("192.0.2.7", payload, QUERIED)
     assert scan.provider == "internetdb"
     assert [(s.port, s.transport, s.module, s.cpe, s.vulns) for s in scan.services] == [
-        (22, "tcp", None, (), ()),
+        (22, "tcp", None, ("cpe:/a:openbsd:openssh:7.4",), ()),
         (445, "tcp", None, (), ()),
         (3389, "tcp", None, (), ()),
     ]
+    # The operating system belongs to the host, not to one of its ports.
+    assert scan.cpes == ("cpe:/o:microsoft:windows",)
     assert scan.vulns == ("CVE-2018-15473", "CVE-2019-0708")
     assert scan.hostnames == ("rdp.example.com",)
     assert scan.tags == ("self-signed",)
@@ -311,6 +313,43 @@ def test_internetdb_odd_fields() -> None:
     scan = parse_internetdb("192.0.2.7", {"ports": "22", "vulns": None, "cpes": 3}, QUERIED)
     assert scan.services == ()
     assert scan.vulns == ()
+
+
+def test_internetdb_cpes_go_to_the_ports_their_products_serve() -> None:
+    payload = {
+        "ports": [80, 443, 3306, 3389],
+        "cpes": [
+            "cpe:2.3:a:f5:nginx:1.18.0:*:*:*:*:*:*:*",
+            "cpe:2.3:a:oracle:mysql:8.0.32",
+            "cpe:2.3:a:openbsd:openssh:8.9",  # port 22 is not open here
+            "cpe:/a:example:unknown_product",
+            "cpe:2.3:h:cisco:asa_5505:-",
+            "not a cpe",
+            "cpe:/x:bad:part",
+        ],
+    }
+    scan = parse_internetdb("192.0.2.7", payload, QUERIED)
+    assert {s.port: s.cpe for s in scan.services} == {
+        80: ("cpe:2.3:a:f5:nginx:1.18.0:*:*:*:*:*:*:*",),
+        443: ("cpe:2.3:a:f5:nginx:1.18.0:*:*:*:*:*:*:*",),
+        3306: ("cpe:2.3:a:oracle:mysql:8.0.32",),
+        3389: (),
+    }
+    assert scan.cpes == (
+        "cpe:/a:example:unknown_product",
+        "cpe:2.3:a:openbsd:openssh:8.9",
+        "cpe:2.3:h:cisco:asa_5505:-",
+    )
+
+
+def test_internetdb_application_cpes_of_a_single_port_host_are_that_port_s() -> None:
+    payload = {
+        "ports": [8090],
+        "cpes": ["cpe:/a:example:custom_app:2", "cpe:/o:linux:linux_kernel"],
+    }
+    scan = parse_internetdb("192.0.2.7", payload, QUERIED)
+    assert [(s.port, s.cpe) for s in scan.services] == [(8090, ("cpe:/a:example:custom_app:2",))]
+    assert scan.cpes == ("cpe:/o:linux:linux_kernel",)
 
 
 @pytest.mark.parametrize(
