@@ -125,6 +125,7 @@ def main() -> None:
         if rest[:1] == ["--jobs"] and len(rest) > 1 and rest[1].isdigit():
             jobs, rest = int(rest[1]), rest[2:]
         install(dev=True)
+        install_test_tools()
         repeat(times, max(1, jobs), rest)
     else:
         print(__doc__)
