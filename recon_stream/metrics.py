@@ -81,7 +81,7 @@ class Metrics:
         self.shodan_requests = Counter(
             "recon_shodan_requests",
             "Shodan lookups by provider and outcome: ok, not_found, rate_limited, "
-            "unauthorized, transient.",
+            "unauthorized, transient, permanent.",
             ["provider", "outcome"],
             registry=r,
         )

@@ -32,6 +32,7 @@ from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import QueueItem, ScanQueue
 from recon_stream.adapters.shodan import (
     NotSent,
+    Permanent,
     RateLimited,
     ShodanProvider,
     Transient,
@@ -296,6 +297,14 @@ class ScannerService:
             log.warning("lookup of an IP failed (%s); retry in %.1fs", outcome, delay)
             await self._queue.retry_later(item, delay)
             return None
+        except Permanent as error:
+            # Asking again soon would only spend budget on the same refusal; the item
+            # waits a rescan interval, recorded and counted, while other IPs go on.
+            outcome = "permanent"
+            delay = self._ip_scans.rescan_interval
+            log.warning("lookup of an IP refused (%s); asked again in %.0fs", error, delay)
+            await self._queue.retry_later(item, delay, error=str(error))
+            return None
         finally:
             if outcome != "not_sent":
                 self._record(span, outcome, reserved, slot.entered_at)
@@ -371,7 +380,7 @@ class ScannerService:
                     self.gate.accept()
                 except Unauthorized as error:
                     self.gate.reject(f"Shodan rejected the API key ({error}); lookups paused")
-                except (RateLimited, Transient):
+                except (RateLimited, Transient, Permanent):
                     pass  # says nothing about the key
                 except asyncio.CancelledError:
                     raise

@@ -73,6 +73,11 @@ class IpScans:
         self._collection: AsyncCollection[Document] = db[IP_SCANS]
         self._rescan = rescan_interval
 
+    @property
+    def rescan_interval(self) -> float:
+        """Seconds between lookups of one IP (before jitter)."""
+        return self._rescan
+
     async def get(self, ip: str) -> HostScan | None:
         doc = await self._collection.find_one({"_id": ip})
         return HostScan.model_validate(doc["scan"]) if doc else None

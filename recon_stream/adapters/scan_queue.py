@@ -7,7 +7,8 @@ rescans, oldest first, whatever order Kafka delivered them in.
 
     {_id: ip, priority: 0 (new/manual) | 1 (rescan), requested_at, orgs: [...],
      reasons: [...], seq, attempts, not_before, claim_until,
-     traces: [{traceparent, tracestate}, ...]}
+     traces: [{traceparent, tracestate}, ...],
+     last_error: {message, at}}    # why the last lookup failed, when it was recorded
 
 `seq` grows with every request for the IP; a finished lookup deletes the item
 only if no request arrived meanwhile, otherwise releases it to run again.
@@ -33,6 +34,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 0, ScanReason.RESCAN: 1}
 MAX_ORGS = 1000
 MAX_TRACES = 8
+MAX_ERROR = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +131,25 @@ class ScanQueue:
         )
         return False
 
-    async def retry_later(self, item: QueueItem, delay: float, now: datetime | None = None) -> None:
-        """Give the item back, due again after `delay` seconds."""
+    async def retry_later(
+        self,
+        item: QueueItem,
+        delay: float,
+        now: datetime | None = None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        """Give the item back, due again after `delay` seconds; `error` (already free of
+        secrets) is kept on the item as `last_error`."""
         now = now or datetime.now(UTC)
+        fields: dict[str, Any] = {
+            "claim_until": EPOCH,
+            "not_before": now + timedelta(seconds=delay),
+        }
+        if error is not None:
+            fields["last_error"] = {"message": error[:MAX_ERROR], "at": now}
         await self._collection.update_one(
-            {"_id": item.ip},
-            {
-                "$set": {"claim_until": EPOCH, "not_before": now + timedelta(seconds=delay)},
-                "$inc": {"attempts": 1},
-            },
+            {"_id": item.ip}, {"$set": fields, "$inc": {"attempts": 1}}
         )
 
     async def release(self, item: QueueItem) -> None:

@@ -20,6 +20,10 @@ Errors, and what the scanner does with each:
     │                      looking up, report not-ready, keep the requests unacknowledged
     ├── Transient          5xx, timeouts, connection failures, unparseable or unknown
     │                      answers: retry with backoff, never drop the request
+    ├── Permanent          any other 4xx (400 "Invalid IP", 422, …): this request cannot
+    │                      succeed as sent, so retrying soon only burns budget; record the
+    │                      error on the queued IP, count it, and ask again no sooner than
+    │                      the rescan interval, while other IPs go on
     └── NotSent            the request's send slot (`SendGate`) had passed when its
                            thread got to it: nothing was sent; take a new slot at once
 
@@ -79,6 +83,14 @@ class Transient(ShodanError):
     """A failure that a later retry can cure: 5xx, timeout, connection, odd answer."""
 
 
+class Permanent(ShodanError):
+    """Shodan refused this request for good (a 4xx other than 401, 403, 404 and 429)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class NotSent(ShodanError):
     """The request's send slot had passed before it could leave; nothing was sent."""
 
@@ -109,7 +121,7 @@ class ShodanProvider(Protocol):
         """What is known about `ip`; no services when nothing is known.
 
         The request leaves when `gate` lets it (at once without one). Raises
-        `RateLimited`, `Unauthorized`, `Transient` or `NotSent`.
+        `RateLimited`, `Unauthorized`, `Transient`, `Permanent` or `NotSent`.
         """
         ...
 
@@ -281,12 +293,19 @@ class ApiProvider:
         def blocking() -> tuple[object, ShodanError | None, bool]:
             self._session.reset()
             try:
-                return operation(), None, False
+                result = operation()
             except shodan.APIError as error:
                 # Returned, not raised: no chained exception (whose text would hold the
                 # request URL and its `key=`) may travel with ours.
                 classified = self._classify(str(error), self._session.outcome)
                 return None, classified, classified is None
+            status = self._session.outcome.status
+            if status is not None and status >= 400:
+                # The client returns any JSON answer without an "error" field as a result,
+                # whatever its status: taken for a host, it would close every port.
+                classified = self._classify("no error message", self._session.outcome)
+                return None, classified, classified is None
+            return result, None, False
 
         result, error, not_found = await self._sender.run(blocking, gate)
         if error is not None:
@@ -303,6 +322,8 @@ class ApiProvider:
             return Unauthorized(f"Shodan rejected the API key: {message}")
         if status == 429 or "rate limit" in lowered:
             return RateLimited(f"Shodan rate limit: {message}", outcome.retry_after)
+        if status is not None and 400 <= status < 500 and status != 404:
+            return Permanent(f"Shodan refused the request: HTTP {status}: {message}", status)
         if isinstance(outcome.error, requests.Timeout):
             return Transient(f"Shodan did not answer within {self._timeout}s")
         if outcome.error is not None:
@@ -337,6 +358,9 @@ class InternetDbProvider:
             return HostScan(ip=ip, provider="internetdb", queried_at=queried_at)
         if status == 429:
             raise RateLimited("InternetDB rate limit (HTTP 429)", retry_after)
+        # No key to reject: a 401/403 is taken for a temporary ban on bursts, retried.
+        if 400 <= status < 500 and status not in (401, 403):
+            raise Permanent(f"InternetDB refused the request: HTTP {status}", status)
         if status != 200:
             raise Transient(f"InternetDB error: HTTP {status}")
         try:

@@ -203,6 +203,52 @@ async def test_lookup_failures_recover(
     assert events[0]["data"]["severity"] == "critical"
 
 
+async def test_a_refused_lookup_is_recorded_counted_and_asked_again_after_the_interval(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, db: Any
+) -> None:
+    refused, other = "45.33.32.158", "45.33.32.159"
+    key = shodan_emulator.api_key
+    shodan_emulator.set_host(refused, host(refused, banner(23, "telnet")))
+    shodan_emulator.set_host(other, host(other, banner(5900, "vnc")))
+    # An unknown 400, echoing the key back: never retried at once, never stored with the key.
+    shodan_emulator.fail_next(refused, 400, body={"error": f"Invalid request ?key={key}"})
+    interval = 8.0
+    settings = scan_settings.model_copy(update={"rescan_interval_seconds": interval})
+    bootstrap, heartbeats = settings.kafka_bootstrap_servers, settings.topic_heartbeats
+    async with running(settings, ("ingest", "scanner")) as worker:
+        await produce(bootstrap, heartbeats, [heartbeat("acme", refused, "a1", NOW)])
+
+        async def recorded() -> Any:
+            item = await db.scan_queue.find_one({"_id": refused})
+            return item if item and "last_error" in item else None
+
+        item = await eventually(recorded)
+        assert await _counted(worker, "permanent", 1)
+        # While the refused IP waits, the queue serves others.
+        await produce(bootstrap, heartbeats, [heartbeat("acme", other, "a2", NOW)])
+        first = await events_on(settings, 1)
+        events = await events_on(settings, 2, timeout=60)
+        permanent = sample(
+            worker, "recon_shodan_requests_total", provider="api", outcome="permanent"
+        )
+    error = item["last_error"]
+    assert "HTTP 400" in error["message"]
+    assert key not in error["message"]
+    assert item["not_before"] - error["at"] == timedelta(seconds=interval)
+    assert permanent == 1
+    assert [e["data"]["ip"] for e in first] == [other]
+    assert sorted(e["data"]["ip"] for e in events) == sorted([refused, other])
+
+    def times(ip: str) -> list[float]:
+        path = f"/shodan/host/{ip}"
+        return [r.at for r in shodan_emulator.requests if r.path.split("?", 1)[0] == path]
+
+    tries, others = times(refused), times(other)
+    assert len(tries) == 2
+    assert tries[1] - tries[0] >= interval
+    assert others[0] < tries[1]
+
+
 async def _counted(worker: Any, outcome: str, n: int) -> bool:
     return sample(worker, "recon_shodan_requests_total", provider="api", outcome=outcome) >= n
 

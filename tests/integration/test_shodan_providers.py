@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from recon_stream.adapters.shodan import (
     ApiProvider,
     InternetDbProvider,
+    Permanent,
     RateLimited,
     SampleProvider,
     ShodanError,
@@ -192,6 +193,33 @@ async def test_server_errors_are_transient(
     assert len((await api.lookup(IP)).services) == 2
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, None),
+        (400, {"error": "Invalid IP"}),
+        (400, {"detail": "no error field"}),  # the client would return this as a host
+        (422, "unprocessable"),
+    ],
+)
+async def test_other_client_errors_are_permanent(
+    shodan_emulator: ShodanEmulator, api: ApiProvider, status: int, body: Any
+) -> None:
+    shodan_emulator.set_host(IP, host_payload())
+    shodan_emulator.fail_next(IP, status, body=body)
+    with pytest.raises(Permanent, match=f"HTTP {status}") as caught:
+        await api.lookup(IP)
+    assert caught.value.status == status
+
+
+async def test_a_404_that_is_not_no_information_is_not_an_empty_host(
+    shodan_emulator: ShodanEmulator, api: ApiProvider
+) -> None:
+    shodan_emulator.fail_next(IP, 404, body={"detail": "no such route"})
+    with pytest.raises(Transient):
+        await api.lookup(IP)
+
+
 async def test_a_slow_answer_times_out(shodan_emulator: ShodanEmulator) -> None:
     shodan_emulator.set_host(IP, host_payload())
     shodan_emulator.fail_next(IP, 200, delay=10.0)
@@ -243,6 +271,10 @@ async def test_the_api_key_never_shows_in_errors(shodan_emulator: ShodanEmulator
         with pytest.raises(Transient) as transient:
             await good.lookup(IP)
         errors.append(transient.value)
+        shodan_emulator.fail_next(IP, 400, body={"error": f"bad request ?key={key}"})
+        with pytest.raises(Permanent) as permanent:
+            await good.lookup(IP)
+        errors.append(permanent.value)
         with pytest.raises(Transient) as refused:
             await unreachable.lookup(IP)
         errors.append(refused.value)
@@ -252,7 +284,7 @@ async def test_the_api_key_never_shows_in_errors(shodan_emulator: ShodanEmulator
         await good.close()
         await unreachable.close()
 
-    assert len(errors) == 7
+    assert len(errors) == 8
     for error in errors:
         text = "".join(traceback.format_exception(error))
         assert key not in str(error)
@@ -303,6 +335,15 @@ async def test_internetdb_server_errors_are_transient(
 ) -> None:
     shodan_emulator.fail_next(IP, status)
     with pytest.raises(Transient):
+        await internetdb.lookup(IP)
+
+
+@pytest.mark.parametrize("status", [400, 422])
+async def test_internetdb_client_errors_are_permanent(
+    shodan_emulator: ShodanEmulator, internetdb: InternetDbProvider, status: int
+) -> None:
+    shodan_emulator.fail_next(IP, status)
+    with pytest.raises(Permanent, match=f"HTTP {status}"):
         await internetdb.lookup(IP)
 
 
