@@ -38,14 +38,17 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream import __version__, tracing
 from recon_stream.adapters import kafka, mongo
+from recon_stream.adapters.command_log import CommandLog
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import ScanQueue
 from recon_stream.adapters.shodan import build_provider
+from recon_stream.commands import CommandService
 from recon_stream.ingest import IngestService, RawRecord
 from recon_stream.leadership import LEASES, Lease
 from recon_stream.metrics import Metrics
+from recon_stream.outbox import OutboxPublisher
 from recon_stream.ratelimit import BUDGETS, SharedRateLimiter
-from recon_stream.retry import Backoff
+from recon_stream.retry import Backoff, Retrier
 from recon_stream.scanner import KeyGate, ScannerService
 from recon_stream.scheduler import Scheduler
 from recon_stream.seen import SeenPairs
@@ -91,6 +94,8 @@ class Shared:
     tracer: Tracer
     lag_probe: kafka.LagProbe
     samplers: list[Sampler] = field(default_factory=list)
+    parts: dict[str, object] = field(default_factory=dict)
+    """Services a role wires besides the one it returns (the scanner's commands)."""
     tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -168,6 +173,11 @@ class Worker:
     def scheduler(self) -> Scheduler | None:
         service = self.services.get("scheduler")
         return service if isinstance(service, Scheduler) else None
+
+    @property
+    def commands(self) -> CommandService | None:
+        service = self.services.get("commands")
+        return service if isinstance(service, CommandService) else None
 
 
 async def serve(worker: Worker) -> None:
@@ -282,7 +292,8 @@ def wire_ingest(shared: Shared) -> IngestService:
 
 
 def wire_scanner(shared: Shared) -> ScannerService:
-    """Scan requests into the durable queue; lookups within the shared budget; events out."""
+    """Scan requests into the durable queue; lookups within the shared budget; events out;
+    and the operators' commands (`wire_commands`)."""
     settings, metrics, db = shared.settings, shared.metrics, shared.db
     # A lookup's thread sends the moment its rate-limit slot opens, then waits for
     # the GIL at each socket call; behind a busy event loop Python's default 5 ms
@@ -314,7 +325,9 @@ def wire_scanner(shared: Shared) -> ScannerService:
         on_outage=shared.outages.failed,
         on_recovery=shared.outages.recovered,
         tracer=shared.tracer,
+        state=_state_sink(shared),
     )
+    shared.parts["commands"] = wire_commands(shared, exposures, queue, scanner.outbox)
     # Requests are only moved into the durable scan queue here; while the
     # key is rejected the handler waits and nothing is committed.
     shared.subscribe(
@@ -346,6 +359,41 @@ def wire_scanner(shared: Shared) -> ScannerService:
     return scanner
 
 
+def wire_commands(
+    shared: Shared, exposures: ExposureStore, queue: ScanQueue, outbox: OutboxPublisher
+) -> CommandService:
+    """Part of the scanner role: accept, unaccept and rescan from the commands topic.
+
+    It shares the scanner's snapshots, queue and outbox; offsets are committed after
+    a batch's effects are stored, invalid commands go to the DLQ.
+    """
+    settings = shared.settings
+    commands = CommandService(
+        exposures,
+        queue,
+        CommandLog(shared.db),
+        outbox,
+        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        shared.metrics,
+        Retrier(shared.backoff, shared.metrics, shared.outages.failed, shared.outages.recovered),
+    )
+    shared.subscribe(
+        settings.topic_commands,
+        settings.commands_group_id,
+        commands.handle,
+        what="command batch",
+        max_records=100,
+        batch_timeout_ms=100,
+    )
+    shared.sample_lag(settings.commands_group_id, settings.topic_commands)
+    return commands
+
+
+def _state_sink(shared: Shared) -> kafka.KafkaExposureState | None:
+    topic = shared.settings.topic_exposure_state
+    return kafka.KafkaExposureState(shared.broker, topic) if topic else None
+
+
 def wire_scheduler(shared: Shared) -> Scheduler:
     """One leader under a lease: rescans of stale IPs, retirement of unused pairs."""
     settings, db = shared.settings, shared.db
@@ -365,6 +413,7 @@ def wire_scheduler(shared: Shared) -> Scheduler:
         shared.backoff,
         rescan_interval=settings.rescan_interval_seconds,
         retention=settings.ip_retention_seconds,
+        state=_state_sink(shared),
     )
     shared.status.add_check("scheduler", scheduler.ready)
     shared.status.add_state("scheduler", lambda: scheduler.state)
@@ -408,6 +457,7 @@ def build_worker(
     )
     for role in ordered:
         worker.services[role] = ROLE_WIRING[role](shared)
+    worker.services.update(shared.parts)
     _manage_lifecycle(shared, close_provider=exporting if own_provider else None)
     return worker
 

@@ -7,6 +7,7 @@ import enum
 import json
 import logging
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from recon_stream.domain.risk import Severity
 from recon_stream.settings import Settings
 
 cli = typer.Typer(
@@ -160,6 +162,14 @@ def publish_heartbeat(
 def exposures(
     org: Annotated[str, typer.Option("--org", help="organization_id")],
     output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
+    severity: Annotated[
+        list[Severity] | None,
+        typer.Option("--severity", help="only this severity (repeat for several)"),
+    ] = None,
+    accepted: Annotated[
+        bool | None,
+        typer.Option("--accepted/--unaccepted", help="only accepted / only unaccepted ones"),
+    ] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """An organization's exposures: the dashboard's table."""
@@ -167,8 +177,136 @@ def exposures(
 
     _logging(log_level)
     settings = _settings()
-    rows = asyncio.run(load_rows(settings, org))
+    wanted = [s.value for s in severity or []]
+    rows = asyncio.run(load_rows(settings, org, severities=wanted, accepted=accepted))
     typer.echo(render(rows, output.value), nl=False)
+
+
+@cli.command()
+def history(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    ip: Annotated[str | None, typer.Option("--ip", help="only this IP")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="only this port")] = None,
+    output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
+    limit: Annotated[int, typer.Option(help="at most this many entries")] = 1000,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Every change applied to an organization's exposures, newest first."""
+    from recon_stream.exposure_table import load_history, render_history
+
+    _logging(log_level)
+    settings = _settings()
+    entries = asyncio.run(load_history(settings, org, ip=ip, port=port, limit=limit))
+    typer.echo(render_history(entries, output.value), nl=False)
+
+
+@cli.command()
+def accept(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    port: Annotated[int, typer.Option("--port")],
+    reason: Annotated[str, typer.Option("--reason", help="why this exposure is intended")],
+    by: Annotated[str, typer.Option("--by", help="who decides (user, ticket)")],
+    ip: Annotated[str | None, typer.Option("--ip", help="default: every IP of the org")] = None,
+    transport: Annotated[str, typer.Option("--transport", help="tcp or udp")] = "tcp",
+    until: Annotated[
+        str | None, typer.Option("--until", help="expiry, RFC 3339; default: none")
+    ] = None,
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Accept an exposure as intended (publishes an `accept` command)."""
+    _send_command(
+        {
+            "command": "accept",
+            "organization_id": org,
+            "ip": ip,
+            "transport": transport,
+            "port": port,
+            "reason": reason,
+            "requested_by": by,
+            "expires_at": until,
+        },
+        command_id,
+        log_level,
+    )
+
+
+@cli.command()
+def unaccept(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    port: Annotated[int, typer.Option("--port")],
+    by: Annotated[str, typer.Option("--by", help="who decides (user, ticket)")],
+    ip: Annotated[str | None, typer.Option("--ip", help="default: the org-wide one")] = None,
+    transport: Annotated[str, typer.Option("--transport", help="tcp or udp")] = "tcp",
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Take an acceptance back (publishes an `unaccept` command)."""
+    _send_command(
+        {
+            "command": "unaccept",
+            "organization_id": org,
+            "ip": ip,
+            "transport": transport,
+            "port": port,
+            "requested_by": by,
+        },
+        command_id,
+        log_level,
+    )
+
+
+@cli.command()
+def rescan(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    ip: Annotated[str | None, typer.Option("--ip", help="default: every active IP")] = None,
+    by: Annotated[str, typer.Option("--by", help="who asks")] = "recon-stream cli",
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Ask for a fresh lookup now (publishes a `rescan` command)."""
+    _send_command(
+        {"command": "rescan", "organization_id": org, "ip": ip, "requested_by": by},
+        command_id,
+        log_level,
+    )
+
+
+def _send_command(body: dict[str, object], command_id: str | None, log_level: str) -> None:
+    """Validate a command, publish it (key = organization) and print its id."""
+    from aiokafka import AIOKafkaProducer
+
+    from recon_stream.adapters.kafka import admin_options
+    from recon_stream.domain.commands import parse_command
+
+    _logging(log_level)
+    settings = _settings()
+    body = {
+        **{k: v for k, v in body.items() if v is not None},
+        "requested_at": datetime.now(UTC).isoformat(),
+        "command_id": command_id or str(uuid.uuid4()),
+    }
+    value = json.dumps(body).encode()
+    try:
+        command = parse_command(value)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'command'}: {e['msg']}"
+            for e in error.errors(include_input=False)
+        )
+        typer.echo(f"not a valid command: {problems}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go() -> None:
+        producer = AIOKafkaProducer(**admin_options(settings), acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topic_commands, value, key=command.kafka_key())
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
+    typer.echo(command.identity)
 
 
 @cli.command()

@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.commands import CommandMessage
+from recon_stream.domain.exposures import ExposureEvent, ExposureState
 from recon_stream.domain.heartbeats import Heartbeat
 from recon_stream.domain.scan_requests import ScanRequest
 
@@ -16,6 +17,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "heartbeat.v1.json": Heartbeat,
     "scan-request.v1.json": ScanRequest,
     "exposure-event.v1.json": ExposureEvent,
+    "command.v1.json": CommandMessage,
+    "exposure-state.v1.json": ExposureState,
 }
 
 

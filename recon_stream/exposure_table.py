@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,8 @@ COLUMNS = (
     "first_seen",
     "candidate_agents",
     "accepted",
+    "accepted_reason",
+    "accepted_until",
 )
 
 
@@ -38,7 +41,15 @@ def _time(value: Any) -> str:
     return str(value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-async def load_rows(settings: Settings, organization_id: str) -> list[dict[str, Any]]:
+async def load_rows(
+    settings: Settings,
+    organization_id: str,
+    *,
+    severities: Collection[str] = (),
+    accepted: bool | None = None,
+) -> list[dict[str, Any]]:
+    """The org's open exposures; only `severities` (when given), only accepted or
+    unaccepted ones (when `accepted` is not None)."""
     client = mongo.connect(settings)
     try:
         store = exposure_store.ExposureStore(client[settings.mongodb_database])
@@ -47,10 +58,15 @@ async def load_rows(settings: Settings, organization_id: str) -> list[dict[str, 
         await client.close()
     rows = []
     for doc in docs:
-        accepted = set(doc.get("accepted", []))
         for entry in doc.get("services", []):
             service = Service.model_validate(entry["service"])
-            severity, _ = assess(service)
+            # The severity stored with the exposure (snapshots older than that: assessed).
+            severity = entry.get("severity") or assess(service)[0].value
+            acceptance = entry.get("acceptance")
+            if severities and severity not in severities:
+                continue
+            if accepted is not None and (acceptance is not None) != accepted:
+                continue
             rows.append(
                 {
                     "ip": doc["ip"],
@@ -59,18 +75,29 @@ async def load_rows(settings: Settings, organization_id: str) -> list[dict[str, 
                     "service": service.module or "",
                     "product": service.product or "",
                     "version": service.version or "",
-                    "severity": severity.value,
+                    "severity": severity,
                     "vulns": list(service.vulns),
                     "last_queried": _time(doc.get("last_queried")),
                     "shodan_last_scanned": _time(service.shodan_timestamp),
                     "first_seen": _time(entry.get("first_seen")),
                     "candidate_agents": list(doc.get("candidate_agents", [])),
-                    "accepted": f"{service.transport}/{service.port}" in accepted,
+                    "accepted": acceptance is not None,
+                    "accepted_reason": (acceptance or {}).get("reason") or "",
+                    "accepted_until": _time((acceptance or {}).get("expires_at")),
                     "sample": bool(doc.get("sample", False)),
                 }
             )
     rows.sort(key=lambda r: (r["ip"], r["port"], r["transport"]))
     return rows
+
+
+def _accepted_cell(row: dict[str, Any]) -> str:
+    if not row["accepted"]:
+        return "no"
+    until = f" until {row['accepted_until']}" if row["accepted_until"] else ""
+    reason = row["accepted_reason"]
+    reason = reason if len(reason) <= 40 else reason[:39] + "…"
+    return f"yes{until}: {reason}"
 
 
 def render(rows: list[dict[str, Any]], output: str) -> str:
@@ -103,7 +130,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
             r["last_queried"],
             r["shodan_last_scanned"],
             ", ".join(r["candidate_agents"][:3]) + ("…" if len(r["candidate_agents"]) > 3 else ""),
-            "yes" if r["accepted"] else "no",
+            _accepted_cell(r),
         ]
         for r in rows
     ]
@@ -120,10 +147,93 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         "CANDIDATE AGENTS",
         "ACCEPTED",
     ]
+    out = _aligned(header, table)
+    if any(r["sample"] for r in rows):
+        out += "(SAMPLE DATA: bundled demo results, not real Shodan answers)\n"
+    return out
+
+
+HISTORY_COLUMNS = (
+    "time",
+    "ip",
+    "transport",
+    "port",
+    "change",
+    "reason",
+    "changed_fields",
+    "severity",
+    "accepted",
+    "service",
+    "event_id",
+)
+
+
+async def load_history(
+    settings: Settings,
+    organization_id: str,
+    *,
+    ip: str | None = None,
+    port: int | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """The org's history entries (newest first), for `recon-stream history`."""
+    client = mongo.connect(settings)
+    try:
+        store = exposure_store.ExposureStore(client[settings.mongodb_database])
+        docs = await store.history(organization_id, ip=ip, port=port, limit=limit)
+    finally:
+        await client.close()
+    return [
+        {
+            "time": _time(doc.get("time")),
+            "ip": doc["ip"],
+            "transport": doc["transport"],
+            "port": doc["port"],
+            "change": doc["change"],
+            "reason": doc.get("reason") or "",
+            "changed_fields": list(doc.get("changed_fields", [])),
+            "severity": doc.get("severity", ""),
+            "accepted": bool(doc.get("accepted", False)),
+            "service": (doc.get("service") or {}).get("name") or "",
+            "event_id": doc["event_id"],
+        }
+        for doc in docs
+    ]
+
+
+def render_history(entries: list[dict[str, Any]], output: str) -> str:
+    if output == "json":
+        return json.dumps(entries, indent=2) + "\n"
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for entry in entries:
+            writer.writerow({**entry, "changed_fields": " ".join(entry["changed_fields"])})
+        return buffer.getvalue()
+    if not entries:
+        return "no history\n"
+    header = ["TIME", "IP", "PORT", "CHANGE", "REASON", "FIELDS", "SEVERITY", "ACCEPTED", "EVENT"]
+    table = [
+        [
+            e["time"],
+            e["ip"],
+            f"{e['transport']}/{e['port']}",
+            e["change"],
+            e["reason"],
+            ",".join(e["changed_fields"]),
+            e["severity"],
+            "yes" if e["accepted"] else "no",
+            e["event_id"],
+        ]
+        for e in entries
+    ]
+    return _aligned(header, table)
+
+
+def _aligned(header: list[str], table: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *table, strict=True)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*header), line.format(*("-" * w for w in widths))]
     out += [line.format(*row) for row in table]
-    if any(r["sample"] for r in rows):
-        out.append("(SAMPLE DATA: bundled demo results, not real Shodan answers)")
     return "\n".join(out) + "\n"

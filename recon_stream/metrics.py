@@ -98,6 +98,13 @@ class Metrics:
             buckets=(0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
+        self.commands = Counter(
+            "recon_commands",
+            "Commands read from the commands topic, by command (accept, unaccept, rescan) "
+            "and outcome (applied, duplicate: already applied; rejected: not applicable).",
+            ["command", "outcome"],
+            registry=r,
+        )
         self.slots_missed = Counter(
             "recon_rate_limiter_slots_missed",
             "Budget slots left unused because their lookup was too late to send inside "

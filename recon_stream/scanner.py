@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from pydantic import ValidationError
@@ -38,43 +37,16 @@ from recon_stream.adapters.shodan import (
     Transient,
     Unauthorized,
 )
-from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.heartbeats import RejectReason
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan
 from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
 from recon_stream.metrics import Metrics
+from recon_stream.outbox import EventSink, OutboxPublisher, StateSink
 from recon_stream.ratelimit import SharedRateLimiter, Slot
-from recon_stream.retry import Backoff, Retrier, drain_every
+from recon_stream.retry import Backoff, Retrier
 
 log = logging.getLogger(__name__)
-
-
-class EventSink(Protocol):
-    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
-
-
-async def publish_outbox(
-    sink: EventSink,
-    store: ExposureStore,
-    metrics: Metrics,
-    retrying: Retrier,
-    organization_id: str,
-    ip: str,
-    events: Sequence[ExposureEvent],
-) -> int:
-    """Publish events already stored in a snapshot's outbox, then clear them there.
-
-    Shared by the scanner, its relay and the scheduler's retirements.
-    """
-    if not events:
-        return 0
-    await retrying("publishing exposure events", lambda: sink.publish(events))
-    for event in events:
-        metrics.exposure_events.labels(event.data.change.value, event.data.severity.value).inc()
-    ids = [e.id for e in events]
-    await retrying("clearing the outbox", lambda: store.published(organization_id, ip, ids))
-    return len(events)
 
 
 class KeyGate:
@@ -132,6 +104,7 @@ class ScannerService:
         on_outage: Callable[[str, BaseException], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
+        state: StateSink | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
@@ -144,6 +117,7 @@ class ScannerService:
         self._metrics = metrics
         self._backoff = backoff
         self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
+        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying)
         self._lookup_backoff = lookup_backoff or Backoff(2.0, 300.0)
         self.gate = gate
         self._reuse_age = reuse_age
@@ -328,38 +302,19 @@ class ScannerService:
         )
         sent = 0
         for org in orgs:
-            events = await self._retrying(
+            outbox = await self._retrying(
                 "updating the exposure snapshot",
                 lambda org=org: self._exposures.apply(org, scan),  # type: ignore[misc]
             )
-            sent += await self._publish(org.organization_id, scan.ip, events)
+            sent += await self.outbox.publish(outbox)
         return sent
-
-    async def _publish(self, organization_id: str, ip: str, events: list[ExposureEvent]) -> int:
-        return await publish_outbox(
-            self._events,
-            self._exposures,
-            self._metrics,
-            self._retrying,
-            organization_id,
-            ip,
-            events,
-        )
 
     async def relay_once(self, limit: int = 100) -> int:
         """Publish events a crash left in outboxes; returns how many."""
-        pending = await self._retrying(
-            "reading the outbox", lambda: self._exposures.unpublished(limit)
-        )
-        sent = 0
-        for org, ip, events in pending:
-            sent += await self._publish(org, ip, events)
-        if sent:
-            log.info("relayed %d exposure events left in outboxes", sent)
-        return sent
+        return await self.outbox.relay_once(limit)
 
     async def run_relay(self, interval: float) -> None:
-        await drain_every(interval, self.relay_once, "exposure relay")
+        await self.outbox.run_relay(interval)
 
     async def _check_key(self) -> None:
         # The check is a request too: it spends from the same budget.

@@ -10,6 +10,8 @@ holder works:
   them into one lookup. IPs no org uses any more are left alone.
 - (organization, IP) pairs not seen for the retention period are retired, and
   their open exposures closed with reason `ip_retired` (through the outbox).
+- Acceptances past their `expires_at` are applied to the exposures they covered
+  (`changed`, reason `acceptance_expired`), then forgotten.
 """
 
 from __future__ import annotations
@@ -19,28 +21,24 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.mongo import ORG_IPS
-from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.leadership import Lease
 from recon_stream.metrics import Metrics
+from recon_stream.outbox import EventSink, OutboxPublisher, StateSink
 from recon_stream.retry import Backoff, Retrier
-from recon_stream.scanner import publish_outbox
 
 log = logging.getLogger(__name__)
 
 
 class RequestSink(Protocol):
     async def publish(self, requests: Sequence[ScanRequest]) -> None: ...
-
-
-class EventSink(Protocol):
-    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
 
 
 class Scheduler:
@@ -58,6 +56,7 @@ class Scheduler:
         rescan_interval: float,
         retention: float,
         batch: int = 500,
+        state: StateSink | None = None,
     ) -> None:
         self._org_ips = db[ORG_IPS]
         self.lease = lease
@@ -67,6 +66,7 @@ class Scheduler:
         self._events = events
         self._metrics = metrics
         self._retrying = Retrier(backoff, metrics)
+        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying)
         self._rescan = rescan_interval
         self._retention = retention
         self._batch = batch
@@ -106,9 +106,14 @@ class Scheduler:
         return None
 
     async def tick(self, now: datetime | None = None) -> tuple[int, int]:
-        """One round of work; returns (rescans requested, pairs retired)."""
+        """One round of work; returns (rescans requested, pairs retired).
+
+        Acceptances that expired are applied in the same round.
+        """
         now = now or datetime.now(UTC)
-        return await self.request_rescans(now), await self.retire_unused(now)
+        rescans, retired = await self.request_rescans(now), await self.retire_unused(now)
+        await self.expire_acceptances(now)
+        return rescans, retired
 
     async def request_rescans(self, now: datetime) -> int:
         """Request a rescan of every due IP, one request per active (org, IP) pair."""
@@ -177,10 +182,33 @@ class Scheduler:
 
         if not await self._retrying("retiring a pair", mark):
             return False  # seen again meanwhile
-        events = await self._retrying(
+        outbox = await self._retrying(
             "closing exposures", lambda: self._exposures.retire(org, ip, now)
         )
-        await publish_outbox(
-            self._events, self._exposures, self._metrics, self._retrying, org, ip, events
-        )
+        await self.outbox.publish(outbox)
         return True
+
+    async def expire_acceptances(self, now: datetime) -> int:
+        """Apply acceptances that reached their expiry, then forget them; returns how many.
+
+        The exposures they covered get `changed` (reason `acceptance_expired`) now,
+        not at their next lookup. Forgotten only once applied: a crash repeats this.
+        """
+        store = self._exposures
+        expired = await self._retrying(
+            "finding expired acceptances", lambda: store.expired_acceptances(now, self._batch)
+        )
+        for acceptance in expired:
+            org = acceptance.organization_id
+            ips = [acceptance.ip] if acceptance.ip is not None else []
+            if acceptance.ip is None:
+                ips = await self._retrying("reading an org's IPs", partial(store.ips_of, org))
+            for ip in ips:
+                outbox = await self._retrying(
+                    "applying an expiry", partial(store.reassess, org, ip, now)
+                )
+                await self.outbox.publish(outbox)
+            await self._retrying(
+                "forgetting an expired acceptance", partial(store.forget_acceptance, acceptance)
+            )
+        return len(expired)

@@ -60,7 +60,11 @@ class Settings(BaseSettings):
     shodan_provider: ShodanProvider | None = None
     shodan_rate: float = Field(1.0, gt=0)
     shodan_rate_margin: float = Field(
-        0.03, ge=0, le=1, description="slots are 1/rate x (1 + margin) apart"
+        0.03,
+        gt=0,
+        le=1,
+        description="slots are 1/rate x (1 + margin) apart; half the slack is how late a "
+        "lookup may leave its slot, the other half absorbs jitter after it leaves",
     )
     rescan_interval_seconds: float = Field(3 * 24 * 3600, gt=0)
     ip_retention_seconds: float = Field(30 * 24 * 3600, gt=0)
@@ -70,6 +74,10 @@ class Settings(BaseSettings):
     topic_scan_requests: str = "recon.scan-requests.v1"
     topic_exposures: str = "recon.exposures.v1"
     topic_dlq: str = "recon.heartbeats.dlq.v1"
+    topic_commands: str = "recon.commands.v1"
+    topic_exposure_state: str = Field(
+        "recon.exposure-state.v1", description="compacted; empty: no state topic"
+    )
 
     # Ingest
     ingest_group_id: str = "recon-ingest"
@@ -103,6 +111,12 @@ class Settings(BaseSettings):
     scan_claim_lease_seconds: float = Field(120.0, gt=0)
     exposure_relay_interval_seconds: float = Field(10.0, gt=0)
     gauge_sample_seconds: float = Field(15.0, gt=0)
+
+    # Commands (accept, unaccept, rescan) and history
+    commands_group_id: str = "recon-commands"
+    history_retention_seconds: float = Field(
+        400 * 24 * 3600, gt=0, description="applied changes are kept this long (TTL index)"
+    )
 
     # Scheduler
     scheduler_tick_seconds: float = Field(30.0, gt=0)

@@ -17,6 +17,7 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
+from recon_stream.adapters.exposure_store import StateRow
 from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.ingest import Rejected
@@ -86,13 +87,21 @@ def build_broker(settings: Settings, middlewares: Sequence[Any] = ()) -> KafkaBr
 
 
 async def create_topics(settings: Settings) -> dict[str, str]:
-    """Create our topics if missing; returns each topic's outcome."""
-    names = [
-        settings.topic_heartbeats,
-        settings.topic_scan_requests,
-        settings.topic_exposures,
-        settings.topic_dlq,
-    ]
+    """Create our topics if missing; returns each topic's outcome.
+
+    The state topic is compacted: a consumer reading it from the start ends with
+    the current row of every open exposure.
+    """
+    configs: dict[str, dict[str, str]] = {
+        settings.topic_heartbeats: {},
+        settings.topic_scan_requests: {},
+        settings.topic_exposures: {},
+        settings.topic_dlq: {},
+        settings.topic_commands: {},
+    }
+    if settings.topic_exposure_state:
+        configs[settings.topic_exposure_state] = {"cleanup.policy": "compact"}
+    names = list(configs)
     admin = AIOKafkaAdminClient(**admin_options(settings))
     await admin.start()
     outcome: dict[str, str] = {}
@@ -109,6 +118,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
                             name,
                             num_partitions=settings.kafka_topic_partitions,
                             replication_factor=settings.kafka_topic_replication_factor,
+                            topic_configs=configs[name],
                         )
                     ]
                 )
@@ -212,6 +222,27 @@ class KafkaExposureEvents:
                 no_confirm=True,
             )
             for e in events
+        ]
+        await asyncio.gather(*futures)
+
+
+class KafkaExposureState:
+    """Publishes state rows to the compacted state topic: JSON, or a tombstone (null)."""
+
+    def __init__(self, broker: KafkaBroker, topic: str) -> None:
+        self._broker = broker
+        self._topic = topic
+
+    async def publish(self, rows: Sequence[StateRow]) -> None:
+        futures = [
+            await self._broker.publish(
+                row.value.model_dump_json().encode() if row.value is not None else None,
+                self._topic,
+                key=row.key.encode(),
+                headers={"content-type": "application/json"} if row.value is not None else {},
+                no_confirm=True,
+            )
+            for row in rows
         ]
         await asyncio.gather(*futures)
 

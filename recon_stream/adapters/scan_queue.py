@@ -86,6 +86,10 @@ class ScanQueue:
                 "$inc": {"seq": 1},
                 "$setOnInsert": {"attempts": 0, "not_before": EPOCH, "claim_until": EPOCH},
             }
+            if r.reason is ScanReason.MANUAL:
+                # Someone asked for it now: not after a backoff or a permanent error's wait.
+                del update["$setOnInsert"]["not_before"]
+                update["$set"] = {"not_before": EPOCH}
             if i < len(traces) and traces[i]:
                 update["$push"] = {"traces": {"$each": [dict(traces[i])], "$slice": MAX_TRACES}}
             ops.append(UpdateOne({"_id": r.ip}, update, upsert=True))

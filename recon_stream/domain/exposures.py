@@ -1,9 +1,12 @@
 """Exposure changes and the events that announce them.
 
 `diff` compares what an organization last knew about an IP (its snapshot) with
-a new lookup and yields `Change`s; `build_events` turns changes into CloudEvents
-1.0 structured-mode messages (schemas/exposure-event.v1.json is generated from
-`ExposureEvent`), published with Kafka key = `organization_id`.
+a new lookup and yields `Change`s; `acceptance_changes` adds the exposures whose
+acceptance started, ended or expired; `build_events` turns changes into
+CloudEvents 1.0 structured-mode messages (schemas/exposure-event.v1.json is
+generated from `ExposureEvent`), published with Kafka key = `organization_id`.
+`build_state` gives the current row of each exposure for the compacted state
+topic (key `organization_id/ip/transport/port`, `ExposureState`).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import enum
 import ipaddress
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.heartbeats import Identifier, IpText
 from recon_stream.domain.risk import DEFAULT_POLICY, RiskPolicy, Severity, assess
 from recon_stream.domain.scans import HostScan, ProviderName, Service, Transport
@@ -44,6 +48,12 @@ class ChangeReason(enum.StrEnum):
     """The lookup no longer lists the port."""
     IP_RETIRED = "ip_retired"
     """The organization stopped reporting from the IP."""
+    ACCEPTED = "accepted"
+    """The organization accepted the exposure (or changed the acceptance's terms)."""
+    UNACCEPTED = "unaccepted"
+    """The organization took its acceptance back."""
+    ACCEPTANCE_EXPIRED = "acceptance_expired"
+    """The acceptance reached its `expires_at`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,9 @@ class Change:
     previous: Service | None = None
     """The service before, for `changed`."""
     reason: ChangeReason | None = None
-    """Why it closed; None for `opened` and `changed`."""
+    """Why it closed, or why its acceptance changed; None otherwise."""
+    acceptance_changed: bool = False
+    """For `changed`: the acceptance started, ended or expired."""
 
 
 # What makes two sightings of one port the same exposure. Shodan's timestamp
@@ -65,6 +77,7 @@ class Change:
 # Named as in the event's `service` shape (`name` is the Shodan module).
 IdentityField = Literal["name", "product", "version", "cpe", "vulns"]
 _IDENTITY_FIELDS: tuple[IdentityField, ...] = ("name", "product", "version", "cpe", "vulns")
+ChangedField = Literal["name", "product", "version", "cpe", "vulns", "accepted"]
 
 
 def _identity(service: Service) -> tuple[object, ...]:
@@ -141,6 +154,37 @@ def retire(previous: Mapping[ExposureKey, Service]) -> list[Change]:
     ]
 
 
+def acceptance_changes(
+    changes: Sequence[Change],
+    after: Mapping[ExposureKey, Service],
+    was: Mapping[ExposureKey, AcceptanceInfo | None],
+    now: Mapping[ExposureKey, AcceptanceInfo | None],
+    at: datetime,
+) -> list[Change]:
+    """`changes` plus the exposures, open before and after, whose acceptance changed.
+
+    An exposure that also changed in substance gets one `changed` naming both; the
+    reason is the acceptance's: `accepted`, `unaccepted` or `acceptance_expired`.
+    """
+    by_key = {change.key: change for change in changes}
+    for key in sorted(after, key=_order):
+        before, current = was.get(key), now.get(key)
+        change = by_key.get(key)
+        if before == current or (change is not None and change.kind is not ChangeKind.CHANGED):
+            continue
+        if current is not None:
+            reason = ChangeReason.ACCEPTED
+        elif before is not None and before.expires_at is not None and before.expires_at <= at:
+            reason = ChangeReason.ACCEPTANCE_EXPIRED
+        else:
+            reason = ChangeReason.UNACCEPTED
+        previous = change.previous if change is not None else after[key]
+        by_key[key] = Change(
+            ChangeKind.CHANGED, key, after[key], previous, reason, acceptance_changed=True
+        )
+    return sorted(by_key.values(), key=lambda c: _order(c.key))
+
+
 def apply_changes(previous: Mapping[ExposureKey, Service], changes: Iterable[Change]) -> Snapshot:
     """The snapshot after `changes` (closed keys removed, the rest replaced)."""
     snapshot = dict(previous)
@@ -206,26 +250,33 @@ class ServiceInfo(BaseModel):
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
-class ExposureData(BaseModel):
-    """The `data` of an exposure event."""
+class ExposureState(BaseModel):
+    """One exposure as it stands: the value of the state topic (`recon.exposure-state.v1`).
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    The same fields as an event's `data`, without `change`, `previous`,
+    `previous_vulns` and `changed_fields`. Key `organization_id/ip/transport/port`;
+    a tombstone (null value) when the exposure closes.
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        title="ExposureState",
+        json_schema_extra={"$id": "https://recon-stream.dev/schemas/exposure-state.v1.json"},
+    )
 
     organization_id: Identifier
     ip: IpText
     port: Port
     transport: Transport
-    change: ChangeKind
     reason: ChangeReason | None = Field(
-        description="Why the exposure closed: port_closed or ip_retired; null otherwise."
+        description=(
+            "Why it closed (port_closed, ip_retired) or why its acceptance changed "
+            "(accepted, unaccepted, acceptance_expired); null otherwise and in state rows."
+        )
     )
     service: ServiceInfo = Field(description="The service now; the last one seen when closed.")
-    previous: ServiceInfo | None = Field(description="The service before, for `changed`.")
-    changed_fields: tuple[IdentityField, ...] = Field(
-        description="For `changed`: which of name, product, version, cpe and vulns differ."
-    )
     vulns: tuple[str, ...]
-    previous_vulns: tuple[str, ...] | None = Field(description="For `changed`.")
     max_cvss: float | None = Field(description="Highest CVSS score among `vulns`.")
     severity: Severity
     risk_reasons: tuple[str, ...]
@@ -243,8 +294,100 @@ class ExposureData(BaseModel):
     )
     site_ids: tuple[Identifier, ...]
     accepted: bool = Field(description="The organization accepted this exposure as intended.")
+    acceptance: AcceptanceInfo | None = Field(
+        description="The acceptance in force (reason, who, when, until); null when not accepted."
+    )
     sample: bool = Field(description="Built from bundled sample data, not real Shodan results.")
     provider: ProviderName
+
+
+class ExposureData(ExposureState):
+    """The `data` of an exposure event: the exposure, and what changed."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", title="ExposureData", json_schema_extra=None
+    )
+
+    change: ChangeKind
+    previous: ServiceInfo | None = Field(description="The service before, for `changed`.")
+    changed_fields: tuple[ChangedField, ...] = Field(
+        description=(
+            "For `changed`: which of name, product, version, cpe, vulns and accepted differ."
+        )
+    )
+    previous_vulns: tuple[str, ...] | None = Field(description="For `changed`.")
+
+
+def state_key(organization_id: str, ip: str, transport: str, port: int) -> str:
+    """The state topic's key of one exposure."""
+    return f"{organization_id}/{ip}/{transport}/{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """What the organization's snapshot holds about one open port."""
+
+    service: Service
+    first_seen: datetime
+    last_seen: datetime
+    acceptance: AcceptanceInfo | None = None
+
+
+def build_state(
+    organization_id: str,
+    ip: str,
+    sightings: Mapping[ExposureKey, Sighting],
+    scan: HostScan,
+    *,
+    candidate_agents: Iterable[str],
+    site_ids: Iterable[str],
+    policy: RiskPolicy = DEFAULT_POLICY,
+) -> dict[ExposureKey, ExposureState]:
+    """The state row of every open exposure of one (organization, IP)."""
+    agents = tuple(sorted(set(candidate_agents)))
+    sites = tuple(sorted(set(site_ids)))
+    return {
+        key: ExposureState(
+            **_row(organization_id, ip, scan, sighting, agents, sites, policy), reason=None
+        )
+        for key, sighting in sorted(sightings.items(), key=lambda item: _order(item[0]))
+    }
+
+
+def _row(
+    organization_id: str,
+    ip: str,
+    scan: HostScan,
+    sighting: Sighting,
+    agents: tuple[str, ...],
+    sites: tuple[str, ...],
+    policy: RiskPolicy,
+) -> dict[str, object]:
+    service = sighting.service
+    severity, reasons = assess(service, policy)
+    last_seen = _utc(sighting.last_seen)
+    return {
+        "organization_id": organization_id,
+        "ip": ip,
+        "port": service.port,
+        "transport": service.transport,
+        "service": ServiceInfo.of(service),
+        "vulns": tuple(sorted(set(service.vulns))),
+        "max_cvss": service.max_cvss,
+        "severity": severity,
+        "risk_reasons": reasons,
+        "first_seen": min(_utc(sighting.first_seen), last_seen),
+        "last_seen": last_seen,
+        "shodan_last_scanned": _utc(service.shodan_timestamp) if service.shodan_timestamp else None,
+        "last_queried": _utc(scan.queried_at),
+        "hostnames": scan.hostnames,
+        "candidate_agents": agents,
+        "site_ids": sites,
+        "accepted": sighting.acceptance is not None,
+        "acceptance": sighting.acceptance,
+        "sample": scan.sample,
+        "provider": scan.provider,
+    }
 
 
 EventType = Literal[
@@ -310,7 +453,7 @@ def build_events(
     version: int,
     candidate_agents: Iterable[str],
     site_ids: Iterable[str],
-    accepted_keys: Set[ExposureKey],
+    acceptance_by_key: Mapping[ExposureKey, AcceptanceInfo | None],
     first_seen_by_key: Mapping[ExposureKey, datetime],
     last_seen_by_key: Mapping[ExposureKey, datetime] | None = None,
     occurred_at: datetime | None = None,
@@ -320,12 +463,14 @@ def build_events(
     """One event per change, in the order of `changes`.
 
     `version` is the organization's snapshot version the changes were computed
-    against; it makes each event id deterministic. `first_seen_by_key` defaults
-    to the lookup time (a port opening now). `last_seen_by_key` holds when each
-    port was last seen open; closed events report it (falling back to Shodan's
-    own timestamp for the port, then the lookup time), the others report the
-    lookup time. `occurred_at` (the event `time`) defaults to the lookup time;
-    pass the retirement time for `retire` changes.
+    against; it makes each event id deterministic. `acceptance_by_key` holds the
+    acceptance in force on each exposure (for a closed one: when it closed).
+    `first_seen_by_key` defaults to the lookup time (a port opening now).
+    `last_seen_by_key` holds when each port was last seen open; closed events
+    report it (falling back to Shodan's own timestamp for the port, then the
+    lookup time), acceptance-only changes keep it, the others report the lookup
+    time. `occurred_at` (the event `time`) defaults to the lookup time; pass the
+    retirement or decision time for changes that are not a lookup's.
     """
     queried_at = _utc(scan.queried_at)
     time = _utc(occurred_at) if occurred_at is not None else queried_at
@@ -338,38 +483,30 @@ def build_events(
         transport, port = change.key
         shodan_seen = _utc(service.shodan_timestamp) if service.shodan_timestamp else None
         if change.kind is ChangeKind.CLOSED:
-            last_known = last_seen_by_key.get(change.key) or shodan_seen or queried_at
-            last_seen = _utc(last_known)
+            last_seen = _utc(last_seen_by_key.get(change.key) or shodan_seen or queried_at)
+        elif change.acceptance_changed and change.previous == service:
+            last_seen = _utc(last_seen_by_key.get(change.key, queried_at))
         else:
             last_seen = queried_at
-        first_seen = _utc(first_seen_by_key.get(change.key, queried_at))
-        severity, reasons = assess(service, policy)
+        sighting = Sighting(
+            service,
+            first_seen_by_key.get(change.key, queried_at),
+            last_seen,
+            acceptance_by_key.get(change.key),
+        )
         previous = change.previous
+        fields: tuple[ChangedField, ...] = ()
+        if previous is not None:
+            fields = changed_fields(previous, service)
+        if change.acceptance_changed:
+            fields = (*fields, "accepted")
         data = ExposureData(
-            organization_id=organization_id,
-            ip=ip,
-            port=port,
-            transport=service.transport,
+            **_row(organization_id, ip, scan, sighting, agents, sites, policy),
             change=change.kind,
             reason=change.reason,
-            service=ServiceInfo.of(service),
             previous=ServiceInfo.of(previous) if previous is not None else None,
-            changed_fields=changed_fields(previous, service) if previous is not None else (),
-            vulns=tuple(sorted(set(service.vulns))),
+            changed_fields=fields,
             previous_vulns=tuple(sorted(set(previous.vulns))) if previous is not None else None,
-            max_cvss=service.max_cvss,
-            severity=severity,
-            risk_reasons=reasons,
-            first_seen=min(first_seen, last_seen),
-            last_seen=last_seen,
-            shodan_last_scanned=shodan_seen,
-            last_queried=queried_at,
-            hostnames=scan.hostnames,
-            candidate_agents=agents,
-            site_ids=sites,
-            accepted=change.key in accepted_keys,
-            sample=scan.sample,
-            provider=scan.provider,
         )
         events.append(
             ExposureEvent(

@@ -86,6 +86,8 @@ class RejectReason(enum.StrEnum):
     INVALID_JSON = "invalid_json"
     SCHEMA = "schema_violation"
     INVALID_IP = "invalid_ip"
+    UNKNOWN_TARGET = "unknown_target"
+    """A command about an IP the organization does not use."""
 
 
 class InvalidHeartbeat(ValueError):

@@ -310,7 +310,7 @@ async def test_an_event_stored_but_not_published_goes_out_once_with_its_id(
         queried_at=NOW,
         services=(Service(port=6379, module="redis", product="Redis"),),
     )
-    stored = await store.apply(OrgContext("acme", ("a1",), ()), scan)
+    stored = (await store.apply(OrgContext("acme", ("a1",), ()), scan)).events
     assert len(stored) == 1
     async with running(scan_settings, ("scanner",)):
         events = await events_on(scan_settings, 1)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.exposures import (
     CONTENT_TYPE,
     Change,
@@ -247,12 +248,17 @@ def validator() -> jsonschema.Draft202012Validator:
     )
 
 
+INTENDED = AcceptanceInfo(
+    reason="the customer's web shop", requested_by="tech@msp", accepted_at=T0, expires_at=None
+)
+
+
 def events_for(changes: list[Change], current: HostScan, **overrides: Any) -> list[ExposureEvent]:
     arguments: dict[str, Any] = {
         "version": 7,
         "candidate_agents": ["agent-b", "agent-a", "agent-b"],
         "site_ids": ["hq"],
-        "accepted_keys": {("tcp", 443)},
+        "acceptance_by_key": {("tcp", 443): INTENDED},
         "first_seen_by_key": {("tcp", 22): T0, ("tcp", 3389): T0},
         **overrides,
     }
@@ -392,7 +398,7 @@ def test_events_validate_against_the_published_schema(
         version=1,
         candidate_agents=[],
         site_ids=[],
-        accepted_keys=set(),
+        acceptance_by_key={},
         first_seen_by_key={},
         source="https://recon-stream.example/scanner",
     )

@@ -203,4 +203,8 @@ def test_the_ingest_fetch_size_reaches_only_the_heartbeat_subscriber(
         for subscriber in worker.broker.subscribers
         for topic in subscriber.topic_names
     }
-    assert fetch == {"agent.heartbeats.v1": 2097152, "recon.scan-requests.v1": 1024 * 1024}
+    assert fetch == {
+        "agent.heartbeats.v1": 2097152,
+        "recon.scan-requests.v1": 1024 * 1024,
+        "recon.commands.v1": 1024 * 1024,
+    }

@@ -1,0 +1,168 @@
+"""The commands stage: `accept`, `unaccept` and `rescan` from `recon.commands.v1`.
+
+Each record is validated like a heartbeat (an invalid one goes to the DLQ with
+its reason and the batch goes on), then applied, in the order of its partition
+(key = organization), and only then marked applied; the offset is committed
+after the whole batch. A command already marked applied does nothing again.
+
+- `accept` / `unaccept` put the acceptance on record (or take it back), then
+  re-assess the organization's open exposures on the IP (or on all its IPs):
+  each whose acceptance changed gets `changed` (reason `accepted` /
+  `unaccepted`), with its history entry and state row, through the outbox.
+- `rescan` queues a `manual` scan request for the IP (or every active IP of the
+  organization): ahead of routine rescans, never served from a stored lookup,
+  within the shared budget. A second one while the first is pending adds nothing.
+
+A rescan of an IP the organization does not use goes to the DLQ
+(`unknown_target`): the budget is spent only on the organization's own IPs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import partial
+
+from pydantic import ValidationError
+
+from recon_stream.adapters.command_log import CommandLog
+from recon_stream.adapters.exposure_store import ExposureStore
+from recon_stream.adapters.mongo import ORG_IPS
+from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.domain.commands import (
+    AcceptCommand,
+    RescanCommand,
+    UnacceptCommand,
+    acceptance_of,
+    parse_command,
+)
+from recon_stream.domain.heartbeats import RejectReason
+from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
+from recon_stream.metrics import Metrics
+from recon_stream.outbox import OutboxPublisher
+from recon_stream.retry import Retrier
+
+log = logging.getLogger(__name__)
+
+Command = AcceptCommand | UnacceptCommand | RescanCommand
+
+
+class CommandService:
+    def __init__(
+        self,
+        store: ExposureStore,
+        queue: ScanQueue,
+        log_: CommandLog,
+        outbox: OutboxPublisher,
+        dead_letters: DeadLetterSink,
+        metrics: Metrics,
+        retrying: Retrier,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._log = log_
+        self._outbox = outbox
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._retrying = retrying
+
+    async def handle(self, records: Sequence[RawRecord]) -> int:
+        """Validate and apply a batch, in order; returns how many commands were applied."""
+        applied = 0
+        for record in records:
+            command, rejected = _decode(record)
+            if command is not None:
+                rejected = await self.apply(command, record)
+                applied += rejected is None
+            if rejected is not None:
+                await self._retrying(
+                    "dead-lettering", partial(self._dead_letters.publish, [rejected])
+                )
+                self._metrics.dlq.labels(rejected.reason.value).inc()
+        return applied
+
+    async def apply(self, command: Command, record: RawRecord | None = None) -> Rejected | None:
+        """Apply one command (once per id); a `Rejected` when it cannot apply."""
+        identity = command.identity
+        if await self._retrying("reading the command log", partial(self._log.applied, identity)):
+            self._metrics.commands.labels(command.command, "duplicate").inc()
+            return None
+        if isinstance(command, RescanCommand):
+            problem = await self._rescan(command)
+            if problem is not None:
+                self._metrics.commands.labels(command.command, "rejected").inc()
+                if record is None:
+                    raise ValueError(problem)
+                return Rejected(record, RejectReason.UNKNOWN_TARGET, problem)
+        else:
+            await self._decide(command)
+        await self._retrying(
+            "marking a command applied",
+            partial(self._log.mark, identity, command.organization_id, command.command),
+        )
+        self._metrics.commands.labels(command.command, "applied").inc()
+        return None
+
+    async def _decide(self, command: AcceptCommand | UnacceptCommand) -> None:
+        store, org = self._store, command.organization_id
+        if isinstance(command, AcceptCommand):
+            await self._retrying(
+                "storing an acceptance",
+                partial(store.accept, acceptance_of(command), command.identity),
+            )
+        else:
+            await self._retrying(
+                "removing an acceptance",
+                partial(store.unaccept, org, command.ip, command.transport, command.port),
+            )
+        ips = [command.ip] if command.ip is not None else []
+        if command.ip is None:
+            ips = await self._retrying("reading the org's IPs", partial(store.ips_of, org))
+        now = datetime.now(UTC)
+        for ip in ips:
+            outbox = await self._retrying(
+                "applying an acceptance", partial(store.reassess, org, ip, now)
+            )
+            await self._outbox.publish(outbox)
+
+    async def _rescan(self, command: RescanCommand) -> str | None:
+        org = command.organization_id
+        active = await self._retrying("reading the org's IPs", partial(self._active_ips, org))
+        if command.ip is not None and command.ip not in active:
+            return f"{command.ip} is not an active IP of organization {org}"
+        ips = [command.ip] if command.ip is not None else sorted(active)
+        now = datetime.now(UTC)
+        requests = [
+            ScanRequest(organization_id=org, ip=ip, reason=ScanReason.MANUAL, requested_at=now)
+            for ip in ips
+        ]
+        if requests:
+            await self._retrying("queueing rescans", partial(self._queue.enqueue, requests))
+            for _ in requests:
+                self._metrics.scan_requests_received.labels(ScanReason.MANUAL.value).inc()
+        return None
+
+    async def _active_ips(self, organization_id: str) -> set[str]:
+        collection = self._store.database[ORG_IPS]
+        cursor = collection.find(
+            {"organization_id": organization_id, "status": "active"}, {"ip": 1}
+        )
+        return {doc["ip"] async for doc in cursor}
+
+
+def _decode(record: RawRecord) -> tuple[Command | None, Rejected | None]:
+    value = record.value or b""
+    if not value.strip():
+        return None, Rejected(record, RejectReason.EMPTY, "empty message")
+    try:
+        return parse_command(value), None
+    except ValidationError as error:
+        errors = error.errors(include_input=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            return None, Rejected(record, RejectReason.INVALID_JSON, errors[0]["msg"])
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
+        return None, Rejected(record, RejectReason.SCHEMA, detail)
+    except ValueError as error:
+        return None, Rejected(record, RejectReason.TOO_LARGE, str(error))

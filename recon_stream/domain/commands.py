@@ -1,0 +1,140 @@
+"""Commands: how the platform and operators act on exposures (schemas/command.v1.json).
+
+Published on `recon.commands.v1` with Kafka key = `organization_id`, so one
+organization's commands are applied in the order they were sent.
+
+- `accept`: the organization declares an exposure (transport/port, on one IP or on
+  every IP of the organization, now and later) intended, with a reason and an
+  optional expiry. It may come before the port ever opens.
+- `unaccept`: takes an acceptance back.
+- `rescan`: a fresh lookup of one IP or of every active IP of the organization.
+
+A command without `command_id` is identified by its content: the same message
+delivered twice is one command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
+
+from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.addresses import InvalidAddress, parse_address
+from recon_stream.domain.heartbeats import Identifier, IpText
+from recon_stream.domain.scans import Transport
+
+SCHEMA_ID = "https://recon-stream.dev/schemas/command.v1.json"
+MAX_COMMAND_BYTES = 64 * 1024
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+CommandId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Requester = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    organization_id: Identifier
+    requested_by: Requester = Field(description="Who asked: a user, a service, a ticket.")
+    requested_at: AwareDatetime = Field(description="RFC 3339 time with offset.")
+    command_id: CommandId | None = Field(
+        None, description="A redelivered command with the same id has no second effect."
+    )
+
+    @field_validator("ip", check_fields=False)
+    @classmethod
+    def _canonical_ip(cls, value: str | None) -> str | None:
+        # The name the pipeline stores the address under (IPv4-mapped IPv6 as IPv4).
+        if value is None:
+            return None
+        try:
+            return parse_address(value).text
+        except InvalidAddress as error:
+            raise ValueError(str(error)) from None
+
+    def kafka_key(self) -> bytes:
+        return self.organization_id.encode()
+
+    @property
+    def identity(self) -> str:
+        """`command_id`, or a digest of the content when there is none."""
+        if self.command_id is not None:
+            return self.command_id
+        content = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+
+class AcceptCommand(_Command):
+    """Declare an exposure intended: on `ip`, or on every IP of the organization."""
+
+    command: Literal["accept"]
+    transport: Transport = "tcp"
+    port: Port
+    ip: IpText | None = Field(None, description="Absent: every IP of the organization.")
+    reason: Reason
+    expires_at: AwareDatetime | None = Field(None, description="Absent: until taken back.")
+
+
+class UnacceptCommand(_Command):
+    """Take an acceptance back."""
+
+    command: Literal["unaccept"]
+    transport: Transport = "tcp"
+    port: Port
+    ip: IpText | None = Field(None, description="Absent: the organization-wide acceptance.")
+
+
+class RescanCommand(_Command):
+    """A fresh lookup, ahead of routine rescans, within the shared budget."""
+
+    command: Literal["rescan"]
+    ip: IpText | None = Field(None, description="Absent: every active IP of the organization.")
+
+
+Command = Annotated[AcceptCommand | UnacceptCommand | RescanCommand, Field(discriminator="command")]
+
+
+class CommandMessage(RootModel[Command]):
+    """A command on `recon.commands.v1` (Kafka key = `organization_id`)."""
+
+    model_config = ConfigDict(
+        title="Command",
+        json_schema_extra={"$id": SCHEMA_ID},
+    )
+
+
+_ADAPTER: TypeAdapter[AcceptCommand | UnacceptCommand | RescanCommand] = TypeAdapter(Command)
+
+
+def parse_command(raw: bytes) -> AcceptCommand | UnacceptCommand | RescanCommand:
+    """The command in `raw`; pydantic's `ValidationError` or `ValueError` (too large)."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise ValueError(f"command of {len(raw)} bytes is over {MAX_COMMAND_BYTES}")
+    return _ADAPTER.validate_json(raw)
+
+
+def acceptance_of(command: AcceptCommand) -> Acceptance:
+    """What an `accept` command puts on record (accepted when it was requested)."""
+    return Acceptance(
+        organization_id=command.organization_id,
+        ip=command.ip,
+        transport=command.transport,
+        port=command.port,
+        reason=command.reason,
+        requested_by=command.requested_by,
+        accepted_at=command.requested_at,
+        expires_at=command.expires_at,
+    )

@@ -1,0 +1,92 @@
+"""Publishing what a snapshot update left in its outboxes, shared by every stage that
+updates snapshots (the scanner, its relay, the scheduler, the commands).
+
+For one (organization, IP), in this order, each step retried until it succeeds:
+
+1. history entries (MongoDB `exposure_history`, idempotent by event id),
+2. the events (Kafka `recon.exposures.v1`),
+3. the state rows (Kafka `recon.exposure-state.v1`, compacted; a tombstone for a
+   closed exposure), when the state topic is configured,
+4. then both are pulled from the outboxes.
+
+A crash anywhere repeats the steps from the start with the same ids: a history
+entry is never without its event for longer than the relay takes, an event is
+never without its history entry, and the state topic ends at the table.
+
+The relay leaves alone outboxes written in the last `RELAY_GRACE` seconds: their
+writer is publishing them right now, and racing it would only duplicate events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from recon_stream.adapters.exposure_store import ExposureStore, Outbox, StateRow
+from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.metrics import Metrics
+from recon_stream.retry import Retrier, drain_every
+
+log = logging.getLogger(__name__)
+
+RELAY_GRACE = 5.0
+
+
+class EventSink(Protocol):
+    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class StateSink(Protocol):
+    async def publish(self, rows: Sequence[StateRow]) -> None: ...
+
+
+@dataclass(frozen=True)
+class OutboxPublisher:
+    """Publishes outboxes; `state` None when the state topic is switched off."""
+
+    store: ExposureStore
+    events: EventSink
+    state: StateSink | None
+    metrics: Metrics
+    retrying: Retrier
+
+    async def publish(self, outbox: Outbox) -> int:
+        """Publish one update's outbox; returns how many events and state rows."""
+        events, rows = outbox.events, outbox.state if self.state is not None else []
+        if not events and not outbox.state:
+            return 0
+        store, state = self.store, self.state
+        if events:
+            await self.retrying("recording history", lambda: store.record_history(events))
+            await self.retrying("publishing exposure events", lambda: self.events.publish(events))
+            for event in events:
+                self.metrics.exposure_events.labels(
+                    event.data.change.value, event.data.severity.value
+                ).inc()
+        if state is not None and rows:
+            await self.retrying("publishing exposure state", lambda: state.publish(rows))
+        ids = [e.id for e in events]
+        await self.retrying(
+            "clearing the outbox",
+            lambda: store.published(outbox.organization_id, outbox.ip, ids, outbox.state),
+        )
+        return len(events) + len(rows)
+
+    async def relay_once(self, limit: int = 100) -> int:
+        """Publish what a crash left in outboxes; returns how many events and rows."""
+        settled = datetime.now(UTC) - timedelta(seconds=RELAY_GRACE)
+        pending = await self.retrying(
+            "reading the outbox", lambda: self.store.unpublished(limit, settled)
+        )
+        sent = 0
+        for outbox in pending:
+            sent += await self.publish(outbox)
+        if sent:
+            log.info("relayed %d exposure events and state rows left in outboxes", sent)
+        return sent
+
+    async def run_relay(self, interval: float) -> None:
+        await drain_every(interval, self.relay_once, "exposure relay")

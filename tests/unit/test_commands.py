@@ -1,0 +1,218 @@
+"""Commands and acceptances: the contract, and how acceptance changes become changes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
+from recon_stream.domain.commands import (
+    AcceptCommand,
+    RescanCommand,
+    UnacceptCommand,
+    acceptance_of,
+    parse_command,
+)
+from recon_stream.domain.exposures import (
+    ChangeKind,
+    ChangeReason,
+    acceptance_changes,
+    build_events,
+    diff,
+)
+from recon_stream.domain.scans import HostScan, Service
+
+SCHEMA = json.loads(
+    (Path(__file__).parents[2] / "schemas" / "command.v1.json").read_text(encoding="utf-8")
+)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+RDP = Service(port=3389, module="rdp")
+SSH = Service(port=22, module="ssh", product="OpenSSH")
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {
+        "command": "accept",
+        "organization_id": "acme",
+        "requested_by": "tech@msp",
+        "requested_at": "2026-11-01T12:00:00Z",
+        "port": 3389,
+        "reason": "jump host",
+        **fields,
+    }
+
+
+def test_each_command_parses_and_validates_against_the_published_schema() -> None:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for fields in (
+        body(ip="203.0.113.7", expires_at="2027-01-01T00:00:00+01:00", command_id="c-1"),
+        body(),
+        {**body(), "command": "unaccept", "transport": "udp"},
+        {
+            "command": "rescan",
+            "organization_id": "acme",
+            "requested_by": "x",
+            "requested_at": "2026-11-01T12:00:00Z",
+        },
+    ):
+        validator.validate(fields)
+        parsed = parse_command(json.dumps(fields).encode())
+        assert parsed.command == fields["command"]
+    accept = parse_command(json.dumps(body()).encode())
+    assert isinstance(accept, AcceptCommand)
+    assert accept.transport == "tcp"
+    assert accept.ip is None
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"command": "delete"}, "command"),
+        ({"port": 70000}, "port"),
+        ({"reason": ""}, "reason"),
+        ({"reason": "x" * 501}, "reason"),
+        ({"requested_by": ""}, "requested_by"),
+        ({"requested_at": "yesterday"}, "requested_at"),
+        ({"requested_at": "2026-11-01T12:00:00"}, "requested_at"),  # no offset
+        ({"ip": "10.0.0.300"}, "ip"),
+        ({"organization_id": "a b"}, "organization_id"),
+        ({"transport": "sctp"}, "transport"),
+    ],
+)
+def test_a_bad_command_is_refused_with_the_field_named(change: dict[str, Any], where: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_command(json.dumps(body(**change)).encode())
+    errors = caught.value.errors()
+    assert any(where in ".".join(str(p) for p in e["loc"]) or where in e["msg"] for e in errors)
+
+
+def test_a_command_without_id_is_identified_by_its_content() -> None:
+    one = parse_command(json.dumps(body()).encode())
+    again = parse_command(json.dumps(dict(reversed(body().items()))).encode())
+    other = parse_command(json.dumps(body(reason="another")).encode())
+    assert one.identity == again.identity != other.identity
+    assert parse_command(json.dumps(body(command_id="c-9")).encode()).identity == "c-9"
+
+
+def test_addresses_are_stored_under_the_pipelines_name_for_them() -> None:
+    mapped = parse_command(json.dumps(body(ip="::ffff:203.0.113.7")).encode())
+    assert isinstance(mapped, AcceptCommand)
+    assert mapped.ip == "203.0.113.7"
+    rescan = parse_command(
+        json.dumps(
+            {
+                "command": "rescan",
+                "organization_id": "acme",
+                "requested_by": "x",
+                "requested_at": "2026-11-01T12:00:00Z",
+                "ip": "2001:DB8:0:0::1",
+            }
+        ).encode()
+    )
+    assert isinstance(rescan, RescanCommand)
+    assert rescan.ip == "2001:db8::1"
+
+
+def test_a_command_over_64_kib_is_refused() -> None:
+    with pytest.raises(ValueError, match="over"):
+        parse_command(json.dumps(body(reason="x", padding="y" * 70_000)).encode())
+
+
+def _acceptance(ip: str | None, *, at: datetime = T0, until: datetime | None = None) -> Acceptance:
+    return Acceptance("acme", ip, "tcp", 3389, f"for {ip}", "tech", at, until)
+
+
+def test_the_ips_own_acceptance_wins_and_an_expired_one_is_not_in_force() -> None:
+    org_wide, own = _acceptance(None), _acceptance("203.0.113.7", at=T0 - timedelta(days=1))
+    assert acceptance_for([org_wide, own], "203.0.113.7", "tcp", 3389, T0) == own.info
+    assert acceptance_for([org_wide, own], "203.0.113.8", "tcp", 3389, T0) == org_wide.info
+    assert acceptance_for([org_wide], "203.0.113.8", "tcp", 22, T0) is None
+    ending = _acceptance("203.0.113.7", until=T0 + timedelta(hours=1))
+    assert acceptance_for([ending], "203.0.113.7", "tcp", 3389, T0) == ending.info
+    assert acceptance_for([ending], "203.0.113.7", "tcp", 3389, T0 + timedelta(hours=1)) is None
+
+
+def test_acceptance_of_an_accept_command_is_accepted_when_requested() -> None:
+    command = parse_command(json.dumps(body(ip="203.0.113.7")).encode())
+    assert isinstance(command, AcceptCommand)
+    acceptance = acceptance_of(command)
+    assert acceptance.accepted_at == command.requested_at
+    assert acceptance.covers("203.0.113.7", "tcp", 3389)
+    assert not acceptance.covers("203.0.113.8", "tcp", 3389)
+    assert isinstance(
+        parse_command(json.dumps({**body(), "command": "unaccept"}).encode()), UnacceptCommand
+    )
+
+
+INFO = AcceptanceInfo(reason="jump host", requested_by="tech", accepted_at=T0, expires_at=None)
+ENDS = AcceptanceInfo(
+    reason="window", requested_by="tech", accepted_at=T0, expires_at=T0 + timedelta(hours=1)
+)
+
+
+def test_starting_ending_and_expiring_acceptances_are_changes_with_their_reasons() -> None:
+    snapshot = {RDP.key: RDP, SSH.key: SSH}
+    started = acceptance_changes([], snapshot, {}, {RDP.key: INFO}, T0)
+    assert [(c.kind, c.key, c.reason, c.acceptance_changed) for c in started] == [
+        (ChangeKind.CHANGED, RDP.key, ChangeReason.ACCEPTED, True)
+    ]
+    ended = acceptance_changes([], snapshot, {RDP.key: INFO}, {}, T0)
+    assert [c.reason for c in ended] == [ChangeReason.UNACCEPTED]
+    expired = acceptance_changes([], snapshot, {RDP.key: ENDS}, {}, T0 + timedelta(hours=2))
+    assert [c.reason for c in expired] == [ChangeReason.ACCEPTANCE_EXPIRED]
+    assert acceptance_changes([], snapshot, {RDP.key: INFO}, {RDP.key: INFO}, T0) == []
+
+
+def test_an_exposure_that_changes_and_is_accepted_at_once_gets_one_event_naming_both() -> None:
+    before = {SSH.key: SSH}
+    scan = HostScan(
+        ip="203.0.113.7",
+        provider="api",
+        queried_at=T0,
+        services=(SSH.model_copy(update={"version": "9.6"}),),
+    )
+    changes = acceptance_changes(
+        diff(before, scan), {SSH.key: scan.services[0]}, {}, {SSH.key: INFO}, T0
+    )
+    assert len(changes) == 1
+    events = build_events(
+        "acme",
+        "203.0.113.7",
+        changes,
+        scan,
+        version=3,
+        candidate_agents=[],
+        site_ids=[],
+        acceptance_by_key={SSH.key: INFO},
+        first_seen_by_key={},
+    )
+    assert events[0].data.changed_fields == ("version", "accepted")
+    assert events[0].data.reason == ChangeReason.ACCEPTED
+    assert events[0].data.acceptance == INFO
+
+
+def test_a_port_that_opens_already_accepted_is_an_opened_event_saying_so() -> None:
+    scan = HostScan(ip="203.0.113.7", provider="api", queried_at=T0, services=(RDP,))
+    changes = acceptance_changes(diff({}, scan), {RDP.key: RDP}, {}, {RDP.key: INFO}, T0)
+    assert [(c.kind, c.acceptance_changed) for c in changes] == [(ChangeKind.OPENED, False)]
+
+
+@given(
+    st.dictionaries(st.sampled_from([RDP.key, SSH.key]), st.sampled_from([INFO, ENDS, None])),
+    st.dictionaries(st.sampled_from([RDP.key, SSH.key]), st.sampled_from([INFO, ENDS, None])),
+)
+def test_exactly_the_exposures_whose_acceptance_differs_change(
+    was: dict[Any, AcceptanceInfo | None], now: dict[Any, AcceptanceInfo | None]
+) -> None:
+    snapshot = {RDP.key: RDP, SSH.key: SSH}
+    changes = acceptance_changes([], snapshot, was, now, T0)
+    assert {c.key for c in changes} == {k for k in snapshot if was.get(k) != now.get(k)}
+    assert all(c.acceptance_changed for c in changes)
