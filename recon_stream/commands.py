@@ -19,6 +19,7 @@ A rescan of an IP the organization does not use goes to the DLQ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ from recon_stream.outbox import OutboxPublisher
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
+
+PARALLEL_IPS = 16
 
 Command = AcceptCommand | UnacceptCommand | RescanCommand
 
@@ -121,11 +124,16 @@ class CommandService:
         if command.ip is None:
             ips = await self._retrying("reading the org's IPs", partial(store.ips_of, org))
         now = datetime.now(UTC)
-        for ip in ips:
+
+        async def reassess(ip: str) -> None:
             outbox = await self._retrying(
                 "applying an acceptance", partial(store.reassess, org, ip, now)
             )
             await self._outbox.publish(outbox)
+
+        # IPs are independent snapshots: a few at a time, not one round trip after another.
+        for start in range(0, len(ips), PARALLEL_IPS):
+            await asyncio.gather(*(reassess(ip) for ip in ips[start : start + PARALLEL_IPS]))
 
     async def _rescan(self, command: RescanCommand) -> str | None:
         org = command.organization_id

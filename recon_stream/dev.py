@@ -27,7 +27,7 @@ from recon_stream.adapters.exposure_store import EXPOSURES
 from recon_stream.adapters.scan_queue import SCAN_QUEUE
 from recon_stream.app import ROLES, build_worker
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, default_mongo_engine
-from recon_stream.exposure_table import load_rows, render
+from recon_stream.exposure_table import load_history, load_rows, render, render_history
 from recon_stream.settings import Settings
 
 # Sample organizations with the public egress IPs their agents call home from.
@@ -313,3 +313,64 @@ async def _demo(settings: Settings, metrics: Any) -> None:
         print()
         print(f"exposures of {org}  (recon-stream exposures --org {org})")
         print(render(await load_rows(settings, org), "table"), end="")
+    await _act_on_an_exposure(settings, metrics)
+
+
+async def _act_on_an_exposure(settings: Settings, metrics: Any) -> None:
+    """Accept one exposure and rescan its IP, as an operator would, and show the effect."""
+    org = next(iter(SAMPLE_ORGS))
+    rows = await load_rows(settings, org)
+    if not rows:
+        return
+    rank = ["info", "low", "medium", "high", "critical"]
+    row = max(rows, key=lambda r: rank.index(r["severity"]) if r["severity"] in rank else -1)
+    ip, port = row["ip"], int(row["port"])
+    until = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0).isoformat()
+    print()
+    print("an operator accepts one exposure and asks for a fresh look at its IP:")
+    print(
+        f"  recon-stream accept --org {org} --ip {ip} --port {port} "
+        f'--reason "reviewed with the customer" --by tech@msp.example --until {until}'
+    )
+    print(f"  recon-stream rescan --org {org} --ip {ip}")
+    now = datetime.now(UTC).isoformat()
+    common = {"organization_id": org, "requested_by": "tech@msp.example", "requested_at": now}
+    commands = [
+        {
+            **common,
+            "command": "accept",
+            "ip": ip,
+            "port": port,
+            "transport": row["transport"],
+            "reason": "reviewed with the customer",
+            "expires_at": until,
+        },
+        {**common, "command": "rescan", "ip": ip},
+    ]
+    producer = AIOKafkaProducer(**kafka.admin_options(settings), acks="all")
+    await producer.start()
+    try:
+        for command in commands:
+            await producer.send_and_wait(
+                settings.topic_commands, json.dumps(command).encode(), key=org.encode()
+            )
+    finally:
+        await producer.stop()
+    for _ in range(600):
+        applied = sum(
+            metrics.get_sample_value("recon_commands_total", {"command": c, "outcome": "applied"})
+            or 0
+            for c in ("accept", "rescan")
+        )
+        if applied >= 2:
+            break
+        await asyncio.sleep(0.1)
+    await wait_for_scans(settings)
+    print()
+    print(
+        f"history of {ip} port {port}  (recon-stream history --org {org} --ip {ip} --port {port})"
+    )
+    print(render_history(await load_history(settings, org, ip=ip, port=port), "table"), end="")
+    print()
+    print(f"accepted exposures of {org}  (recon-stream exposures --org {org} --accepted)")
+    print(render(await load_rows(settings, org, accepted=True), "table"), end="")

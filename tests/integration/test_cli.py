@@ -27,6 +27,7 @@ def _cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> A
             "RECON_TOPIC_SCAN_REQUESTS": settings.topic_scan_requests,
             "RECON_TOPIC_EXPOSURES": settings.topic_exposures,
             "RECON_TOPIC_DLQ": settings.topic_dlq + "-cli",
+            "RECON_TOPIC_COMMANDS": settings.topic_commands,
             "RECON_KAFKA_TOPIC_PARTITIONS": "2",
         }
     )
@@ -87,6 +88,40 @@ async def test_publish_heartbeat_validates_and_publishes(settings: Settings) -> 
     assert body["organization_id"] == "acme"
     assert body["hostname"] == "web-1"
     assert published.key == b"a-1"  # keyed by agent by default
+
+
+async def test_accept_unaccept_and_rescan_publish_commands_and_print_their_ids(
+    settings: Settings,
+) -> None:
+    until = "2027-01-31T00:00:00+00:00"
+    accept = _cli(
+        settings,
+        *("accept", "--org", "acme", "--ip", "8.8.8.8", "--port", "3389"),
+        *("--reason", "jump host", "--by", "tech@msp", "--until", until),
+    )
+    assert accept.returncode == 0, accept.stderr
+    unaccept = _cli(
+        settings, "unaccept", "--org", "acme", "--port", "3389", "--by", "tech@msp", "--id", "u-1"
+    )
+    assert unaccept.returncode == 0, unaccept.stderr
+    rescan = _cli(settings, "rescan", "--org", "acme")
+    assert rescan.returncode == 0, rescan.stderr
+    bad = _cli(settings, "accept", "--org", "acme", "--port", "99999", "--reason", "x", "--by", "y")
+    assert bad.returncode == 2
+    assert "port" in bad.stderr
+    records = await read_all(settings.kafka_bootstrap_servers, settings.topic_commands, expect=3)
+    bodies = {json.loads(r.value)["command_id"]: (r.key, json.loads(r.value)) for r in records}
+    assert set(bodies) == {accept.stdout.strip(), "u-1", rescan.stdout.strip()}
+    key, body = bodies[accept.stdout.strip()]
+    assert key == b"acme"
+    assert body["expires_at"] == until
+    assert body["reason"] == "jump host"
+    assert bodies["u-1"][1]["command"] == "unaccept"
+    assert "ip" not in bodies["u-1"][1]  # the organization-wide acceptance
+    assert bodies[rescan.stdout.strip()][1]["command"] == "rescan"
+    history = _cli(settings, "history", "--org", "acme")
+    assert history.returncode == 0, history.stderr
+    assert history.stdout == "no history\n"
 
 
 def test_a_bad_setting_is_reported_without_echoing_secrets(settings: Settings) -> None:
