@@ -326,6 +326,7 @@ def wire_scanner(shared: Shared) -> ScannerService:
         on_recovery=shared.outages.recovered,
         tracer=shared.tracer,
         state=_state_sink(shared),
+        ocsf=_ocsf_sink(shared),
     )
     shared.parts["commands"] = wire_commands(shared, exposures, queue, scanner.outbox)
     # Requests are only moved into the durable scan queue here; while the
@@ -394,6 +395,11 @@ def _state_sink(shared: Shared) -> kafka.KafkaExposureState | None:
     return kafka.KafkaExposureState(shared.broker, topic) if topic else None
 
 
+def _ocsf_sink(shared: Shared) -> kafka.KafkaOcsfFindings | None:
+    topic = shared.settings.topic_exposures_ocsf
+    return kafka.KafkaOcsfFindings(shared.broker, topic) if topic else None
+
+
 def wire_scheduler(shared: Shared) -> Scheduler:
     """One leader under a lease: rescans of stale IPs, retirement of unused pairs."""
     settings, db = shared.settings, shared.db
@@ -414,6 +420,7 @@ def wire_scheduler(shared: Shared) -> Scheduler:
         rescan_interval=settings.rescan_interval_seconds,
         retention=settings.ip_retention_seconds,
         state=_state_sink(shared),
+        ocsf=_ocsf_sink(shared),
     )
     shared.status.add_check("scheduler", scheduler.ready)
     shared.status.add_state("scheduler", lambda: scheduler.state)

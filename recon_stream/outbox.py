@@ -4,7 +4,8 @@ updates snapshots (the scanner, its relay, the scheduler, the commands).
 For one (organization, IP), in this order, each step retried until it succeeds:
 
 1. history entries (MongoDB `exposure_history`, idempotent by event id),
-2. the events (Kafka `recon.exposures.v1`),
+2. the events (Kafka `recon.exposures.v1`), then the same events as OCSF findings
+   (`recon.exposures.ocsf.v1`, same ids) when the OCSF topic is configured,
 3. the state rows (Kafka `recon.exposure-state.v1`, compacted; a tombstone for a
    closed exposure), when the state topic is configured,
 4. then both are pulled from the outboxes.
@@ -45,13 +46,14 @@ class StateSink(Protocol):
 
 @dataclass(frozen=True)
 class OutboxPublisher:
-    """Publishes outboxes; `state` None when the state topic is switched off."""
+    """Publishes outboxes; `state` (`ocsf`) None when the state (OCSF) topic is off."""
 
     store: ExposureStore
     events: EventSink
     state: StateSink | None
     metrics: Metrics
     retrying: Retrier
+    ocsf: EventSink | None = None
 
     async def publish(self, outbox: Outbox) -> int:
         """Publish one update's outbox; returns how many events and state rows."""
@@ -62,6 +64,8 @@ class OutboxPublisher:
         if events:
             await self.retrying("recording history", lambda: store.record_history(events))
             await self.retrying("publishing exposure events", lambda: self.events.publish(events))
+            if (ocsf := self.ocsf) is not None:
+                await self.retrying("publishing OCSF findings", lambda: ocsf.publish(events))
             for event in events:
                 self.metrics.exposure_events.labels(
                     event.data.change.value, event.data.severity.value

@@ -105,6 +105,7 @@ class ScannerService:
         on_recovery: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
         state: StateSink | None = None,
+        ocsf: EventSink | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
@@ -117,7 +118,7 @@ class ScannerService:
         self._metrics = metrics
         self._backoff = backoff
         self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
-        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying)
+        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying, ocsf=ocsf)
         self._lookup_backoff = lookup_backoff or Backoff(2.0, 300.0)
         self.gate = gate
         self._reuse_age = reuse_age

@@ -57,6 +57,7 @@ class Scheduler:
         retention: float,
         batch: int = 500,
         state: StateSink | None = None,
+        ocsf: EventSink | None = None,
     ) -> None:
         self._org_ips = db[ORG_IPS]
         self.lease = lease
@@ -66,7 +67,7 @@ class Scheduler:
         self._events = events
         self._metrics = metrics
         self._retrying = Retrier(backoff, metrics)
-        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying)
+        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying, ocsf=ocsf)
         self._rescan = rescan_interval
         self._retention = retention
         self._batch = batch

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ShodanProvider = Literal["api", "internetdb", "sample"]
+
+OFF_WHEN_EMPTY = ("topic_exposure_state", "topic_exposures_ocsf")
+"""Optional topics: set to an empty value, they are switched off (not defaulted)."""
+
+
+class _EmptyMeansOff(PydanticBaseSettingsSource):
+    # `env_ignore_empty` makes `RECON_X=` mean "unset" everywhere; for the optional
+    # topics an empty value is how an operator switches them off.
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: ""
+            for name in OFF_WHEN_EMPTY
+            if os.environ.get(f"RECON_{name.upper()}", "unset").strip() == ""
+        }
 
 
 class Settings(BaseSettings):
@@ -78,6 +101,9 @@ class Settings(BaseSettings):
     topic_exposure_state: str = Field(
         "recon.exposure-state.v1", description="compacted; empty: no state topic"
     )
+    topic_exposures_ocsf: str = Field(
+        "recon.exposures.ocsf.v1", description="OCSF 1.8.0 Detection Findings; empty: off"
+    )
 
     # Ingest
     ingest_group_id: str = "recon-ingest"
@@ -118,6 +144,12 @@ class Settings(BaseSettings):
         400 * 24 * 3600, gt=0, description="applied changes are kept this long (TTL index)"
     )
 
+    # Webhook notifier
+    notify_file: Path | None = Field(
+        None, description="YAML destinations (schemas/notify.v1.json); unset: nothing to send"
+    )
+    notifier_group_id: str = "recon-notifier"
+
     # Scheduler
     scheduler_tick_seconds: float = Field(30.0, gt=0)
     scheduler_lease_seconds: float = Field(90.0, gt=0)
@@ -132,6 +164,23 @@ class Settings(BaseSettings):
 
     # Shutdown
     graceful_timeout_seconds: float = Field(20.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _EmptyMeansOff(settings_cls),
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,8 +18,10 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
+from recon_stream import __version__
 from recon_stream.adapters.exposure_store import StateRow
 from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
+from recon_stream.domain.ocsf import to_finding
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.ingest import Rejected
 from recon_stream.settings import Settings
@@ -101,6 +104,8 @@ async def create_topics(settings: Settings) -> dict[str, str]:
     }
     if settings.topic_exposure_state:
         configs[settings.topic_exposure_state] = {"cleanup.policy": "compact"}
+    if settings.topic_exposures_ocsf:
+        configs[settings.topic_exposures_ocsf] = {}
     names = list(configs)
     admin = AIOKafkaAdminClient(**admin_options(settings))
     await admin.start()
@@ -208,22 +213,43 @@ def _text_headers(raw: Sequence[tuple[str, bytes | None]]) -> tuple[dict[str, st
 class KafkaExposureEvents:
     """Publishes CloudEvents (structured JSON), key = organization id."""
 
+    content_type = CONTENT_TYPE
+
     def __init__(self, broker: KafkaBroker, topic: str) -> None:
         self._broker = broker
         self._topic = topic
 
+    def body(self, event: ExposureEvent) -> bytes:
+        return event.model_dump_json().encode()
+
     async def publish(self, events: Sequence[ExposureEvent]) -> None:
         futures = [
             await self._broker.publish(
-                e.model_dump_json().encode(),
+                self.body(e),
                 self._topic,
                 key=e.kafka_key(),
-                headers={"content-type": CONTENT_TYPE},
+                headers={"content-type": self.content_type},
                 no_confirm=True,
             )
             for e in events
         ]
         await asyncio.gather(*futures)
+
+
+class KafkaOcsfFindings(KafkaExposureEvents):
+    """Publishes exposure events as OCSF Detection Findings: bare JSON, key = organization id."""
+
+    content_type = "application/json"
+
+    def body(self, event: ExposureEvent) -> bytes:
+        return ocsf_json(event)
+
+
+def ocsf_json(event: ExposureEvent) -> bytes:
+    """`event` as an OCSF finding's JSON body (as on the OCSF topic and in webhooks)."""
+    return json.dumps(
+        to_finding(event, product_version=__version__), separators=(",", ":")
+    ).encode()
 
 
 class KafkaExposureState:

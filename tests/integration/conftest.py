@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from pymongo import AsyncMongoClient
 from recon_stream.settings import Settings
 from tests.emulators.fixtures import shodan_emulator_fixture  # noqa: F401
 from tests.emulators.shodan import ShodanEmulator
+from tests.ocsf_check import assert_valid
 
-from .support import make_settings, prepare
+from .support import make_settings, prepare, read_all
 
 _HERE = Path(__file__).parent
 
@@ -44,9 +46,13 @@ async def db(settings: Settings) -> AsyncIterator[Any]:
 
 
 @pytest_asyncio.fixture
-async def scan_settings(settings: Settings, shodan_emulator: ShodanEmulator) -> Settings:
+async def scan_settings(
+    settings: Settings, shodan_emulator: ShodanEmulator
+) -> AsyncIterator[Settings]:
+    """Settings for tests that produce exposure events; afterwards, every OCSF finding
+    the test produced is checked against OCSF 1.8.0 (tests/ocsf_check.py)."""
     shodan_emulator.rate = 20.0
-    return settings.model_copy(
+    yield settings.model_copy(
         update={
             "shodan_provider": "api",
             "shodan_api_key": __import__("pydantic").SecretStr(shodan_emulator.api_key),
@@ -62,3 +68,7 @@ async def scan_settings(settings: Settings, shodan_emulator: ShodanEmulator) -> 
             "scanner_group_id": settings.ingest_group_id + "-scanner",
         }
     )
+    findings = await read_all(
+        settings.kafka_bootstrap_servers, settings.topic_exposures_ocsf, idle=0.3
+    )
+    assert_valid(json.loads(r.value) for r in findings)

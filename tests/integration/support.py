@@ -34,6 +34,8 @@ def make_settings(kafka: str, mongodb: str, unique: str, **overrides: Any) -> Se
         "topic_dlq": f"dlq_{unique}",
         "topic_commands": f"cmd_{unique}",
         "topic_exposure_state": f"state_{unique}",
+        "topic_exposures_ocsf": f"ocsf_{unique}",
+        "notifier_group_id": f"notifier_{unique}",
         "commands_group_id": f"commands_{unique}",
         "ingest_group_id": f"ingest_{unique}",
         "kafka_topic_partitions": 4,

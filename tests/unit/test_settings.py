@@ -93,6 +93,14 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().effective_shodan_provider != "api"
 
 
+def test_an_empty_optional_topic_switches_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().topic_exposures_ocsf == "recon.exposures.ocsf.v1"
+    assert Settings().topic_exposure_state == "recon.exposure-state.v1"
+    monkeypatch.setenv("RECON_TOPIC_EXPOSURES_OCSF", "")
+    monkeypatch.setenv("RECON_TOPIC_EXPOSURE_STATE", "")
+    assert (Settings().topic_exposures_ocsf, Settings().topic_exposure_state) == ("", "")
+
+
 def test_shodan_key_selects_the_api_provider(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECON_SHODAN_API_KEY", SHODAN_KEY)
     assert Settings().effective_shodan_provider == "api"
