@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from faststream import AckPolicy, FastStream
@@ -42,10 +43,12 @@ from recon_stream.adapters.command_log import CommandLog
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import ScanQueue
 from recon_stream.adapters.shodan import build_provider
+from recon_stream.adapters.webhooks import WebhookClient
 from recon_stream.commands import CommandService
 from recon_stream.ingest import IngestService, RawRecord
 from recon_stream.leadership import LEASES, Lease
 from recon_stream.metrics import Metrics
+from recon_stream.notifier import DestinationNotifier, load_destinations
 from recon_stream.outbox import OutboxPublisher
 from recon_stream.ratelimit import BUDGETS, SharedRateLimiter
 from recon_stream.retry import Backoff, Retrier
@@ -428,10 +431,43 @@ def wire_scheduler(shared: Shared) -> Scheduler:
     return scheduler
 
 
+def wire_notifier(shared: Shared) -> list[DestinationNotifier]:
+    """Exposure events to each webhook destination of RECON_NOTIFY_FILE: a consumer group,
+    an HTTP client and a task per destination, so none waits for another."""
+    settings = shared.settings
+    if settings.notify_file is None:
+        log.warning("notifier: RECON_NOTIFY_FILE is not set, no webhook destinations")
+        return []
+    notifiers = []
+    for destination in load_destinations(settings.notify_file):
+        group = f"{settings.notifier_group_id}.{destination.name}"
+        client = WebhookClient(destination.url, destination.timeout_seconds)
+        notifier = DestinationNotifier(
+            destination,
+            partial(kafka.group_consumer, settings, settings.topic_exposures, group),
+            client,
+            shared.metrics,
+            shared.backoff,
+            batch=settings.notifier_batch_size,
+            product_version=__version__,
+        )
+        shared.run(notifier.run)
+        shared.on_close(client.close)
+        notifiers.append(notifier)
+
+    async def sample_ages() -> None:
+        for notifier in notifiers:
+            notifier.sample()
+
+    shared.sample(sample_ages)
+    return notifiers
+
+
 ROLE_WIRING: Mapping[str, Callable[[Shared], object]] = {
     "ingest": wire_ingest,
     "scanner": wire_scanner,
     "scheduler": wire_scheduler,
+    "notifier": wire_notifier,
 }
 """Each role and the function that wires it, in the order they are wired."""
 

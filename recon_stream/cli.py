@@ -31,6 +31,7 @@ class Role(enum.StrEnum):
     ingest = "ingest"
     scanner = "scanner"
     scheduler = "scheduler"
+    notifier = "notifier"
     all = "all"
 
 
@@ -73,11 +74,16 @@ def run(
 ) -> None:
     """Run a worker until SIGTERM/SIGINT."""
     from recon_stream.app import ROLES, build_worker, serve
+    from recon_stream.notifier import NotifyFileError
 
     _logging(log_level)
     settings = _settings()
     roles = ROLES if role is Role.all else (role.value,)
-    worker = build_worker(settings, roles)
+    try:
+        worker = build_worker(settings, roles)
+    except NotifyFileError as error:
+        typer.echo(f"invalid RECON_NOTIFY_FILE, not starting:\n{error}", err=True)
+        raise typer.Exit(2) from None
     asyncio.run(serve(worker))
 
 

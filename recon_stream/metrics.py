@@ -184,6 +184,34 @@ class Metrics:
             registry=r,
         )
 
+        self.notifier_delivered = Counter(
+            "recon_notifier_delivered",
+            "Exposure events a webhook destination accepted (2xx), by destination name.",
+            ["destination"],
+            registry=r,
+        )
+        self.notifier_failed_attempts = Counter(
+            "recon_notifier_failed_attempts",
+            "Webhook deliveries that failed and will be retried, by destination and reason: "
+            "http_4xx, http_5xx, http_other, timeout, connection.",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.notifier_filtered = Counter(
+            "recon_notifier_filtered",
+            "Exposure events a destination is not sent, by destination and reason: filter "
+            "(its min_severity, changes or organizations), invalid (not an exposure event).",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.notifier_oldest_undelivered = Gauge(
+            "recon_notifier_oldest_undelivered_age_seconds",
+            "Age (since it reached Kafka) of the oldest event read for a destination and not "
+            "yet delivered; 0 when it has everything read so far (sampled).",
+            ["destination"],
+            registry=r,
+        )
+
     def shodan_key_gauge(self) -> Gauge:
         """`recon_shodan_key_accepted`, registered only by processes that check the key:
         an unlabelled gauge reads 0 until set, and 0 means "rejected"."""

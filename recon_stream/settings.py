@@ -148,7 +148,15 @@ class Settings(BaseSettings):
     notify_file: Path | None = Field(
         None, description="YAML destinations (schemas/notify.v1.json); unset: nothing to send"
     )
-    notifier_group_id: str = "recon-notifier"
+    notifier_group_id: str = Field(
+        "recon-notifier", description="each destination's group: this, a dot, its name"
+    )
+    notifier_batch_size: int = Field(
+        100,
+        ge=1,
+        description="events read per destination at a time: at most this many "
+        "are sent again after a crash",
+    )
 
     # Scheduler
     scheduler_tick_seconds: float = Field(30.0, gt=0)

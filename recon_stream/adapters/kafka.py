@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from opentelemetry.context import Context
 from recon_stream import __version__
 from recon_stream.adapters.exposure_store import StateRow
 from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
-from recon_stream.domain.ocsf import to_finding
+from recon_stream.domain.ocsf import finding_json
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.ingest import Rejected
 from recon_stream.settings import Settings
@@ -242,14 +241,7 @@ class KafkaOcsfFindings(KafkaExposureEvents):
     content_type = "application/json"
 
     def body(self, event: ExposureEvent) -> bytes:
-        return ocsf_json(event)
-
-
-def ocsf_json(event: ExposureEvent) -> bytes:
-    """`event` as an OCSF finding's JSON body (as on the OCSF topic and in webhooks)."""
-    return json.dumps(
-        to_finding(event, product_version=__version__), separators=(",", ":")
-    ).encode()
+        return finding_json(event, product_version=__version__)
 
 
 class KafkaExposureState:
@@ -360,3 +352,17 @@ class LagProbe:
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+
+
+def group_consumer(settings: Settings, topic: str, group_id: str) -> AIOKafkaConsumer:
+    """A plain aiokafka consumer of `topic` in `group_id` that commits only when told
+    to; a new group starts at the earliest offset."""
+    return AIOKafkaConsumer(
+        topic,
+        **admin_options(settings),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+    )

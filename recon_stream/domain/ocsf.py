@@ -20,6 +20,7 @@ is still a finding, and 2002 would need a made-up advisory for it.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -288,3 +289,10 @@ def to_finding(event: ExposureEvent, *, product_version: str = "0") -> dict[str,
     if vulnerabilities:
         finding["vulnerabilities"] = vulnerabilities
     return finding
+
+
+def finding_json(event: ExposureEvent, *, product_version: str = "0") -> bytes:
+    """`to_finding` as compact JSON: the OCSF topic's record value and the `ocsf` webhook body."""
+    return json.dumps(
+        to_finding(event, product_version=product_version), separators=(",", ":")
+    ).encode()
