@@ -1,7 +1,8 @@
 """Scanner benchmark: exposure latency and Shodan rate-budget use, in one run.
 
-Runs against real servers (embedded Tansu + SecantusDB unless --kafka /
---mongodb are given) and the Shodan emulator (tests/emulators/shodan.py),
+Runs against real servers (embedded Tansu + MongoDB unless --kafka /
+--mongodb are given: genuine mongod where its wheel is installed, else
+SecantusDB; the output's `mongodb` says which) and the Shodan emulator (tests/emulators/shodan.py),
 reached through the real `shodan` client (provider "api"). Workers run
 in-process (`build_worker`). Two measurements, each on fresh topics and a
 fresh database:
@@ -409,7 +410,9 @@ async def measure_budget(
 # -- main ----------------------------------------------------------------------------------
 
 
-async def run(kafka: str, mongodb: str, args: argparse.Namespace) -> dict[str, Any]:
+async def run(
+    kafka: str, mongodb: str, mongodb_server: str, args: argparse.Namespace
+) -> dict[str, Any]:
     rng = random.Random(args.seed)
     taken: set[str] = set()
     started = time.monotonic()
@@ -418,7 +421,7 @@ async def run(kafka: str, mongodb: str, args: argparse.Namespace) -> dict[str, A
     return {
         "benchmark": "scanner",
         "kafka": "external" if args.kafka else "embedded tansu",
-        "mongodb": "external" if args.mongodb else "embedded secantusdb",
+        "mongodb": mongodb_server,
         "latency": latency,
         "budget": budget,
         "ok": latency["ok"] and budget["ok"],
@@ -446,7 +449,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
-    parser.add_argument("--mongodb", help="URI (default: embedded SecantusDB)")
+    parser.add_argument("--mongodb", help="URI (default: embedded mongod, else SecantusDB)")
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.backlog = min(args.pairs, 30), min(args.backlog, 40)
@@ -464,11 +467,12 @@ def main() -> None:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
         kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        mongodb = (
-            args.mongodb
-            or stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp)).uri
-        )
-        result = asyncio.run(run(kafka, mongodb, args))
+        if args.mongodb:
+            mongodb, mongodb_server = args.mongodb, "external"
+        else:
+            embedded = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
+            mongodb, mongodb_server = embedded.uri, f"embedded {embedded.engine}"
+        result = asyncio.run(run(kafka, mongodb, mongodb_server, args))
     print(json.dumps(result, indent=2), file=out)
 
 

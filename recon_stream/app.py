@@ -257,7 +257,7 @@ def wire_ingest(shared: Shared) -> IngestService:
     )
     service = IngestService(
         org_ips,
-        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests),
+        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
         kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
         SeenPairs(settings.ingest_cache_size, settings.ingest_refresh_interval_seconds),
         metrics,
@@ -416,7 +416,7 @@ def wire_scheduler(shared: Shared) -> Scheduler:
         ),
         IpScans(db, settings.rescan_interval_seconds),
         ExposureStore(db),
-        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests),
+        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
         kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
         shared.metrics,
         shared.backoff,

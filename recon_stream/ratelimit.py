@@ -29,8 +29,10 @@ never C + 1 in one window. The other half of the slack (`tolerance` again, 15 ms
 per second of window at the default 3% margin) absorbs what happens after the
 gate: the HTTP client's own work and network jitter on the way to Shodan.
 
-The slot is stored as a number, not a date: SecantusDB mis-compares `$$NOW` with
-stored dates, and numbers behave the same on mongod.
+The slot is stored as a number (epoch milliseconds), not a date: SecantusDB
+mis-compares `$$NOW` with stored dates. This stays for the SecantusDB fallback
+(where mongod's wheel cannot install) and is as correct on mongod, where
+`$toLong` of `$$NOW` compares and adds exactly as the date would.
 """
 
 from __future__ import annotations
@@ -231,8 +233,11 @@ class SharedRateLimiter:
             if doc is not None:
                 start = float(doc["next_ms"]) - interval
                 return pacer.slot(sent, received, float(doc["now_ms"]), start)
-            # SecantusDB answers None to an upserting pipeline update; an insert
-            # then a second try is just as atomic on mongod.
+            # No upsert: SecantusDB answers None to an upserting pipeline update.
+            # Insert, then try again: this stays for the SecantusDB fallback and is
+            # as correct on mongod (the update is atomic either way; a replica that
+            # loses the insert race gets DuplicateKeyError and just retries), at
+            # the cost of one round trip, once per budget.
             with contextlib.suppress(DuplicateKeyError):
                 await self._collection.insert_one({"_id": self._key, "next_ms": 0})
         raise RuntimeError(f"rate budget {self._key!r} could not be created")

@@ -12,8 +12,9 @@ The hops, and how the context crosses each one:
    our raw parser hands it no per-record headers, so it costs nothing per
    record. A pair the batch discovers gets a `recon.pair.discovered` span,
    child of the heartbeat's own `traceparent` (when its producer sent one) and
-   linked to the batch span; its scan request is published inside that span,
-   so the middleware writes a `traceparent` continuing the heartbeat's trace.
+   linked to the batch span; its scan request is published in a
+   `{topic} publish` span, child of that one, whose `traceparent` goes with it
+   (`KafkaScanRequests` writes it: scan requests skip FastStream's middlewares).
 2. Scanner, Kafka half. Each request's `traceparent` is kept on its
    `scan_queue` item (a few per IP: requests for one IP are coalesced).
 3. Scanner, lookup half. `recon.scan` is a child of the first stored context
@@ -94,6 +95,13 @@ def current_carrier() -> dict[str, str]:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier
+
+
+def headers_of(span: Span) -> list[tuple[str, bytes]]:
+    """`span`'s context as W3C trace headers of a Kafka record (none when invalid)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return [(name, value.encode("ascii")) for name, value in carrier.items()]
 
 
 def parent_and_links(carriers: Sequence[Mapping[str, str]]) -> tuple[Context | None, list[Link]]:

@@ -116,6 +116,8 @@ async def test_repeats_coalesce_and_each_new_pair_is_requested_once(
     assert sorted((b["organization_id"], b["ip"]) for b in bodies) == sorted(pairs)
     assert all(b["reason"] == "new" for b in bodies)
     assert all(r.key == json.loads(r.value)["ip"].encode() for r in requests)
+    # Tracing is off here: no trace headers, only the body's type.
+    assert all(list(r.headers) == [("content-type", b"application/json")] for r in requests)
 
 
 async def test_two_workers_racing_send_exactly_one_request_per_new_pair(

@@ -87,7 +87,10 @@ async def test_one_trace_leads_from_a_heartbeat_to_its_exposure_events(
         return chain
 
     (scan,) = [s for s in spans if s.name == "recon.scan"]
-    assert "recon.pair.discovered" in ancestors(scan)
+    (request,) = [s for s in spans if s.name == f"{scan_settings.topic_scan_requests} publish"]
+    assert ancestors(scan)[:2] == [request.name, "recon.pair.discovered"]
+    assert request.attributes is not None
+    assert request.attributes["messaging.destination.name"] == scan_settings.topic_scan_requests
     shodan = next(s for s in spans if s.name == "shodan.lookup")
     assert ancestors(shodan)[0] == "recon.scan"
     assert shodan.attributes is not None

@@ -1,5 +1,5 @@
-"""The scanner and scheduler end to end: Tansu, SecantusDB and the Shodan emulator,
-reached through the real `shodan` client."""
+"""The scanner and scheduler end to end: Tansu, MongoDB (genuine mongod where installed,
+else SecantusDB) and the Shodan emulator, reached through the real `shodan` client."""
 
 from __future__ import annotations
 
@@ -354,18 +354,23 @@ async def test_scheduler_failover(scan_settings: Settings, db: Any, tmp_path: An
 
         await eventually(a_leads, timeout=30)
         async with running(settings, ("scheduler",)) as standby:
-            await asyncio.sleep(2)
+            scheduler = standby.scheduler
+            assert scheduler is not None
+
+            async def standing_by() -> bool:
+                return scheduler.state == "standing by"
+
+            # It has tried the lease, found it held, and does not lead.
+            await eventually(standing_by, timeout=20)
             assert sample(standby, "recon_scheduler_leader") == 0.0
-            assert standby.scheduler is not None
             # Standing by is ready; /readyz says which.
-            assert standby.scheduler.state == "standing by"
             assert (await standby.status.readiness())["scheduler"] == "ok"
             leader.kill()  # dies: no hand-over, the lease must expire
             leader.wait(10)
             await eventually(lambda: _gauge(standby, 1.0), timeout=20)
-            assert standby.scheduler.state == "leading"
+            assert scheduler.state == "leading"
             lease = await db.leases.find_one({"_id": "scheduler"})
-            assert lease["holder"] == standby.scheduler.lease.holder
+            assert lease["holder"] == scheduler.lease.holder
     finally:
         if leader.poll() is None:
             leader.kill()

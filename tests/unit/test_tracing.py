@@ -83,6 +83,43 @@ def test_parent_and_links_takes_the_first_valid_context_as_parent() -> None:
     assert tracing.parent_and_links([]) == (None, [])
 
 
+def test_headers_of_carry_a_valid_span_only(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, _ = spans
+    span = tracing.tracer_from(provider).start_span("publish")
+    ids = span.get_span_context()
+    expected = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
+    assert tracing.headers_of(span) == [("traceparent", expected.encode())]
+    assert tracing.headers_of(trace.INVALID_SPAN) == []
+    span.end()
+
+
+async def test_with_tracing_off_only_a_heartbeats_own_trace_travels() -> None:
+    requests = FakeScanRequests()
+    service = IngestService(
+        FakeOrgIps(),
+        requests,
+        FakeDeadLetters(),
+        SeenPairs(100, REFRESH),
+        Metrics(),
+        Backoff(0.0001, 0.001),
+        clock=Clock(),
+        tracer=tracing.tracer_from(trace.NoOpTracerProvider()),
+    )
+    traced = Record(
+        json.dumps(heartbeat(ip="8.8.8.8")).encode(),
+        headers=[("traceparent", TRACEPARENT.encode())],
+    )
+    untraced = Record(json.dumps(heartbeat(ip="1.1.1.1")).encode(), offset=1)
+    await service.handle_batch([traced, untraced])
+    contexts = dict(zip([r.ip for r in requests.published], requests.contexts, strict=True))
+    # The no-op tracer hands the heartbeat's own context on, as it is.
+    span = trace.get_current_span(contexts["8.8.8.8"])
+    assert tracing.headers_of(span) == [("traceparent", TRACEPARENT.encode())]
+    assert contexts["1.1.1.1"] is None
+
+
 async def test_a_new_pair_continues_its_heartbeat_trace(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
