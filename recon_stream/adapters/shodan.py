@@ -50,7 +50,10 @@ from importlib import resources
 from typing import Any, Protocol, TypeVar
 
 import requests
+import requests.adapters
 import shodan
+import urllib3
+import urllib3.connection
 from pydantic import SecretStr
 
 from recon_stream.domain.scans import HostScan
@@ -154,21 +157,94 @@ def build_provider(settings: Settings, timeout: float = 10.0) -> ShodanProvider:
 T = TypeVar("T")
 
 
-class _Sender:
-    """Blocking requests on threads of their own, each sent when its gate opens."""
+class _GateClosed(Exception):
+    """Raised below the HTTP client when the request's slot had passed: nothing was sent."""
 
-    def __init__(self, what: str, timeout: float, threads: int) -> None:
+
+_gates = threading.local()
+
+
+class _GatedSend:
+    """An HTTP connection that enters its thread's send gate right before the request's
+    first bytes go to the socket (after connecting, which is not the request)."""
+
+    def send(self, data: Any) -> None:
+        gate: SendGate | None = getattr(_gates, "gate", None)
+        if gate is not None:
+            _gates.gate = None  # once per request: the head goes first
+            if getattr(self, "sock", None) is None:
+                self.connect()  # type: ignore[attr-defined]
+            if not gate.enter():
+                _gates.refused = True
+                raise _GateClosed
+        super().send(data)  # type: ignore[misc]
+
+
+class _GatedHTTPConnection(_GatedSend, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _GatedHTTPSConnection(_GatedSend, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _GatedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _GatedHTTPConnection
+
+
+class _GatedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GatedHTTPSConnection
+
+
+class _GatedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GatedHTTPPool, "https": _GatedHTTPSPool}
+
+
+def _gated(session: requests.Session, base_url: str) -> bool:
+    """Mount the gated transport on `session`; False when requests to `base_url` would go
+    through a proxy (another transport), where the gate is entered before the call."""
+    session.mount("http://", _GatedAdapter())
+    session.mount("https://", _GatedAdapter())
+    proxies = dict(session.proxies)
+    if session.trust_env:
+        proxies.update(requests.utils.get_environ_proxies(base_url))
+    return not proxies
+
+
+class _Sender:
+    """Blocking requests on threads of their own, each sent when its gate opens.
+
+    With `at_send` the gate is entered by the connection itself, between connecting
+    and writing the request (`_GatedSend`): nothing that runs after it can make the
+    request late. Otherwise it is entered just before the HTTP client is called.
+    """
+
+    def __init__(self, what: str, timeout: float, threads: int, *, at_send: bool) -> None:
         self._what = what
         self._timeout = timeout
+        self._at_send = at_send
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"recon-{what}")
 
     async def run(self, request: Callable[[], T], gate: SendGate | None) -> T:
         """`request()` on a thread once `gate` opens; `NotSent` or `Transient` on timeout."""
 
         def blocking() -> tuple[bool, T | None]:
-            if gate is not None and not gate.enter():
+            if gate is None:
+                return True, request()
+            if not self._at_send:
+                if not gate.enter():
+                    return False, None
+                return True, request()
+            _gates.gate, _gates.refused = gate, False
+            try:
+                result = request()
+            except _GateClosed:
                 return False, None
-            return True, request()
+            finally:
+                refused, _gates.gate = _gates.refused, None
+            return (False, None) if refused else (True, result)
 
         # The gate's wait is not the server's slowness: only the request has a deadline.
         deadline = self._timeout * _DEADLINE_FACTOR
@@ -254,7 +330,6 @@ class ApiProvider:
     ) -> None:
         self._key = api_key
         self._timeout = timeout
-        self._sender = _Sender("Shodan", timeout, threads)
         self._client: Any = shodan.Shodan(api_key.get_secret_value())
         if base_url:
             self._client.base_url = base_url.rstrip("/")
@@ -266,6 +341,9 @@ class ApiProvider:
         self._session.proxies.update(self._client._session.proxies)
         self._client._session.close()
         self._client._session = self._session
+        self._sender = _Sender(
+            "Shodan", timeout, threads, at_send=_gated(self._session, self._client.base_url)
+        )
 
     def __repr__(self) -> str:
         return f"ApiProvider(base_url={self._client.base_url!r}, timeout={self._timeout})"
@@ -343,7 +421,9 @@ class InternetDbProvider:
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
         self._session = requests.Session()
-        self._sender = _Sender("InternetDB", timeout, threads)
+        self._sender = _Sender(
+            "InternetDB", timeout, threads, at_send=_gated(self._session, self._base_url)
+        )
 
     def __repr__(self) -> str:
         return f"InternetDbProvider(base_url={self._base_url!r}, timeout={self._timeout})"

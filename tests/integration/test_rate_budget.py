@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+from pydantic import SecretStr
+
+from recon_stream.adapters.shodan import ApiProvider, NotSent
+from recon_stream.ratelimit import Slot
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
 from tests.load.burn import burning
@@ -71,3 +77,27 @@ async def test_three_stalling_scanners_on_a_busy_machine_never_exceed_the_shared
     )
     # The stalls happened in every replica, while lookups were being made.
     assert all("stall " in log.read_text() for log in logs)
+
+
+async def test_the_gate_is_the_last_thing_before_the_request_leaves(
+    shodan_emulator: ShodanEmulator,
+) -> None:
+    shodan_emulator.rate = None
+    ip = "52.0.1.1"
+    shodan_emulator.set_host(ip, host(ip, banner(80, "http")))
+    provider = ApiProvider(SecretStr(shodan_emulator.api_key), shodan_emulator.url, 5.0)
+    try:
+        now = time.monotonic()
+        passed = Slot(start=0.0, earliest=now - 1.0, latest=now - 0.5)
+        with pytest.raises(NotSent):
+            await provider.lookup(ip, passed)
+        assert shodan_emulator.paths() == []  # not a byte of the request was sent
+        soon = time.monotonic() + 0.3
+        slot = Slot(start=0.0, earliest=soon, latest=soon + 5.0)
+        scan = await provider.lookup(ip, slot)
+        assert [s.port for s in scan.services] == [80]
+        (arrived,) = [r.at for r in shodan_emulator.requests]
+        assert slot.entered_at is not None
+        assert soon <= slot.entered_at <= arrived  # the gate, then the bytes
+    finally:
+        await provider.close()
