@@ -43,8 +43,12 @@ from recon_stream.adapters.command_log import CommandLog
 from recon_stream.adapters.exposure_store import ExposureStore, IpScans
 from recon_stream.adapters.scan_queue import ScanQueue
 from recon_stream.adapters.shodan import build_provider
+from recon_stream.adapters.vuln_feeds import Feed, VulnFeeds
 from recon_stream.adapters.webhooks import WebhookClient
 from recon_stream.commands import CommandService
+from recon_stream.domain.policy_file import DEFAULT_POLICY, PolicyError, parse_policy
+from recon_stream.domain.risk import RiskPolicy
+from recon_stream.feeds import FeedRefresher
 from recon_stream.ingest import IngestService, RawRecord
 from recon_stream.leadership import LEASES, Lease
 from recon_stream.metrics import Metrics
@@ -96,6 +100,7 @@ class Shared:
     backoff: Backoff
     tracer: Tracer
     lag_probe: kafka.LagProbe
+    policy: RiskPolicy
     samplers: list[Sampler] = field(default_factory=list)
     parts: dict[str, object] = field(default_factory=dict)
     """Services a role wires besides the one it returns (the scanner's commands)."""
@@ -310,7 +315,7 @@ def wire_scanner(shared: Shared) -> ScannerService:
         db[BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
     )
     ip_scans = IpScans(db, settings.rescan_interval_seconds)
-    exposures = ExposureStore(db)
+    exposures = _exposure_store(shared)
     queue = ScanQueue(db)
     scanner = ScannerService(
         queue,
@@ -351,6 +356,7 @@ def wire_scanner(shared: Shared) -> ScannerService:
         for priority in (0, 1):
             metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
         metrics.outbox_pending.labels("exposure_events").set(await exposures.outbox_size())
+        metrics.stale_exposures.set(await exposures.stale_count())
         oldest = await ip_scans.oldest_query()
         if oldest is not None:
             if oldest.tzinfo is None:
@@ -393,6 +399,50 @@ def wire_commands(
     return commands
 
 
+def effective_policy(settings: Settings) -> RiskPolicy:
+    """The built-in policy, changed by RECON_RISK_POLICY_FILE when set; `PolicyError`
+    (naming the file, the line and the field) for a file that cannot be used."""
+    path = settings.risk_policy_file
+    if path is None:
+        return DEFAULT_POLICY
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PolicyError(f"{path}: cannot read the policy file ({error.strerror})") from None
+    return parse_policy(text, str(path), base=DEFAULT_POLICY)
+
+
+def _wire_feeds(shared: Shared, leading: Callable[[], bool]) -> None:
+    """Part of the scheduler role: the leader keeps the KEV and EPSS copies fresh."""
+    settings = shared.settings
+    sources: dict[Feed, str] = {}
+    if settings.kev_source:
+        sources["kev"] = settings.kev_source
+    if settings.epss_source:
+        sources["epss"] = settings.epss_source
+    if not sources:
+        return
+    feeds = FeedRefresher(
+        VulnFeeds(shared.db),
+        sources,
+        shared.metrics,
+        every=settings.vuln_feed_refresh_seconds,
+        retry=settings.vuln_feed_retry_seconds,
+    )
+    for name in sources:
+        shared.status.add_state(f"{name}_feed", partial(feeds.states.__getitem__, name))
+    shared.run(lambda: feeds.run(settings.scheduler_tick_seconds, leading))
+    shared.sample(feeds.sample)
+
+
+def _exposure_store(shared: Shared) -> ExposureStore:
+    return ExposureStore(
+        shared.db,
+        policy=shared.policy,
+        stale_after=timedelta(days=shared.settings.stale_observation_days),
+    )
+
+
 def _state_sink(shared: Shared) -> kafka.KafkaExposureState | None:
     topic = shared.settings.topic_exposure_state
     return kafka.KafkaExposureState(shared.broker, topic) if topic else None
@@ -415,7 +465,7 @@ def wire_scheduler(shared: Shared) -> Scheduler:
             timedelta(seconds=settings.scheduler_lease_seconds),
         ),
         IpScans(db, settings.rescan_interval_seconds),
-        ExposureStore(db),
+        _exposure_store(shared),
         kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
         kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
         shared.metrics,
@@ -428,6 +478,7 @@ def wire_scheduler(shared: Shared) -> Scheduler:
     shared.status.add_check("scheduler", scheduler.ready)
     shared.status.add_state("scheduler", lambda: scheduler.state)
     shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
+    _wire_feeds(shared, lambda: scheduler.state == "leading")
     return scheduler
 
 
@@ -551,6 +602,7 @@ def _build_shared(
         backoff=Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
         tracer=tracer,
         lag_probe=kafka.LagProbe(settings),
+        policy=effective_policy(settings),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from recon_stream.domain.policy_file import PolicyError
 from recon_stream.domain.risk import Severity
 from recon_stream.settings import Settings
 
@@ -81,6 +82,10 @@ def run(
     roles = ROLES if role is Role.all else (role.value,)
     try:
         worker = build_worker(settings, roles)
+    except PolicyError as error:
+        # A worker never starts on a policy it cannot apply as written.
+        typer.echo(f"invalid risk policy, not starting:\n{error}", err=True)
+        raise typer.Exit(2) from None
     except NotifyFileError as error:
         typer.echo(f"invalid RECON_NOTIFY_FILE, not starting:\n{error}", err=True)
         raise typer.Exit(2) from None
@@ -352,6 +357,50 @@ def schemas(
 
     for path in write_schemas(out):
         typer.echo(f"wrote {path}")
+
+
+policy = typer.Typer(help="The risk policy: show the one in force, check a file.")
+cli.add_typer(policy, name="policy")
+
+
+@policy.command("show")
+def policy_show(log_level: LogLevel = "WARNING") -> None:
+    """Print the policy in force (built-in, changed by RECON_RISK_POLICY_FILE) as a file."""
+    from recon_stream.app import effective_policy
+    from recon_stream.domain.policy_file import dump_policy
+
+    _logging(log_level)
+    settings = _settings()
+    try:
+        typer.echo(dump_policy(effective_policy(settings)), nl=False)
+    except PolicyError as error:
+        typer.echo(f"invalid risk policy:\n{error}", err=True)
+        raise typer.Exit(2) from None
+
+
+@policy.command("check")
+def policy_check(
+    file: Annotated[Path, typer.Argument(help="a risk policy file (YAML)")],
+) -> None:
+    """Validate a policy file; say what it would put in force, or where it is wrong."""
+    from recon_stream.domain.policy_file import DEFAULT_POLICY, parse_policy
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        typer.echo(f"{file}: cannot read it ({error.strerror})", err=True)
+        raise typer.Exit(2) from None
+    try:
+        checked = parse_policy(text, str(file), base=DEFAULT_POLICY)
+    except PolicyError as error:
+        typer.echo(f"invalid risk policy:\n{error}", err=True)
+        raise typer.Exit(2) from None
+    overrides = sum(len(o) for o in checked.organizations.values())
+    typer.echo(
+        f"{file}: ok: {len(checked.rules)} service rules, {len(checked.vuln_rules)} "
+        f"vulnerability rules, {overrides} overrides for {len(checked.organizations)} "
+        "organizations"
+    )
 
 
 def main() -> None:

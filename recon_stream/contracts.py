@@ -12,6 +12,7 @@ from recon_stream.domain.commands import CommandMessage
 from recon_stream.domain.exposures import ExposureEvent, ExposureState
 from recon_stream.domain.heartbeats import Heartbeat
 from recon_stream.domain.notifications import NotifyFile
+from recon_stream.domain.policy_file import PolicyFile
 from recon_stream.domain.scan_requests import ScanRequest
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -20,6 +21,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "exposure-event.v1.json": ExposureEvent,
     "command.v1.json": CommandMessage,
     "exposure-state.v1.json": ExposureState,
+    "risk-policy.v1.json": PolicyFile,
     "notify.v1.json": NotifyFile,
 }
 

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from pydantic import SecretStr
 from recon_stream.adapters import initialize, kafka, mongo
 from recon_stream.adapters.exposure_store import EXPOSURES
 from recon_stream.adapters.scan_queue import SCAN_QUEUE
+from recon_stream.adapters.vuln_feeds import Feed, VulnFeeds
 from recon_stream.app import ROLES, build_worker
+from recon_stream.domain.vulns import FeedError
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, default_mongo_engine
 from recon_stream.exposure_table import load_history, load_rows, render, render_history
 from recon_stream.settings import Settings
@@ -249,6 +252,7 @@ async def _run_stack(options: DevOptions) -> None:
         print(f"  {db.description}")
         topics, _ = await initialize(settings)
         print(f"topics: {', '.join(topics)}")
+        await _load_feeds(settings)
         if sample_data:
             print(
                 "Shodan: no RECON_SHODAN_API_KEY set, so the scanner answers from BUNDLED "
@@ -272,6 +276,27 @@ async def _run_stack(options: DevOptions) -> None:
                 await asyncio.Event().wait()
         finally:
             await worker.app.stop()
+
+
+async def _load_feeds(settings: Settings) -> None:
+    """KEV and EPSS before the first lookup: the configured sources, else bundled samples."""
+    samples = resources.files("recon_stream.samples")
+    feeds: list[tuple[Feed, str | None, str]] = [
+        ("kev", settings.kev_source, "kev_sample.json"),
+        ("epss", settings.epss_source, "epss_sample.csv"),
+    ]
+    for feed, configured, sample in feeds:
+        source = configured or str(samples.joinpath(sample))
+        client = mongo.connect(settings)
+        try:
+            count = await VulnFeeds(client[settings.mongodb_database]).refresh(feed, source)
+        except FeedError as error:
+            print(f"{feed}: {error} (scanning goes on without it)")
+            continue
+        finally:
+            await client.close()
+        label = source if configured else f"BUNDLED SAMPLE ({sample}, not the real data)"
+        print(f"{feed}: {count} CVEs from {label}")
 
 
 async def _demo(settings: Settings, metrics: Any) -> None:

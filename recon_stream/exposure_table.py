@@ -30,6 +30,7 @@ COLUMNS = (
     "accepted",
     "accepted_reason",
     "accepted_until",
+    "stale",
 )
 
 
@@ -81,6 +82,7 @@ async def load_rows(
                     "shodan_last_scanned": _time(service.shodan_timestamp),
                     "first_seen": _time(entry.get("first_seen")),
                     "candidate_agents": list(doc.get("candidate_agents", [])),
+                    "stale": bool(entry.get("stale", False)),
                     "accepted": acceptance is not None,
                     "accepted_reason": (acceptance or {}).get("reason") or "",
                     "accepted_until": _time((acceptance or {}).get("expires_at")),
@@ -131,6 +133,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
             r["shodan_last_scanned"],
             ", ".join(r["candidate_agents"][:3]) + ("…" if len(r["candidate_agents"]) > 3 else ""),
             _accepted_cell(r),
+            "stale" if r["stale"] else "",
         ]
         for r in rows
     ]
@@ -146,6 +149,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         "LAST SHODAN SCAN",
         "CANDIDATE AGENTS",
         "ACCEPTED",
+        "STALE",
     ]
     out = _aligned(header, table)
     if any(r["sample"] for r in rows):

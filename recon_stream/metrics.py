@@ -98,6 +98,24 @@ class Metrics:
             buckets=(0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
+        self.vuln_feed_age = Gauge(
+            "recon_vuln_feed_age_seconds",
+            "Age of the last good copy of a vulnerability feed (kev, epss), sampled.",
+            ["feed"],
+            registry=r,
+        )
+        self.vuln_feed_failures = Counter(
+            "recon_vuln_feed_failures",
+            "Failed refreshes of a vulnerability feed (the last good copy is kept).",
+            ["feed"],
+            registry=r,
+        )
+        self.stale_exposures = Gauge(
+            "recon_stale_exposures",
+            "Open exposures whose Shodan observation is older than "
+            "RECON_STALE_OBSERVATION_DAYS (sampled).",
+            registry=r,
+        )
         self.commands = Counter(
             "recon_commands",
             "Commands read from the commands topic, by command (accept, unaccept, rescan) "

@@ -138,6 +138,22 @@ class Settings(BaseSettings):
     exposure_relay_interval_seconds: float = Field(10.0, gt=0)
     gauge_sample_seconds: float = Field(15.0, gt=0)
 
+    # Risk: the policy, vulnerability feeds, stale observations
+    risk_policy_file: Path | None = Field(
+        None, description="YAML (schemas/risk-policy.v1.json); unset: the built-in policy"
+    )
+    kev_source: str | None = Field(
+        None, description="URL or file of CISA's KEV catalog (JSON); unset: no KEV context"
+    )
+    epss_source: str | None = Field(
+        None, description="URL or file of FIRST's EPSS scores (CSV, gzip accepted); unset: none"
+    )
+    vuln_feed_refresh_seconds: float = Field(24 * 3600.0, gt=0)
+    vuln_feed_retry_seconds: float = Field(900.0, gt=0)
+    stale_observation_days: float = Field(
+        30.0, gt=0, description="a Shodan observation older than this is marked stale"
+    )
+
     # Commands (accept, unaccept, rescan) and history
     commands_group_id: str = "recon-commands"
     history_retention_seconds: float = Field(

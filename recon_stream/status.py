@@ -45,6 +45,10 @@ class StatusServer:
         never affects readiness."""
         self._states[name] = state
 
+    def states(self) -> dict[str, str]:
+        """The states shown in `/readyz` (never affecting readiness)."""
+        return {name: state() for name, state in self._states.items()}
+
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
@@ -107,7 +111,7 @@ class StatusServer:
         if path == "/readyz":
             checks = await self.readiness()
             ready = all(v == "ok" for v in checks.values())
-            states = {name: state() for name, state in self._states.items()}
+            states = self.states()
             body = json.dumps(
                 {"status": "ready" if ready else "not ready", "checks": checks, "states": states}
             )

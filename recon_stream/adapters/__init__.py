@@ -10,7 +10,14 @@ async def initialize(settings: Settings) -> tuple[dict[str, str], list[str]]:
 
     Returns each topic's outcome and the index names (for `recon-stream init`).
     """
-    from recon_stream.adapters import command_log, exposure_store, kafka, mongo, scan_queue
+    from recon_stream.adapters import (
+        command_log,
+        exposure_store,
+        kafka,
+        mongo,
+        scan_queue,
+        vuln_feeds,
+    )
 
     topics = await kafka.create_topics(settings)
     client = mongo.connect(settings)
@@ -21,6 +28,7 @@ async def initialize(settings: Settings) -> tuple[dict[str, str], list[str]]:
             *await scan_queue.ensure_indexes(db),
             *await exposure_store.ensure_indexes(db, settings.history_retention_seconds),
             *await command_log.ensure_indexes(db),
+            *await vuln_feeds.ensure_indexes(db),
         ]
     finally:
         await client.close()

@@ -38,8 +38,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from recon_stream.adapters.mongo import ORG_IPS
+from recon_stream.adapters.vuln_feeds import VulnFeeds
 from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
 from recon_stream.domain.exposures import (
+    Assessor,
     Change,
     ExposureEvent,
     ExposureKey,
@@ -50,9 +52,11 @@ from recon_stream.domain.exposures import (
     build_state,
     diff,
     retire,
+    severity_changes,
     snapshot_of,
     state_key,
 )
+from recon_stream.domain.risk import RiskPolicy, Severity
 from recon_stream.domain.scans import HostScan, Service
 
 IP_SCANS = "ip_scans"
@@ -223,8 +227,17 @@ class StateRow:
 class ExposureStore:
     """Per-(org, IP) snapshots, diffed against lookups and acceptances, with outboxes."""
 
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        *,
+        policy: RiskPolicy | None = None,
+        stale_after: timedelta = timedelta(days=30),
+    ) -> None:
         self._db = db
+        self._policy = policy
+        self._stale_after = stale_after
+        self._feeds = VulnFeeds(db)
         self._collection: AsyncCollection[Document] = db[EXPOSURES]
         self._acceptances: AsyncCollection[Document] = db[ACCEPTANCES]
         self._history: AsyncCollection[Document] = db[HISTORY]
@@ -333,6 +346,13 @@ class ExposureStore:
                 key: acceptance_for(acceptances, ip, key[0], key[1], at) for key in after
             }
             changes = acceptance_changes(changes, after, was, now_accepted, at)
+            cves = {
+                cve for service in (*after.values(), *previous.values()) for cve in service.vulns
+            }
+            judge = Assessor(self._policy, await self._feeds.lookup(cves), self._stale_after)
+            stored_severity = {_key_of(s): _severity(s.get("severity")) for s in stored}
+            now_severity = {key: judge.severity(organization_id, after[key]) for key in after}
+            changes = severity_changes(changes, after, stored_severity, now_severity)
             if not changes and not isinstance(how, _Lookup):
                 return nothing
             for key in previous.keys() - after.keys():
@@ -355,6 +375,7 @@ class ExposureStore:
                 first_seen_by_key=first_seen,
                 last_seen_by_key=last_seen,
                 occurred_at=None if isinstance(how, _Lookup) else at,
+                assessor=judge,
             )
             seen_until = {
                 key: (basis.queried_at if isinstance(how, _Lookup) else last_seen[key])
@@ -370,7 +391,13 @@ class ExposureStore:
                 for key in after
             }
             rows = build_state(
-                organization_id, ip, sightings, basis, candidate_agents=agents, site_ids=sites
+                organization_id,
+                ip,
+                sightings,
+                basis,
+                candidate_agents=agents,
+                site_ids=sites,
+                assessor=judge,
             )
             state = [
                 StateRow(state_key(organization_id, ip, *key), row, version + 1)
@@ -387,6 +414,7 @@ class ExposureStore:
                     "first_seen": sighting.first_seen,
                     "last_seen": sighting.last_seen,
                     "severity": rows[key].severity.value,
+                    "stale": rows[key].stale,
                     "acceptance": (
                         sighting.acceptance.model_dump(mode="python")
                         if sighting.acceptance is not None
@@ -482,6 +510,20 @@ class ExposureStore:
                 [
                     {"$match": {"pending.0": {"$exists": True}}},
                     {"$group": {"_id": None, "n": {"$sum": {"$size": "$pending"}}}},
+                ]
+            )
+        ).to_list()
+        return int(rows[0]["n"]) if rows else 0
+
+    async def stale_count(self) -> int:
+        """Open exposures whose Shodan observation was stale when last written."""
+        rows = await (
+            await self._collection.aggregate(
+                [
+                    {"$match": {"status": "active", "services.stale": True}},
+                    {"$unwind": "$services"},
+                    {"$match": {"services.stale": True}},
+                    {"$count": "n"},
                 ]
             )
         ).to_list()
@@ -589,6 +631,10 @@ def _stored_basis(doc: Document, ip: str, at: datetime) -> HostScan:
         hostnames=tuple(doc.get("hostnames", [])),
         sample=bool(doc.get("sample", False)),
     )
+
+
+def _severity(value: Any) -> Severity | None:
+    return Severity(value) if value in Severity._value2member_map_ else None
 
 
 def _key_of(entry: Document) -> ExposureKey:

@@ -16,16 +16,17 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.heartbeats import Identifier, IpText
-from recon_stream.domain.risk import DEFAULT_POLICY, RiskPolicy, Severity, assess
+from recon_stream.domain.risk import RiskPolicy, Severity, assess
 from recon_stream.domain.scans import HostScan, ProviderName, Service, Transport
+from recon_stream.domain.vulns import VulnContext
 
 CONTENT_TYPE = "application/cloudevents+json"
 EVENT_TYPE_PREFIX = "com.recon-stream.exposure"
@@ -70,6 +71,23 @@ class Change:
     """Why it closed, or why its acceptance changed; None otherwise."""
     acceptance_changed: bool = False
     """For `changed`: the acceptance started, ended or expired."""
+    severity_changed: bool = False
+    """For `changed`: the severity differs from the one stored (a new policy, a new
+    KEV listing or EPSS score)."""
+
+
+@dataclass(frozen=True)
+class Assessor:
+    """How exposures are judged: the risk policy, what the feeds say about CVEs, and
+    how old Shodan's observation of a port may be before it is stale."""
+
+    policy: RiskPolicy | None = None
+    """None: the built-in policy."""
+    context: Mapping[str, VulnContext] = field(default_factory=dict)
+    stale_after: timedelta = timedelta(days=30)
+
+    def severity(self, organization_id: str, service: Service) -> Severity:
+        return assess(service, self.policy, organization_id, self.context)[0]
 
 
 # What makes two sightings of one port the same exposure. Shodan's timestamp
@@ -77,7 +95,7 @@ class Change:
 # Named as in the event's `service` shape (`name` is the Shodan module).
 IdentityField = Literal["name", "product", "version", "cpe", "vulns"]
 _IDENTITY_FIELDS: tuple[IdentityField, ...] = ("name", "product", "version", "cpe", "vulns")
-ChangedField = Literal["name", "product", "version", "cpe", "vulns", "accepted"]
+ChangedField = Literal["name", "product", "version", "cpe", "vulns", "accepted", "severity"]
 
 
 def _identity(service: Service) -> tuple[object, ...]:
@@ -185,6 +203,29 @@ def acceptance_changes(
     return sorted(by_key.values(), key=lambda c: _order(c.key))
 
 
+def severity_changes(
+    changes: Sequence[Change],
+    after: Mapping[ExposureKey, Service],
+    was: Mapping[ExposureKey, Severity | None],
+    now: Mapping[ExposureKey, Severity],
+) -> list[Change]:
+    """`changes` plus the exposures, open before and after, whose severity changed.
+
+    A severity never stored (a snapshot older than stored severities) is no change.
+    """
+    by_key = {change.key: change for change in changes}
+    for key in sorted(after, key=_order):
+        before, change = was.get(key), by_key.get(key)
+        if before is None or before == now[key]:
+            continue
+        if change is None:
+            by_key[key] = Change(ChangeKind.CHANGED, key, after[key], after[key])
+        elif change.kind is not ChangeKind.CHANGED:
+            continue
+        by_key[key] = replace(by_key[key], severity_changed=True)
+    return sorted(by_key.values(), key=lambda c: _order(c.key))
+
+
 def apply_changes(previous: Mapping[ExposureKey, Service], changes: Iterable[Change]) -> Snapshot:
     """The snapshot after `changes` (closed keys removed, the rest replaced)."""
     snapshot = dict(previous)
@@ -250,6 +291,17 @@ class ServiceInfo(BaseModel):
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
+class VulnerabilityInfo(BaseModel):
+    """One CVE of a service, with what Shodan and the feeds say about it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    cvss: float | None = Field(description="Shodan's CVSS score for it, if any.")
+    epss: float | None = Field(description="FIRST EPSS probability (0-1), if known.")
+    kev: bool = Field(description="Listed in CISA's Known Exploited Vulnerabilities catalog.")
+
+
 class ExposureState(BaseModel):
     """One exposure as it stands: the value of the state topic (`recon.exposure-state.v1`).
 
@@ -278,8 +330,17 @@ class ExposureState(BaseModel):
     service: ServiceInfo = Field(description="The service now; the last one seen when closed.")
     vulns: tuple[str, ...]
     max_cvss: float | None = Field(description="Highest CVSS score among `vulns`.")
+    vulnerabilities: tuple[VulnerabilityInfo, ...] = Field(
+        description="The CVEs in `vulns` with their CVSS, EPSS and KEV status."
+    )
     severity: Severity
     risk_reasons: tuple[str, ...]
+    stale: bool = Field(
+        description="Shodan's observation of the port is older than RECON_STALE_OBSERVATION_DAYS."
+    )
+    observation_age_days: float | None = Field(
+        description="Age of Shodan's observation of the port when we last looked (days)."
+    )
     first_seen: AwareDatetime = Field(description="When this org first saw the port open.")
     last_seen: AwareDatetime = Field(
         description="When the port was last seen open (for closed: before it closed)."
@@ -341,14 +402,15 @@ def build_state(
     *,
     candidate_agents: Iterable[str],
     site_ids: Iterable[str],
-    policy: RiskPolicy = DEFAULT_POLICY,
+    assessor: Assessor | None = None,
 ) -> dict[ExposureKey, ExposureState]:
     """The state row of every open exposure of one (organization, IP)."""
     agents = tuple(sorted(set(candidate_agents)))
     sites = tuple(sorted(set(site_ids)))
+    judge = assessor or Assessor()
     return {
         key: ExposureState(
-            **_row(organization_id, ip, scan, sighting, agents, sites, policy), reason=None
+            **_row(organization_id, ip, scan, sighting, agents, sites, judge), reason=None
         )
         for key, sighting in sorted(sightings.items(), key=lambda item: _order(item[0]))
     }
@@ -361,11 +423,23 @@ def _row(
     sighting: Sighting,
     agents: tuple[str, ...],
     sites: tuple[str, ...],
-    policy: RiskPolicy,
+    judge: Assessor,
 ) -> dict[str, object]:
     service = sighting.service
-    severity, reasons = assess(service, policy)
+    severity, reasons = assess(service, judge.policy, organization_id, judge.context)
     last_seen = _utc(sighting.last_seen)
+    observed = _utc(service.shodan_timestamp) if service.shodan_timestamp else None
+    age = (_utc(scan.queried_at) - observed) if observed is not None else None
+    scores = dict(service.cvss)
+    vulnerabilities = tuple(
+        VulnerabilityInfo(
+            id=cve,
+            cvss=scores.get(cve),
+            epss=known.epss.epss if (known := judge.context.get(cve)) and known.epss else None,
+            kev=bool(known and known.kev),
+        )
+        for cve in sorted(set(service.vulns))
+    )
     return {
         "organization_id": organization_id,
         "ip": ip,
@@ -374,8 +448,11 @@ def _row(
         "service": ServiceInfo.of(service),
         "vulns": tuple(sorted(set(service.vulns))),
         "max_cvss": service.max_cvss,
+        "vulnerabilities": vulnerabilities,
         "severity": severity,
         "risk_reasons": reasons,
+        "stale": age is not None and age > judge.stale_after,
+        "observation_age_days": round(age.total_seconds() / 86400, 2) if age is not None else None,
         "first_seen": min(_utc(sighting.first_seen), last_seen),
         "last_seen": last_seen,
         "shodan_last_scanned": _utc(service.shodan_timestamp) if service.shodan_timestamp else None,
@@ -458,7 +535,7 @@ def build_events(
     last_seen_by_key: Mapping[ExposureKey, datetime] | None = None,
     occurred_at: datetime | None = None,
     source: str = "recon-stream",
-    policy: RiskPolicy = DEFAULT_POLICY,
+    assessor: Assessor | None = None,
 ) -> list[ExposureEvent]:
     """One event per change, in the order of `changes`.
 
@@ -475,6 +552,7 @@ def build_events(
     queried_at = _utc(scan.queried_at)
     time = _utc(occurred_at) if occurred_at is not None else queried_at
     last_seen_by_key = last_seen_by_key or {}
+    judge = assessor or Assessor()
     agents = tuple(sorted(set(candidate_agents)))
     sites = tuple(sorted(set(site_ids)))
     events: list[ExposureEvent] = []
@@ -484,7 +562,7 @@ def build_events(
         shodan_seen = _utc(service.shodan_timestamp) if service.shodan_timestamp else None
         if change.kind is ChangeKind.CLOSED:
             last_seen = _utc(last_seen_by_key.get(change.key) or shodan_seen or queried_at)
-        elif change.acceptance_changed and change.previous == service:
+        elif (change.acceptance_changed or change.severity_changed) and change.previous == service:
             last_seen = _utc(last_seen_by_key.get(change.key, queried_at))
         else:
             last_seen = queried_at
@@ -500,8 +578,10 @@ def build_events(
             fields = changed_fields(previous, service)
         if change.acceptance_changed:
             fields = (*fields, "accepted")
+        if change.severity_changed:
+            fields = (*fields, "severity")
         data = ExposureData(
-            **_row(organization_id, ip, scan, sighting, agents, sites, policy),
+            **_row(organization_id, ip, scan, sighting, agents, sites, judge),
             change=change.kind,
             reason=change.reason,
             previous=ServiceInfo.of(previous) if previous is not None else None,

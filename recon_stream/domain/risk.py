@@ -1,13 +1,21 @@
-"""Risk policy: how severe one exposed service is, and why (pure, data-driven)."""
+"""Risk policy: how severe one exposed service is, and why (pure, data-driven).
+
+The rules are data (`RiskPolicy`); the built-in ones live in the policy file
+`risk-policy.default.yaml` next to this module, read by `policy_file`, where each
+rule says why it is rated as it is. `assess` applies a policy to one service, for
+one organization (its overrides), with what the vulnerability feeds say about the
+service's CVEs (`VulnContext`: CISA KEV, FIRST EPSS).
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from recon_stream.domain.scans import Service, Transport
+from recon_stream.domain.vulns import VulnContext
 
 
 class Severity(enum.StrEnum):
@@ -73,6 +81,8 @@ class ServiceRule(BaseModel):
     carrier: bool = False
     """The protocol carries other services (HTTP carries WinRM, the Docker API,
     Elasticsearch…): identifying it does not rule out what its port suggests."""
+    why: str = ""
+    """Why this severity, in words a technician accepts."""
 
     def matches_module(self, module: str | None) -> bool:
         if not module:
@@ -93,28 +103,71 @@ class ServiceRule(BaseModel):
 class VulnRule(BaseModel):
     """Raise the severity of services with known vulnerabilities.
 
-    Applies to services with any CVE when `min_cvss` is None, else to services
-    whose highest CVSS score is at least `min_cvss`. The result is at least
-    `at_least`; with `escalate=(from, to)`, a service whose own severity is
+    Applies to a service with at least one CVE that meets every condition the
+    rule sets: CVSS at least `min_cvss` (of the service's highest score), listed
+    in CISA's KEV catalog (`known_exploited`), an EPSS probability at least
+    `min_epss`. A rule with no condition applies to any CVE. The result is at
+    least `at_least`; with `escalate=(from, to)`, a service whose own severity is
     already `from` or worse becomes at least `to`.
     """
 
     model_config = ConfigDict(frozen=True)
 
-    min_cvss: float | None = None
+    min_cvss: float | None = Field(None, ge=0, le=10)
+    known_exploited: bool = False
+    min_epss: float | None = Field(None, ge=0, le=1)
     at_least: Severity
     escalate: tuple[Severity, Severity] | None = None
+    why: str = ""
 
-    def applies(self, service: Service) -> bool:
-        if self.min_cvss is None:
-            return bool(service.vulns) or service.max_cvss is not None
-        return service.max_cvss is not None and service.max_cvss >= self.min_cvss
+    def evidence(self, service: Service, context: Mapping[str, VulnContext]) -> list[str] | None:
+        """The CVEs that make the rule apply (`[]`: the service as a whole); None if it does not."""
+        if not service.vulns and service.max_cvss is None:
+            return None
+        if self.min_cvss is not None and (
+            service.max_cvss is None or service.max_cvss < self.min_cvss
+        ):
+            return None
+        if not self.known_exploited and self.min_epss is None:
+            return []
+        found = []
+        for cve in service.vulns:
+            known = context.get(cve)
+            if known is None:
+                continue
+            if self.known_exploited and known.kev is None:
+                continue
+            if self.min_epss is not None and (
+                known.epss is None or known.epss.epss < self.min_epss
+            ):
+                continue
+            found.append(cve)
+        return found or None
 
     def raised(self, base: Severity) -> Severity:
         severity = max(base, self.at_least)
         if self.escalate is not None and base >= self.escalate[0]:
             severity = max(severity, self.escalate[1])
         return severity
+
+
+class OrgOverride(BaseModel):
+    """For one organization, the base severity of a port or of a service rule."""
+
+    model_config = ConfigDict(frozen=True)
+
+    port: tuple[Transport, int] | None = None
+    service: str | None = None
+    """The `name` of a service rule."""
+    severity: Severity
+    why: str = ""
+
+    def matches(self, service: Service, rules: list[ServiceRule]) -> bool:
+        if self.port is not None and self.port != service.key:
+            return False
+        if self.service is not None and self.service not in {rule.name for rule in rules}:
+            return False
+        return self.port is not None or self.service is not None
 
 
 class RiskPolicy(BaseModel):
@@ -129,139 +182,8 @@ class RiskPolicy(BaseModel):
     """Severity of a service no rule matches."""
     max_listed_vulns: int = Field(default=5, ge=1)
     """How many CVE ids a reason names before it says "and N more"."""
-
-
-def _tcp(*ports: int) -> frozenset[tuple[Transport, int]]:
-    return frozenset(("tcp", port) for port in ports)
-
-
-def _udp(*ports: int) -> frozenset[tuple[Transport, int]]:
-    return frozenset(("udp", port) for port in ports)
-
-
-def _rule(
-    name: str,
-    severity: Severity,
-    *,
-    modules: Iterable[str] = (),
-    products: Iterable[str] = (),
-    ports: frozenset[tuple[Transport, int]] = frozenset(),
-    carrier: bool = False,
-) -> ServiceRule:
-    return ServiceRule(
-        name=name,
-        severity=severity,
-        modules=frozenset(modules),
-        products=tuple(products),
-        ports=ports,
-        carrier=carrier,
-    )
-
-
-_C, _H, _M, _L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
-
-DEFAULT_RULES: tuple[ServiceRule, ...] = (
-    # Remote access and file sharing that attackers scan for first.
-    _rule(
-        "RDP",
-        _C,
-        modules=("rdp",),
-        products=("Microsoft Terminal Services", "Remote Desktop", "xrdp"),
-        ports=_tcp(3389) | _udp(3389),
-    ),
-    _rule("SMB", _C, modules=("smb",), products=("Samba",), ports=_tcp(445)),
-    _rule(
-        "SQL Server",
-        _C,
-        modules=("mssql",),
-        products=("Microsoft SQL Server",),
-        ports=_tcp(1433) | _udp(1434),
-    ),
-    _rule("Telnet", _C, modules=("telnet",), ports=_tcp(23, 2323)),
-    _rule("VNC", _C, modules=("vnc",), products=("VNC",), ports=_tcp(5900, 5901)),
-    # Databases: exposed means data exposed.
-    _rule("MySQL", _C, modules=("mysql",), products=("MySQL", "MariaDB"), ports=_tcp(3306)),
-    _rule(
-        "PostgreSQL",
-        _C,
-        modules=("postgresql", "postgres"),
-        products=("PostgreSQL",),
-        ports=_tcp(5432),
-    ),
-    _rule("MongoDB", _C, modules=("mongodb",), products=("MongoDB",), ports=_tcp(27017, 27018)),
-    _rule("Redis", _C, modules=("redis",), products=("Redis",), ports=_tcp(6379)),
-    _rule(
-        "Elasticsearch",
-        _C,
-        modules=("elastic", "elasticsearch"),
-        products=("Elastic",),
-        ports=_tcp(9200, 9300),
-    ),
-    _rule(
-        "Memcached",
-        _C,
-        modules=("memcache", "memcached"),
-        products=("Memcached",),
-        ports=_tcp(11211) | _udp(11211),
-    ),
-    # Management and directory services.
-    _rule("FTP", _H, modules=("ftp",), products=("ftpd", "FTP server"), ports=_tcp(21)),
-    _rule("SNMP", _H, modules=("snmp",), ports=_udp(161)),
-    _rule(
-        "LDAP",
-        _H,
-        modules=("ldap", "ldaps"),
-        products=("LDAP",),
-        ports=_tcp(389, 636, 3268, 3269) | _udp(389),
-    ),
-    _rule("NetBIOS", _H, modules=("netbios",), ports=_tcp(139) | _udp(137, 138)),
-    _rule("Docker API", _H, modules=("docker",), products=("Docker",), ports=_tcp(2375, 2376)),
-    _rule(
-        "Kubernetes API",
-        _H,
-        modules=("kubernetes", "kubelet"),
-        products=("Kubernetes",),
-        ports=_tcp(6443, 10250),
-    ),
-    _rule("Microsoft RPC", _H, modules=("msrpc", "rpc"), ports=_tcp(135)),
-    _rule("WinRM", _H, modules=("winrm",), ports=_tcp(5985, 5986)),
-    # Remote access that is meant to face the internet, but is still a target.
-    _rule("SSH", _M, modules=("ssh",), products=("OpenSSH", "Dropbear"), ports=_tcp(22)),
-    _rule("PPTP VPN", _M, modules=("pptp",), ports=_tcp(1723)),
-    _rule("IPsec VPN (IKE)", _M, modules=("ike", "ipsec"), ports=_udp(500, 4500)),
-    _rule(
-        "OpenVPN", _M, modules=("openvpn",), products=("OpenVPN",), ports=_tcp(1194) | _udp(1194)
-    ),
-    _rule(
-        "VPN portal",
-        _M,
-        products=("Fortinet", "FortiGate", "Pulse Secure", "GlobalProtect"),
-    ),
-    _rule(
-        "SMTP",
-        _M,
-        modules=("smtp", "smtps"),
-        products=("Postfix", "Exim"),
-        ports=_tcp(25, 465, 587),
-    ),
-    _rule("IMAP", _M, modules=("imap", "imaps"), products=("Dovecot",), ports=_tcp(143, 993)),
-    _rule("POP3", _M, modules=("pop3", "pop3s"), ports=_tcp(110, 995)),
-    # The web is expected to face the internet.
-    _rule(
-        "Web server",
-        _L,
-        modules=("http", "https"),
-        ports=_tcp(80, 443, 8080, 8443),
-        carrier=True,
-    ),
-)
-
-DEFAULT_VULN_RULES: tuple[VulnRule, ...] = (
-    VulnRule(min_cvss=None, at_least=_M),
-    VulnRule(min_cvss=9.0, at_least=_H, escalate=(_H, _C)),
-)
-
-DEFAULT_POLICY = RiskPolicy(rules=DEFAULT_RULES, vuln_rules=DEFAULT_VULN_RULES)
+    organizations: Mapping[str, tuple[OrgOverride, ...]] = Field(default_factory=dict)
+    """Per-organization overrides, by organization id."""
 
 
 def _matching_rules(service: Service, policy: RiskPolicy) -> list[tuple[ServiceRule, str]]:
@@ -312,14 +234,28 @@ def _vulns_reason(service: Service, policy: RiskPolicy) -> str:
     return f"known vulnerabilities: {listed}{score}" if listed else f"known vulnerabilities{score}"
 
 
+def default_policy() -> RiskPolicy:
+    """The built-in policy (`risk-policy.default.yaml`)."""
+    from recon_stream.domain.policy_file import DEFAULT_POLICY
+
+    return DEFAULT_POLICY
+
+
 def assess(
-    service: Service, policy: RiskPolicy = DEFAULT_POLICY
+    service: Service,
+    policy: RiskPolicy | None = None,
+    organization_id: str | None = None,
+    context: Mapping[str, VulnContext] | None = None,
 ) -> tuple[Severity, tuple[str, ...]]:
     """The severity of exposing `service` to the internet and the reasons for it.
 
     The most severe matching service rule sets the base severity (the policy's
-    default when none matches); vulnerability rules can only raise it.
+    default when none matches), an override of `organization_id` replaces it, and
+    vulnerability rules can only raise it. `context` holds what the feeds say
+    about CVEs (KEV, EPSS); without it, rules that need it do not apply.
     """
+    policy = policy or default_policy()
+    context = context or {}
     matched = _matching_rules(service, policy)
     reasons: list[str] = []
     if matched:
@@ -332,17 +268,52 @@ def assess(
         base = policy.default
         label = service.module or service.product or "unidentified service"
         reasons.append(f"{label} open on {service.transport}/{service.port}")
+    if organization_id is not None:
+        rules = [rule for rule, _ in matched]
+        for override in policy.organizations.get(organization_id, ()):
+            if override.matches(service, rules):
+                why = f": {override.why}" if override.why else ""
+                reasons.append(f"{override.severity} for this organization by policy{why}")
+                base = override.severity
+                break
 
     severity = base
-    applicable = [vuln_rule for vuln_rule in policy.vuln_rules if vuln_rule.applies(service)]
+    applicable = [
+        (vuln_rule, found)
+        for vuln_rule in policy.vuln_rules
+        if (found := vuln_rule.evidence(service, context)) is not None
+    ]
     if applicable:
         reasons.append(_vulns_reason(service, policy))
-    for vuln_rule in applicable:
+    for vuln_rule, found in applicable:
         raised = vuln_rule.raised(base)
         if raised <= severity:
             continue
         severity = raised
-        if vuln_rule.min_cvss is not None:
+        if vuln_rule.known_exploited:
+            reasons.extend(_kev_reason(cve, context[cve], raised) for cve in found[:3])
+        elif vuln_rule.min_epss is not None:
+            reasons.extend(_epss_reason(cve, context[cve], vuln_rule, raised) for cve in found[:3])
+        elif vuln_rule.min_cvss is not None:
             score = f"CVSS {service.max_cvss:.1f} (>= {vuln_rule.min_cvss:.1f})"
             reasons.append(f"{score} raises severity to {raised}")
     return severity, tuple(reasons)
+
+
+def _kev_reason(cve: str, known: VulnContext, raised: Severity) -> str:
+    kev = known.kev
+    added = f", added {kev.added.isoformat()}" if kev is not None and kev.added else ""
+    ransomware = "; used in ransomware campaigns" if kev is not None and kev.ransomware else ""
+    return (
+        f"{cve} is known to be exploited in the wild (CISA KEV catalog{added}{ransomware}): "
+        f"severity {raised}"
+    )
+
+
+def _epss_reason(cve: str, known: VulnContext, rule: VulnRule, raised: Severity) -> str:
+    epss = known.epss
+    chance = f"{epss.epss:.0%}" if epss is not None else "?"
+    return (
+        f"{cve} has a {chance} chance of exploitation in the next 30 days "
+        f"(FIRST EPSS, >= {rule.min_epss:.0%}): severity {raised}"
+    )

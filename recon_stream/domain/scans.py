@@ -27,6 +27,8 @@ class Service(BaseModel):
     vulns: tuple[str, ...] = ()
     """CVE ids, sorted and de-duplicated."""
     max_cvss: float | None = None
+    cvss: tuple[tuple[str, float], ...] = ()
+    """(CVE id, CVSS score) for the CVEs Shodan scored, sorted by id."""
     shodan_timestamp: datetime | None = None
     """Shodan's own scan time for this port (UTC)."""
 

@@ -203,7 +203,7 @@ class _Merged:
     version: str | None = None
     cpe: set[str] = field(default_factory=set)
     vulns: set[str] = field(default_factory=set)
-    cvss: list[float] = field(default_factory=list)
+    cvss: dict[str, float] = field(default_factory=dict)
     timestamp: datetime | None = None
 
     def add(self, banner: _Banner) -> None:
@@ -212,7 +212,9 @@ class _Merged:
         self.version = self.version or banner.version
         self.cpe.update(banner.cpe)
         self.vulns.update(banner.vulns)
-        self.cvss.extend(c for c in banner.vulns.values() if c is not None)
+        for cve, score in banner.vulns.items():
+            if score is not None:
+                self.cvss[cve] = max(score, self.cvss.get(cve, score))
         if banner.timestamp is not None and (
             self.timestamp is None or banner.timestamp > self.timestamp
         ):
@@ -227,7 +229,8 @@ class _Merged:
             version=self.version,
             cpe=tuple(sorted(self.cpe)),
             vulns=tuple(sorted(self.vulns)),
-            max_cvss=max(self.cvss) if self.cvss else None,
+            max_cvss=max(self.cvss.values()) if self.cvss else None,
+            cvss=tuple(sorted(self.cvss.items())),
             shodan_timestamp=self.timestamp,
         )
 

@@ -98,14 +98,19 @@ async def test_an_acceptance_for_every_ip_applies_now_and_to_ports_that_open_lat
     first, second, later = "45.33.40.2", "45.33.40.3", "45.33.40.4"
     for ip in (first, second, later):
         shodan_emulator.set_host(ip, host(ip, banner(22, "ssh", product="OpenSSH")))
-    # Accepted before any port is known to be open.
-    await send(scan_settings, command("accept", port=22, reason="managed SSH bastions"))
-    await produce(
-        scan_settings.kafka_bootstrap_servers,
-        scan_settings.topic_heartbeats,
-        [heartbeat("acme", first, "a1", NOW), heartbeat("acme", second, "a2", NOW)],
-    )
-    async with running(scan_settings, ("ingest", "scanner")):
+    async with running(scan_settings, ("ingest", "scanner")) as worker:
+        # Accepted before any port is known to be open.
+        await send(scan_settings, command("accept", port=22, reason="managed SSH bastions"))
+        await eventually(
+            lambda: _async(
+                sample(worker, "recon_commands_total", command="accept", outcome="applied") == 1
+            )
+        )
+        await produce(
+            scan_settings.kafka_bootstrap_servers,
+            scan_settings.topic_heartbeats,
+            [heartbeat("acme", first, "a1", NOW), heartbeat("acme", second, "a2", NOW)],
+        )
         events = await events_on(scan_settings, 2)
         assert all(e["data"]["change"] == "opened" for e in events)
         assert all(e["data"]["accepted"] for e in events)
@@ -138,7 +143,8 @@ async def test_an_acceptance_expires_without_waiting_for_a_lookup(
     )
     async with running(scan_settings, ("ingest", "scanner")):
         await events_on(scan_settings, 1)
-        expires = datetime.now(UTC) + timedelta(seconds=2)
+        # Far enough ahead that the acceptance is surely applied before it ends.
+        expires = datetime.now(UTC) + timedelta(seconds=8)
         await send(
             scan_settings,
             command(

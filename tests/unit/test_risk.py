@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.risk import (
-    DEFAULT_POLICY,
     RiskPolicy,
     ServiceRule,
     Severity,
@@ -98,6 +98,10 @@ def test_smb_on_a_forwarded_port_is_critical() -> None:
         ({"port": 9201, "module": "http", "product": "Elastic"}, "Elasticsearch"),
         ({"port": 11211, "module": "memcache"}, "Memcached"),
         ({"port": 11211, "transport": "udp"}, "Memcached"),
+        # Reviewed in the policy file: an open Docker API is root on the host.
+        ({"port": 2375, "module": "docker"}, "Docker API"),
+        ({"port": 502, "module": "modbus"}, "Industrial control protocol"),
+        ({"port": 623, "transport": "udp", "module": "ipmi"}, "Out-of-band management"),
     ],
 )
 def test_default_critical_services(fields: dict[str, Any], label: str) -> None:
@@ -114,7 +118,6 @@ def test_default_critical_services(fields: dict[str, Any], label: str) -> None:
         {"port": 161, "transport": "udp", "module": "snmp"},
         {"port": 389, "module": "ldap"},
         {"port": 137, "transport": "udp", "module": "netbios"},
-        {"port": 2375, "module": "docker"},
         {"port": 6443, "module": "kubernetes"},
         {"port": 135},
         {"port": 5985},
