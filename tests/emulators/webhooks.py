@@ -110,3 +110,14 @@ class WebhookReceiver:
         self.release()
         self._server.shutdown()
         self._server.server_close()
+
+
+if __name__ == "__main__":
+    # A receiver of its own process (for benchmarks): prints its port, answers until
+    # stdin closes; paths given as arguments hang.
+    import sys
+
+    with WebhookReceiver() as served:
+        served.hang.update(sys.argv[1:])
+        print(served.url("").rsplit(":", 1)[1], flush=True)
+        sys.stdin.read()
