@@ -809,3 +809,22 @@ def test_chart_readme_documents_every_value() -> None:
     assert missing == []
     stale = [path for path in documented if path.split(".")[0] not in values]
     assert stale == []
+
+
+def test_a_risk_policy_is_mounted_into_every_worker(render: Any) -> None:
+    text = "organizations:\n  acme:\n    - port: tcp/8443\n      severity: info\n"
+    rendered = render({"riskPolicy": text})
+    policy = rendered.one("ConfigMap", f"{FULLNAME}-risk-policy")
+    assert policy["data"]["risk-policy.yaml"].strip() == text.strip()
+    assert rendered.settings()["RECON_RISK_POLICY_FILE"] == "/etc/recon-stream/risk-policy.yaml"
+    for deployment in rendered.of("Deployment"):
+        spec = pod_spec(deployment)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["risk-policy"]["configMap"]["name"] == f"{FULLNAME}-risk-policy"
+        (container,) = [c for c in spec["containers"] if c["name"] != "istio-proxy"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["risk-policy"]["mountPath"] == "/etc/recon-stream"
+        assert mounts["risk-policy"]["readOnly"] is True
+    default = render({})
+    assert "RECON_RISK_POLICY_FILE" not in default.settings()
+    assert not [c for c in default.of("ConfigMap") if c["metadata"]["name"].endswith("policy")]

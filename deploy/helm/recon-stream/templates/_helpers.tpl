@@ -118,6 +118,9 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- if include "recon-stream.sasl" . -}}
 {{- $_ := set $s "RECON_KAFKA_SASL_MECHANISM" $v.kafka.sasl.mechanism -}}
 {{- end -}}
+{{- if $v.riskPolicy -}}
+{{- $_ := set $s "RECON_RISK_POLICY_FILE" "/etc/recon-stream/risk-policy.yaml" -}}
+{{- end -}}
 {{- if include "recon-stream.kafkaTls" . -}}
 {{- $_ := set $s "RECON_KAFKA_SSL_CHECK_HOSTNAME" (toString $v.kafka.tls.checkHostname) -}}
 {{- if $v.kafka.tls.existingSecret -}}
@@ -210,6 +213,11 @@ The credentials as env entries read from the Secret. Call with
 - name: tmp
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- if .Values.riskPolicy }}
+- name: risk-policy
+  configMap:
+    name: {{ include "recon-stream.fullname" . }}-risk-policy
+{{- end }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
 - name: kafka-tls
   secret:
@@ -227,6 +235,11 @@ The credentials as env entries read from the Secret. Call with
 {{- define "recon-stream.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
+{{- if .Values.riskPolicy }}
+- name: risk-policy
+  mountPath: /etc/recon-stream
+  readOnly: true
+{{- end }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
 - name: kafka-tls
   mountPath: {{ include "recon-stream.kafkaTlsDir" . }}
