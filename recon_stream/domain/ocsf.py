@@ -133,9 +133,16 @@ def _vulnerabilities(event: ExposureEvent) -> list[dict[str, Any]]:
         if d.service.cpe:
             package["cpe_name"] = d.service.cpe[0]
         packages.append(package)
+    context = {v.id: v for v in d.vulnerabilities}
     entries = []
     for cve in d.vulns:
         entry: dict[str, Any] = {"cve": {"uid": cve}}
+        known = context.get(cve)
+        if known is not None and known.epss is not None:
+            entry["cve"]["epss"] = {"score": f"{known.epss:g}"}
+        if known is not None and known.kev:
+            # In CISA's Known Exploited Vulnerabilities catalog: exploited in the wild.
+            entry["is_exploit_available"] = True
         if packages:
             entry["affected_packages"] = packages
         entries.append(entry)
@@ -189,6 +196,8 @@ def _unmapped(event: ExposureEvent) -> dict[str, Any]:
         "acceptance": acceptance,
         "risk_reasons": list(d.risk_reasons),
         "max_cvss": d.max_cvss,
+        # Shodan gives a score without its CVSS version, and OCSF's cvss needs one.
+        "cvss": {v.id: v.cvss for v in d.vulnerabilities if v.cvss is not None},
         "site_ids": list(d.site_ids),
         "candidate_agents": list(d.candidate_agents),
         "hostnames": list(d.hostnames),

@@ -15,6 +15,7 @@ from recon_stream.domain.exposures import (
     ChangeKind,
     ChangeReason,
     ExposureEvent,
+    VulnerabilityInfo,
     build_events,
     diff,
     retire,
@@ -135,6 +136,23 @@ def test_a_finding_carries_what_a_siem_needs() -> None:
     assert [(a["uid"], a["role_id"]) for a in agents] == [("agent-1", 4), ("agent-2", 4)]
     assert f["unmapped"]["site_ids"] == ["site-1"]
     assert f["unmapped"]["max_cvss"] == 9.8
+
+
+def test_feed_context_reaches_the_cve_entries() -> None:
+    (opened,) = events(diff({}, scan(RDP, at=T0)), scan(RDP, at=T0), 1)
+    data = opened.data.model_copy(
+        update={
+            "vulnerabilities": (
+                VulnerabilityInfo(id="CVE-2019-0708", cvss=9.8, epss=0.97, kev=True),
+            )
+        }
+    )
+    f = to_finding(opened.model_copy(update={"data": data}))
+    assert assert_valid([f]) == 1
+    (entry,) = f["vulnerabilities"]
+    assert entry["cve"]["epss"] == {"score": "0.97"}
+    assert entry["is_exploit_available"] is True
+    assert f["unmapped"]["cvss"] == {"CVE-2019-0708": 9.8}
 
 
 def test_the_checks_catch_what_the_schema_cannot() -> None:
