@@ -41,9 +41,9 @@ from pymongo import AsyncMongoClient
 
 from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
 from recon_stream.domain.scans import HostScan, Service
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ingest import servers
 from bench.scanner import host, make_settings, public_ips
 from tests.emulators.shodan import ShodanEmulator
 from tests.integration.support import heartbeat, prepare, running
@@ -230,11 +230,7 @@ def main() -> None:
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON only
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        mongodb = (
-            args.mongodb
-            or stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp)).uri
-        )
+        kafka, mongodb, _, _ = servers(stack, args, tmp)
         result = asyncio.run(run(kafka, mongodb, args))
     print(json.dumps(result, indent=2), file=out)
 

@@ -35,10 +35,10 @@ from typing import Any
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from recon_stream.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ingest import servers
 from tests.integration.support import make_settings, prepare, running, sample
 from tests.integration.test_notifier import opened
 
@@ -160,11 +160,7 @@ def main() -> None:
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON only
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        mongodb = (
-            args.mongodb
-            or stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp)).uri
-        )
+        kafka, mongodb, _, _ = servers(stack, args, tmp)
         receiver = subprocess.Popen(
             [sys.executable, "-m", "tests.emulators.webhooks", "/dead"],
             cwd=ROOT,
