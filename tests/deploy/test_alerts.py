@@ -34,7 +34,7 @@ RUNBOOK = ROOT / "deploy" / "OBSERVABILITY.md"
 COMPOSE = ROOT / "docker-compose.yml"
 
 SEVERITIES = {"critical", "warning", "info"}
-ROLES = {"ingest", "scanner", "scheduler"}
+ROLES = {"ingest", "scanner", "scheduler", "notifier"}
 
 # The situations the deployment must alert on: the alert that covers each,
 # and the series its expression must read.
@@ -201,7 +201,8 @@ def test_each_required_situation_has_its_alert() -> None:
 
 
 @pytest.mark.parametrize(
-    ("role", "exports"), [("scanner", True), ("ingest", False), ("scheduler", False)]
+    ("role", "exports"),
+    [("scanner", True), ("ingest", False), ("scheduler", False), ("notifier", False)],
 )
 async def test_only_scanners_export_the_key_gauge(role: str, exports: bool) -> None:
     """ReconShodanKeyRejected reads recon_shodan_key_accepted on every target:

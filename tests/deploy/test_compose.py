@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from recon_stream.cli import Role
+from recon_stream.notifier import load_destinations
 
 pytestmark = pytest.mark.deploy
 
@@ -28,11 +29,12 @@ SERVICES = {
     "ingest",
     "scanner",
     "scheduler",
+    "notifier",
     "prometheus",
     "grafana",
     "jaeger",
 }
-WORKERS = ("ingest", "scanner", "scheduler")
+WORKERS = ("ingest", "scanner", "scheduler", "notifier")
 RECON = ("init", *WORKERS)
 
 
@@ -317,3 +319,42 @@ def test_third_party_images_are_pinned(stack: dict[str, Any]) -> None:
         repository, _, tag = service["image"].rpartition(":")
         assert repository, name
         assert re.fullmatch(r"v?\d+\.\d+(\.\d+)?", tag), f"{name}: {service['image']}"
+
+
+def test_the_notifier_reads_the_mounted_notify_file(
+    compose: Any, root: Path, load_settings: Any
+) -> None:
+    """deploy/notify.yaml, mounted read-only where RECON_NOTIFY_FILE points, is a file
+    the notifier starts with (no destinations as shipped); a destination's
+    `secret_env` comes from .env, as the Shodan key does."""
+    stack = compose("RECON_PSA_WEBHOOK_SECRET=psa-key\n")
+    notifier = stack["services"]["notifier"]
+    env = notifier["environment"]
+    settings = load_settings(env)
+    assert settings.notify_file is not None
+    binds = {v["target"]: v for v in notifier["volumes"] if v["type"] == "bind"}
+    mount = binds[str(settings.notify_file)]
+    assert mount["read_only"] is True
+    source = in_repo(stack, root, mount["source"])
+    assert source == root / "deploy" / "notify.yaml"
+    assert load_destinations(source, env) == ()
+    # The example destinations, uncommented, are valid too and take their keys from .env.
+    example = "\n".join(
+        line.removeprefix("# ")
+        for line in source.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#   ") or line == "# destinations:"
+    )
+    env = {**env, "RECON_TEAMS_WEBHOOK_SECRET": "teams-key"}
+    uncommented = stack["project"] / "notify.yaml"
+    uncommented.write_text(example + "\n", encoding="utf-8")
+    destinations = load_destinations(uncommented, env)
+    assert [d.name for d in destinations] == ["psa", "teams"]
+    assert destinations[0].secret is not None
+    assert destinations[0].secret.get_secret_value() == "psa-key"
+    # The other workers' mounts (the risk policy) are kept, and only the notifier
+    # reads a notify file.
+    ingest = {v["target"] for v in stack["services"]["ingest"]["volumes"]}
+    assert ingest <= set(binds)
+    for name in RECON:
+        if name != "notifier":
+            assert "RECON_NOTIFY_FILE" not in stack["services"][name]["environment"]

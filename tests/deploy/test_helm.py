@@ -22,14 +22,29 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
+from recon_stream.notifier import load_destinations
+
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "recon-stream"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+# The roles always deployed; the notifier is one more when notifier.enabled.
 ROLES = ("ingest", "scanner", "scheduler")
+ALL_ROLES = (*ROLES, "notifier")
 RELEASE, NAMESPACE = "recon", "security"
 FULLNAME = f"{RELEASE}-recon-stream"
+NOTIFY_FILE = """\
+destinations:
+  - name: psa
+    url: https://psa.example/hooks/recon
+    secret_env: RECON_PSA_WEBHOOK_SECRET
+    min_severity: high
+  - name: teams
+    url: https://example.webhook.office.com/webhookb2/abc
+    secret_env: RECON_TEAMS_WEBHOOK_SECRET
+    format: text
+"""
 
 # The default values and four others a platform team would install with.
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -72,6 +87,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "shodan": {"provider": "api", "apiKey": "shodan-test-key"},
     },
     "monitoring": {
+        # Every role, the notifier too, as in the compose scrape config.
+        "notifier": {
+            "enabled": True,
+            "notifyFile": NOTIFY_FILE,
+            "secrets": {
+                "RECON_PSA_WEBHOOK_SECRET": "psa-key",
+                "RECON_TEAMS_WEBHOOK_SECRET": "teams-key",
+            },
+        },
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "tracing": {
@@ -107,6 +131,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "terminationGracePeriodSeconds": 60,
         "image": {"digest": "sha256:" + "ab" * 32},
     },
+    "notifier": {
+        "notifier": {
+            "enabled": True,
+            "replicas": 2,
+            "notifyFile": NOTIFY_FILE,
+            "existingSecret": "recon-webhook-keys",
+        },
+        "kafka": {"consumerGroups": {"notifier": "acme-recon-notifier"}},
+        "networkPolicy": {"egress": {"webhookPorts": [443, 8443]}},
+    },
 }
 SETS = list(VALUE_SETS)
 
@@ -139,6 +173,11 @@ class Rendered:
 
     def settings(self) -> dict[str, str]:
         return self.one("ConfigMap", FULLNAME)["data"]
+
+
+def roles_of(merged: dict[str, Any]) -> tuple[str, ...]:
+    """The roles a release with these (merged) values deploys."""
+    return ALL_ROLES if merged["notifier"]["enabled"] else ROLES
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +301,11 @@ def test_lint_reports_a_broken_value() -> None:
         ({"settings": {"extra": {"SHODAN_RATE": "2"}}}, "not a RECON_ setting"),
         ({"settings": {"httpPort": 80}}, "a privileged port as non-root"),
         ({"image": {"digest": "latest"}}, "a digest that is not sha256"),
+        ({"notifier": {"autoscaling": {"mode": "hpa"}}}, "the notifier is not autoscaled"),
+        ({"notifier": {"secrets": {"psa-key": "x"}}}, "a secret_env that is no variable name"),
+        ({"notifier": {"secrets": {"RECON_PSA_WEBHOOK_SECRET": ""}}}, "an empty key"),
+        ({"notifier": {"notifyFile": ""}}, "no notify file"),
+        ({"networkPolicy": {"egress": {"webhookPorts": [0]}}}, "port 0"),
         ({"replicas": 3}, "unknown top-level key"),
     ],
 )
@@ -333,10 +377,10 @@ def test_kubernetes_validate_rejects_a_broken_manifest(render: Any) -> None:
 
 # ------------------------------------------------------------ workloads
 def test_one_deployment_per_role_running_that_role(case: Any) -> None:
-    _, _, _, rendered = case
+    _, _, merged, rendered = case
     deployments = {d["metadata"]["name"]: d for d in rendered.of("Deployment")}
-    assert set(deployments) == {f"{FULLNAME}-{role}" for role in ROLES}
-    for role in ROLES:
+    assert set(deployments) == {f"{FULLNAME}-{role}" for role in roles_of(merged)}
+    for role in roles_of(merged):
         (container,) = containers(deployments[f"{FULLNAME}-{role}"])
         assert container["args"] == ["run", role]
 
@@ -399,7 +443,7 @@ def test_too_short_grace_period_is_refused(chart: helm.Chart, grace: int, timeou
 
 
 def test_settings_are_what_the_app_accepts(
-    case: Any, setting_names: set[str], load_settings: Any
+    case: Any, setting_names: set[str], load_settings: Any, tmp_path: Path
 ) -> None:
     """The ConfigMap plus the Secret make a configuration the workers start with."""
     _, _, merged, rendered = case
@@ -420,8 +464,11 @@ def test_settings_are_what_the_app_accepts(
                     continue
                 env[name] = base64.b64decode(encoded).decode()
             else:
-                # An existing Secret: only the one the values name.
-                assert ref["name"] == merged["existingSecret"], ref
+                # An existing Secret: only the ones the values name.
+                assert ref["name"] in {
+                    merged["existingSecret"],
+                    merged["notifier"]["existingSecret"],
+                }, ref
                 env[name] = "mongodb://db:27017" if name == "RECON_MONGODB_URI" else "from-secret"
         settings = load_settings(env)
         assert settings.http_port == container["ports"][0]["containerPort"]
@@ -429,6 +476,20 @@ def test_settings_are_what_the_app_accepts(
         assert settings.kafka_security_protocol == merged["kafka"]["securityProtocol"]
         assert settings.topic_heartbeats == merged["kafka"]["topics"]["heartbeats"]
         assert settings.ingest_group_id == merged["kafka"]["consumerGroups"]["ingest"]
+        assert settings.notifier_group_id == merged["kafka"]["consumerGroups"]["notifier"]
+        if container["name"] == "notifier":
+            # The notify file as mounted, with the variables the pod gets: the app
+            # reads every destination and finds every secret_env set.
+            notify = rendered.one("ConfigMap", f"{FULLNAME}-notifier")["data"]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "notify"]
+            assert settings.notify_file is not None
+            assert settings.notify_file.parent == Path(mount["mountPath"])
+            copy_ = tmp_path / "notify.yaml"
+            copy_.write_text(notify[settings.notify_file.name], encoding="utf-8")
+            destinations = load_destinations(copy_, env)
+            expected = yaml.safe_load(merged["notifier"]["notifyFile"])["destinations"]
+            assert [d.name for d in destinations] == [d["name"] for d in expected]
+            assert all(d.secret is not None for d in destinations)
         if not merged["existingSecret"]:
             assert settings.mongodb_uri.get_secret_value() == merged["mongodb"]["uri"]
         for key, value in merged["settings"]["extra"].items():
@@ -439,6 +500,7 @@ def test_settings_are_what_the_app_accepts(
 def test_secret_values_reach_only_the_pods_that_need_them(case: Any) -> None:
     _, _, merged, rendered = case
     shodan_key_users = set()
+    webhook_key_users = set()
     for workload in rendered.workloads():
         for container in containers(workload):
             env = env_of(container)
@@ -446,10 +508,13 @@ def test_secret_values_reach_only_the_pods_that_need_them(case: Any) -> None:
             assert "value" not in env["RECON_MONGODB_URI"], "a secret written into the manifest"
             if "RECON_SHODAN_API_KEY" in env:
                 shodan_key_users.add(container["name"])
+            if any(name.endswith("_WEBHOOK_SECRET") for name in env):
+                webhook_key_users.add(container["name"])
             sasl = merged["kafka"]["securityProtocol"].startswith("SASL")
             assert ("RECON_KAFKA_SASL_PASSWORD" in env) == sasl
     expected = set() if merged["shodan"]["provider"] in ("sample", "internetdb") else {"scanner"}
     assert shodan_key_users == expected
+    assert webhook_key_users == ({"notifier"} if merged["notifier"]["enabled"] else set())
 
 
 def test_existing_secret_is_used_and_no_secret_is_made(render: Any) -> None:
@@ -617,7 +682,7 @@ def test_pod_disruption_budgets_never_block_a_drain(case: Any) -> None:
     _, _, merged, rendered = case
     budgets = rendered.of("PodDisruptionBudget")
     deployments = rendered.of("Deployment")
-    expected = {role for role in ROLES if merged[role]["podDisruptionBudget"]["enabled"]}
+    expected = {role for role in roles_of(merged) if merged[role]["podDisruptionBudget"]["enabled"]}
     assert {b["metadata"]["labels"]["app.kubernetes.io/component"] for b in budgets} == expected
     for budget in budgets:
         assert "minAvailable" not in budget["spec"]
@@ -650,8 +715,12 @@ def test_each_service_selects_exactly_its_role(case: Any) -> None:
         assert service["spec"]["publishNotReadyAddresses"] is True
 
 
-def test_service_monitor_scrapes_every_role_as_the_alerts_expect(render: Any) -> None:
+def test_service_monitor_scrapes_every_role_as_the_alerts_expect(
+    render: Any, chart: helm.Chart
+) -> None:
     rendered = render(VALUE_SETS["monitoring"])
+    roles = roles_of(chart.merge_values(VALUE_SETS["monitoring"]))
+    assert roles == ALL_ROLES
     monitor = rendered.one("ServiceMonitor", FULLNAME)
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     services = [
@@ -659,7 +728,7 @@ def test_service_monitor_scrapes_every_role_as_the_alerts_expect(render: Any) ->
         for s in rendered.of("Service")
         if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
     ]
-    assert len(services) == len(ROLES) == len(rendered.of("Service"))
+    assert len(services) == len(roles) == len(rendered.of("Service"))
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     for service in services:
@@ -676,7 +745,7 @@ def test_service_monitor_scrapes_every_role_as_the_alerts_expect(render: Any) ->
     )
     scrape = next(c for c in compose["scrape_configs"] if c["job_name"] == job)
     compose_roles = {s["labels"]["role"] for s in scrape["static_configs"]}
-    assert compose_roles == set(ROLES)
+    assert compose_roles == set(roles)
     (relabel,) = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "role"]
     assert relabel["sourceLabels"] == [
         "__meta_kubernetes_service_label_app_kubernetes_io_component"
@@ -745,6 +814,7 @@ def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> 
         return
     main = rendered.one("NetworkPolicy", FULLNAME)
     scanner_only = rendered.one("NetworkPolicy", f"{FULLNAME}-scanner-shodan")
+    webhooks = [p for p in policies if p["metadata"]["name"] == f"{FULLNAME}-notifier-webhooks"]
     pods = {
         w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"]
         for w in rendered.workloads()
@@ -772,6 +842,22 @@ def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> 
         (p["port"], p["protocol"]) for rule in scanner_only["spec"]["egress"] for p in rule["ports"]
     }
     assert https == {(443, "TCP")}
+    # The notifier reaches webhook receivers anywhere on the webhook ports (443
+    # by default); no other pod does.
+    if not merged["notifier"]["enabled"]:
+        assert webhooks == []
+        assert len(policies) == 2
+        return
+    (notifier_only,) = webhooks
+    assert notifier_only["spec"]["policyTypes"] == ["Egress"]
+    assert [
+        n for n, labels in pods.items() if selects(notifier_only["spec"]["podSelector"], labels)
+    ] == [f"{FULLNAME}-notifier"]
+    (rule,) = notifier_only["spec"]["egress"]
+    assert "to" not in rule  # any address: the internet, or a receiver in the cluster
+    ports = {(p["port"], p["protocol"]) for p in rule["ports"]}
+    assert ports == {(port, "TCP") for port in merged["networkPolicy"]["egress"]["webhookPorts"]}
+    assert (443, "TCP") in ports
 
 
 # --------------------------------------------------------- notes, README
@@ -796,7 +882,7 @@ def value_paths(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
 DOCUMENTED_AS_A_WHOLE = {
     "podSecurityContext",
     "securityContext",
-    *(f"{role}.resources" for role in ROLES),
+    *(f"{role}.resources" for role in ALL_ROLES),
     "init.resources",
 }
 
@@ -828,3 +914,101 @@ def test_a_risk_policy_is_mounted_into_every_worker(render: Any) -> None:
     default = render({})
     assert "RECON_RISK_POLICY_FILE" not in default.settings()
     assert not [c for c in default.of("ConfigMap") if c["metadata"]["name"].endswith("policy")]
+
+
+# ----------------------------------------------------------------- notifier
+def test_the_notifier_is_off_by_default(render: Any) -> None:
+    rendered = render({})
+    names = [d["metadata"]["name"] for d in rendered.docs]
+    assert not [n for n in names if "notifier" in n]
+    assert "RECON_NOTIFY_FILE" not in rendered.settings()
+
+
+def test_the_notifier_reads_its_file_from_a_configmap_and_its_keys_from_a_secret(
+    render: Any,
+) -> None:
+    values = VALUE_SETS["notifier"]
+    rendered = render(values)
+    deployment = rendered.one("Deployment", f"{FULLNAME}-notifier")
+    assert deployment["spec"]["replicas"] == 2
+    spec = pod_spec(deployment)
+    (container,) = spec["containers"]
+    assert container["args"] == ["run", "notifier"]
+    # The file: a ConfigMap of the value, mounted read-only where RECON_NOTIFY_FILE points.
+    notify = rendered.one("ConfigMap", f"{FULLNAME}-notifier")
+    assert notify["data"] == {"notify.yaml": values["notifier"]["notifyFile"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["notify"]["configMap"]["name"] == f"{FULLNAME}-notifier"
+    assert mounts["notify"]["readOnly"] is True
+    path = rendered.settings()["RECON_NOTIFY_FILE"]
+    assert path == f"{mounts['notify']['mountPath']}/notify.yaml"
+    assert rendered.settings()["RECON_NOTIFIER_GROUP_ID"] == "acme-recon-notifier"
+    # The mount is not inside another volume's (a ConfigMap volume is read-only:
+    # the runtime could not make the mount point there).
+    others = [m["mountPath"] for m in container["volumeMounts"] if m["name"] != "notify"]
+    assert not [o for o in others if Path(path).is_relative_to(o)]
+    # The keys: each secret_env from the existing Secret, under its own name.
+    env = env_of(container)
+    for name in ("RECON_PSA_WEBHOOK_SECRET", "RECON_TEAMS_WEBHOOK_SECRET"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "recon-webhook-keys", "key": name}
+    # No ConfigMap sets them, the mounted file names them only, and the chart makes
+    # no Secret for them.
+    for config in rendered.of("ConfigMap"):
+        assert not [key for key in config["data"] if key.endswith("_WEBHOOK_SECRET")]
+    for destination in yaml.safe_load(notify["data"]["notify.yaml"])["destinations"]:
+        assert "secret" not in destination
+    assert {s["metadata"]["name"] for s in rendered.of("Secret")} == {FULLNAME, f"{FULLNAME}-init"}
+    # Only the notifier gets the file, the keys and the webhook egress.
+    for other in rendered.of("Deployment"):
+        if other is deployment:
+            continue
+        (c,) = containers(other)
+        assert "notify" not in {m["name"] for m in c["volumeMounts"]}
+        assert not [n for n in env_of(c) if n.endswith("_WEBHOOK_SECRET")]
+
+
+def test_a_chart_made_notifier_secret_holds_the_keys_and_rolls_the_pods(render: Any) -> None:
+    values = VALUE_SETS["monitoring"]
+    rendered = render(values)
+    secret = rendered.one("Secret", f"{FULLNAME}-notifier")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == values["notifier"]["secrets"]
+    for config in rendered.of("ConfigMap"):
+        text = yaml.safe_dump(config["data"])
+        assert not [key for key in decoded.values() if key in text], config["metadata"]["name"]
+    (container,) = containers(rendered.one("Deployment", f"{FULLNAME}-notifier"))
+    env = env_of(container)
+    assert env["RECON_PSA_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-notifier",
+        "key": "RECON_PSA_WEBHOOK_SECRET",
+    }
+    # A new key or a new file rolls the notifier.
+    before = pod_annotations(rendered.one("Deployment", f"{FULLNAME}-notifier"))
+    for change in (
+        {"notifier": {"secrets": {"RECON_PSA_WEBHOOK_SECRET": "rotated"}}},
+        {"notifier": {"notifyFile": NOTIFY_FILE + "  - {name: x, url: https://x.example}\n"}},
+    ):
+        after = pod_annotations(
+            render(deep_merge(values, change)).one("Deployment", f"{FULLNAME}-notifier")
+        )
+        assert after["checksum/notifier"] != before["checksum/notifier"]
+
+
+@pytest.mark.parametrize(
+    ("notifier", "message"),
+    [
+        (
+            {"notifyFile": "destinations:\n  - {name: a, url: 'https://a.example', secret: k}\n"},
+            "inline secret",
+        ),
+        ({"notifyFile": NOTIFY_FILE}, "RECON_PSA_WEBHOOK_SECRET, which has no value"),
+        ({"notifyFile": "destinations:\n"}, "needs a `destinations:` list"),
+        ({"notifyFile": "destinations: [\n"}, "not YAML"),
+    ],
+)
+def test_the_chart_refuses_a_notify_file_it_cannot_deploy_safely(
+    chart: helm.Chart, notifier: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render({"notifier": {"enabled": True, **notifier}}, name=RELEASE)

@@ -1,6 +1,46 @@
 {{/* The roles, each one Deployment running `recon-stream run <role>`. */}}
 {{- define "recon-stream.roles" -}}
-{{- list "ingest" "scanner" "scheduler" | toJson -}}
+{{- $roles := list "ingest" "scanner" "scheduler" -}}
+{{- if .Values.notifier.enabled -}}
+{{- $roles = append $roles "notifier" -}}
+{{- end -}}
+{{- $roles | toJson -}}
+{{- end -}}
+
+{{/* Where the notifier's ConfigMap is mounted, and the file RECON_NOTIFY_FILE names. */}}
+{{- define "recon-stream.notifyDir" -}}/etc/recon-stream-notifier{{- end -}}
+
+{{/*
+The `secret_env` names of notifier.notifyFile, as a JSON list. Fails on a file
+that is not YAML or not a mapping, and on an inline `secret:` (it would sit in a
+ConfigMap); the app checks the rest (schemas/notify.v1.json) when it starts.
+*/}}
+{{- define "recon-stream.notifySecretEnv" -}}
+{{- $file := .Values.notifier.notifyFile | fromYaml -}}
+{{- if hasKey $file "Error" -}}
+{{- fail (printf "notifier.notifyFile is not YAML: %s" (index $file "Error")) -}}
+{{- end -}}
+{{- if not (kindIs "slice" $file.destinations) -}}
+{{- fail "notifier.notifyFile needs a `destinations:` list (`destinations: []` for none)" -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range $i, $d := $file.destinations -}}
+{{- if not (kindIs "map" $d) -}}
+{{- fail (printf "notifier.notifyFile: destination %d is not a mapping" $i) -}}
+{{- end -}}
+{{- if hasKey $d "secret" -}}
+{{- fail (printf "notifier.notifyFile: destination %v has an inline secret; use secret_env and notifier.secrets or notifier.existingSecret, so the key is in a Secret, not a ConfigMap" (default $i $d.name)) -}}
+{{- end -}}
+{{- with $d.secret_env -}}
+{{- $names = append $names . -}}
+{{- end -}}
+{{- end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}
+
+{{/* The Secret the notifier's `secret_env` variables come from. */}}
+{{- define "recon-stream.notifierSecretName" -}}
+{{- default (printf "%s-notifier" (include "recon-stream.fullname" .)) .Values.notifier.existingSecret -}}
 {{- end -}}
 
 {{- define "recon-stream.name" -}}
@@ -109,6 +149,7 @@ first install, gets them inline. Keys set here win over settings.extra.
   "RECON_TOPIC_DLQ" $v.kafka.topics.dlq
   "RECON_INGEST_GROUP_ID" $v.kafka.consumerGroups.ingest
   "RECON_SCANNER_GROUP_ID" $v.kafka.consumerGroups.scanner
+  "RECON_NOTIFIER_GROUP_ID" $v.kafka.consumerGroups.notifier
   "RECON_MONGODB_DATABASE" $v.mongodb.database
   "RECON_SHODAN_RATE" (toString $v.shodan.rate)
   "RECON_HTTP_PORT" (toString (int64 $v.settings.httpPort))
@@ -120,6 +161,9 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- end -}}
 {{- if $v.riskPolicy -}}
 {{- $_ := set $s "RECON_RISK_POLICY_FILE" "/etc/recon-stream/risk-policy.yaml" -}}
+{{- end -}}
+{{- if $v.notifier.enabled -}}
+{{- $_ := set $s "RECON_NOTIFY_FILE" (printf "%s/notify.yaml" (include "recon-stream.notifyDir" .)) -}}
 {{- end -}}
 {{- if include "recon-stream.kafkaTls" . -}}
 {{- $_ := set $s "RECON_KAFKA_SSL_CHECK_HOSTNAME" (toString $v.kafka.tls.checkHostname) -}}
@@ -208,6 +252,13 @@ The credentials as env entries read from the Secret. Call with
 {{- end }}
 {{- end -}}
 
+{{/* The chart-made notifier Secret's data (base64): notifier.secrets. */}}
+{{- define "recon-stream.notifierSecretData" -}}
+{{- range $name, $value := .Values.notifier.secrets }}
+{{ $name }}: {{ $value | toString | b64enc | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Volumes shared by the workers and the init Job. */}}
 {{- define "recon-stream.volumes" -}}
 - name: tmp
@@ -256,6 +307,16 @@ The credentials as env entries read from the Secret. Call with
 {{- define "recon-stream.validate" -}}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) (float64 .Values.settings.gracefulTimeoutSeconds) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than settings.gracefulTimeoutSeconds (%v): otherwise Kubernetes kills a worker in the middle of a batch" .Values.terminationGracePeriodSeconds .Values.settings.gracefulTimeoutSeconds) -}}
+{{- end -}}
+{{- if .Values.notifier.enabled -}}
+{{- $names := include "recon-stream.notifySecretEnv" . | fromJsonArray -}}
+{{- if not .Values.notifier.existingSecret -}}
+{{- range $names -}}
+{{- if not (index $.Values.notifier.secrets .) -}}
+{{- fail (printf "notifier.notifyFile names secret_env %s, which has no value in notifier.secrets (or set notifier.existingSecret)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- range $role := list "ingest" "scanner" -}}
 {{- $a := (index $.Values $role).autoscaling -}}
