@@ -899,17 +899,29 @@ def test_chart_readme_documents_every_value() -> None:
 
 def test_a_risk_policy_is_mounted_into_every_worker(render: Any) -> None:
     text = "organizations:\n  acme:\n    - port: tcp/8443\n      severity: info\n"
-    rendered = render({"riskPolicy": text})
+    rendered = render(
+        {
+            "riskPolicy": text,
+            # With the TLS Secrets mounted too: none may land inside another mount.
+            "kafka": {"securityProtocol": "SSL", "tls": {"existingSecret": "kafka-ca"}},
+            "mongodb": {"tls": {"enabled": True, "existingSecret": "mongo-ca"}},
+        }
+    )
     policy = rendered.one("ConfigMap", f"{FULLNAME}-risk-policy")
     assert policy["data"]["risk-policy.yaml"].strip() == text.strip()
-    assert rendered.settings()["RECON_RISK_POLICY_FILE"] == "/etc/recon-stream/risk-policy.yaml"
+    expected = "/etc/recon-stream-policy/risk-policy.yaml"
+    assert rendered.settings()["RECON_RISK_POLICY_FILE"] == expected
     for deployment in rendered.of("Deployment"):
         spec = pod_spec(deployment)
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["risk-policy"]["configMap"]["name"] == f"{FULLNAME}-risk-policy"
         (container,) = [c for c in spec["containers"] if c["name"] != "istio-proxy"]
         mounts = {m["name"]: m for m in container["volumeMounts"]}
-        assert mounts["risk-policy"]["mountPath"] == "/etc/recon-stream"
+        assert mounts["risk-policy"]["mountPath"] == "/etc/recon-stream-policy"
+        paths = [m["mountPath"] for m in mounts.values()]
+        assert {"kafka-tls", "mongodb-tls"} <= set(mounts)
+        nested = [(a, b) for a in paths for b in paths if a != b and b.startswith(a + "/")]
+        assert nested == []
         assert mounts["risk-policy"]["readOnly"] is True
     default = render({})
     assert "RECON_RISK_POLICY_FILE" not in default.settings()

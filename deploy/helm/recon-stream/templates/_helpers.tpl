@@ -160,7 +160,7 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- $_ := set $s "RECON_KAFKA_SASL_MECHANISM" $v.kafka.sasl.mechanism -}}
 {{- end -}}
 {{- if $v.riskPolicy -}}
-{{- $_ := set $s "RECON_RISK_POLICY_FILE" "/etc/recon-stream/risk-policy.yaml" -}}
+{{- $_ := set $s "RECON_RISK_POLICY_FILE" "/etc/recon-stream-policy/risk-policy.yaml" -}}
 {{- end -}}
 {{- if $v.notifier.enabled -}}
 {{- $_ := set $s "RECON_NOTIFY_FILE" (printf "%s/notify.yaml" (include "recon-stream.notifyDir" .)) -}}
@@ -288,7 +288,9 @@ The credentials as env entries read from the Secret. Call with
   mountPath: /tmp
 {{- if .Values.riskPolicy }}
 - name: risk-policy
-  mountPath: /etc/recon-stream
+  # A directory of its own: the TLS Secrets mount under /etc/recon-stream, and a
+  # read-only ConfigMap volume there could not hold their mount points.
+  mountPath: /etc/recon-stream-policy
   readOnly: true
 {{- end }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
