@@ -218,6 +218,16 @@ async def run_dev(options: DevOptions) -> None:
             loop.remove_signal_handler(sig)
 
 
+async def _stop_workers(app: Any, patience: float) -> None:
+    """Stop the workers, but never hang the exit on them: a consumer caught in a group
+    join can wait out Kafka's request timeout (40 s), and the servers must stop anyway."""
+    try:
+        async with asyncio.timeout(patience):
+            await app.stop()
+    except TimeoutError:
+        print(f"workers did not stop within {patience:g}s; stopping the servers anyway")
+
+
 async def _run_stack(options: DevOptions) -> None:
     data_dir = options.data_dir
     engine = default_mongo_engine()
@@ -275,7 +285,7 @@ async def _run_stack(options: DevOptions) -> None:
                 print("running; Ctrl-C (or SIGTERM) to stop", flush=True)
                 await asyncio.Event().wait()
         finally:
-            await worker.app.stop()
+            await _stop_workers(worker.app, settings.graceful_timeout_seconds + 10)
 
 
 async def _load_feeds(settings: Settings) -> None:
