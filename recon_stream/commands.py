@@ -19,7 +19,6 @@ A rescan of an IP the organization does not use goes to the DLQ
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,7 +28,6 @@ from pydantic import ValidationError
 
 from recon_stream.adapters.command_log import CommandLog
 from recon_stream.adapters.exposure_store import ExposureStore
-from recon_stream.adapters.mongo import ORG_IPS
 from recon_stream.adapters.scan_queue import ScanQueue
 from recon_stream.domain.commands import (
     AcceptCommand,
@@ -46,8 +44,6 @@ from recon_stream.outbox import OutboxPublisher
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
-
-PARALLEL_IPS = 16
 
 Command = AcceptCommand | UnacceptCommand | RescanCommand
 
@@ -120,24 +116,13 @@ class CommandService:
                 "removing an acceptance",
                 partial(store.unaccept, org, command.ip, command.transport, command.port),
             )
-        ips = [command.ip] if command.ip is not None else []
-        if command.ip is None:
-            ips = await self._retrying("reading the org's IPs", partial(store.ips_of, org))
-        now = datetime.now(UTC)
-
-        async def reassess(ip: str) -> None:
-            outbox = await self._retrying(
-                "applying an acceptance", partial(store.reassess, org, ip, now)
-            )
-            await self._outbox.publish(outbox)
-
-        # IPs are independent snapshots: a few at a time, not one round trip after another.
-        for start in range(0, len(ips), PARALLEL_IPS):
-            await asyncio.gather(*(reassess(ip) for ip in ips[start : start + PARALLEL_IPS]))
+        await self._outbox.reassess(org, command.ip, datetime.now(UTC))
 
     async def _rescan(self, command: RescanCommand) -> str | None:
         org = command.organization_id
-        active = await self._retrying("reading the org's IPs", partial(self._active_ips, org))
+        active = await self._retrying(
+            "reading the org's IPs", partial(self._store.reported_ips, org)
+        )
         if command.ip is not None and command.ip not in active:
             return f"{command.ip} is not an active IP of organization {org}"
         ips = [command.ip] if command.ip is not None else sorted(active)
@@ -151,13 +136,6 @@ class CommandService:
             for _ in requests:
                 self._metrics.scan_requests_received.labels(ScanReason.MANUAL.value).inc()
         return None
-
-    async def _active_ips(self, organization_id: str) -> set[str]:
-        collection = self._store.database[ORG_IPS]
-        cursor = collection.find(
-            {"organization_id": organization_id, "status": "active"}, {"ip": 1}
-        )
-        return {doc["ip"] async for doc in cursor}
 
 
 def _decode(record: RawRecord) -> tuple[Command | None, Rejected | None]:

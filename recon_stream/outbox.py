@@ -20,10 +20,12 @@ writer is publishing them right now, and racing it would only duplicate events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Protocol
 
 from recon_stream.adapters.exposure_store import ExposureStore, Outbox, StateRow
@@ -34,6 +36,7 @@ from recon_stream.retry import Retrier, drain_every
 log = logging.getLogger(__name__)
 
 RELAY_GRACE = 5.0
+PARALLEL_IPS = 16
 
 
 class EventSink(Protocol):
@@ -78,6 +81,26 @@ class OutboxPublisher:
             lambda: store.published(outbox.organization_id, outbox.ip, ids, outbox.state),
         )
         return len(events) + len(rows)
+
+    async def reassess(self, organization_id: str, ip: str | None, now: datetime) -> None:
+        """Apply the acceptances in force at `now` to the org's exposures on `ip` (None:
+        on every IP with a snapshot) and publish what changed."""
+        store = self.store
+        ips = [ip] if ip is not None else []
+        if ip is None:
+            ips = await self.retrying(
+                "reading the org's IPs", partial(store.ips_of, organization_id)
+            )
+
+        async def one(ip: str) -> None:
+            outbox = await self.retrying(
+                "applying acceptances", partial(store.reassess, organization_id, ip, now)
+            )
+            await self.publish(outbox)
+
+        # IPs are independent snapshots: a few at a time, not one round trip after another.
+        for start in range(0, len(ips), PARALLEL_IPS):
+            await asyncio.gather(*(one(ip) for ip in ips[start : start + PARALLEL_IPS]))
 
     async def relay_once(self, limit: int = 100) -> int:
         """Publish what a crash left in outboxes; returns how many events and rows."""

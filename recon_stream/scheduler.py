@@ -200,15 +200,7 @@ class Scheduler:
             "finding expired acceptances", lambda: store.expired_acceptances(now, self._batch)
         )
         for acceptance in expired:
-            org = acceptance.organization_id
-            ips = [acceptance.ip] if acceptance.ip is not None else []
-            if acceptance.ip is None:
-                ips = await self._retrying("reading an org's IPs", partial(store.ips_of, org))
-            for ip in ips:
-                outbox = await self._retrying(
-                    "applying an expiry", partial(store.reassess, org, ip, now)
-                )
-                await self.outbox.publish(outbox)
+            await self.outbox.reassess(acceptance.organization_id, acceptance.ip, now)
             await self._retrying(
                 "forgetting an expired acceptance", partial(store.forget_acceptance, acceptance)
             )

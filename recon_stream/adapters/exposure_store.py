@@ -242,10 +242,6 @@ class ExposureStore:
         self._acceptances: AsyncCollection[Document] = db[ACCEPTANCES]
         self._history: AsyncCollection[Document] = db[HISTORY]
 
-    @property
-    def database(self) -> AsyncDatabase[Document]:
-        return self._db
-
     async def orgs_behind(self, ip: str) -> list[OrgContext]:
         """Every org whose agents report from `ip` and still use it."""
         cursor = self._db[ORG_IPS].find(
@@ -259,6 +255,13 @@ class ExposureStore:
             )
             async for doc in cursor
         ]
+
+    async def reported_ips(self, organization_id: str) -> set[str]:
+        """The IPs the org's agents still report from (`org_ips`), scanned or not yet."""
+        cursor = self._db[ORG_IPS].find(
+            {"organization_id": organization_id, "status": "active"}, {"ip": 1}
+        )
+        return {doc["ip"] async for doc in cursor}
 
     async def apply(self, org: OrgContext, scan: HostScan) -> Outbox:
         """Diff `scan` against the org's snapshot and store the result with its outboxes.
@@ -350,33 +353,12 @@ class ExposureStore:
                 cve for service in (*after.values(), *previous.values()) for cve in service.vulns
             }
             judge = Assessor(self._policy, await self._feeds.lookup(cves), self._stale_after)
-            stored_severity = {_key_of(s): _severity(s.get("severity")) for s in stored}
-            now_severity = {key: judge.severity(organization_id, after[key]) for key in after}
-            changes = severity_changes(changes, after, stored_severity, now_severity)
-            if not changes and not isinstance(how, _Lookup):
-                return nothing
-            for key in previous.keys() - after.keys():
-                now_accepted[key] = was.get(key)  # a closed exposure shows its last state
             agents = (
                 org.candidate_agents
                 if org
                 else tuple(doc.get("candidate_agents", []) if doc else ())
             )
             sites = org.site_ids if org else tuple(doc.get("site_ids", []) if doc else ())
-            events = build_events(
-                organization_id,
-                ip,
-                changes,
-                basis,
-                version=version,
-                candidate_agents=agents,
-                site_ids=sites,
-                acceptance_by_key=now_accepted,
-                first_seen_by_key=first_seen,
-                last_seen_by_key=last_seen,
-                occurred_at=None if isinstance(how, _Lookup) else at,
-                assessor=judge,
-            )
             seen_until = {
                 key: (basis.queried_at if isinstance(how, _Lookup) else last_seen[key])
                 for key in after
@@ -390,6 +372,7 @@ class ExposureStore:
                 )
                 for key in after
             }
+            # The rows assess every open exposure once; their severity is the one stored.
             rows = build_state(
                 organization_id,
                 ip,
@@ -397,6 +380,27 @@ class ExposureStore:
                 basis,
                 candidate_agents=agents,
                 site_ids=sites,
+                assessor=judge,
+            )
+            stored_severity = {_key_of(s): _severity(s.get("severity")) for s in stored}
+            now_severity = {key: row.severity for key, row in rows.items()}
+            changes = severity_changes(changes, after, stored_severity, now_severity)
+            if not changes and not isinstance(how, _Lookup):
+                return nothing
+            for key in previous.keys() - after.keys():
+                now_accepted[key] = was.get(key)  # a closed exposure shows its last state
+            events = build_events(
+                organization_id,
+                ip,
+                changes,
+                basis,
+                version=version,
+                candidate_agents=agents,
+                site_ids=sites,
+                acceptance_by_key=now_accepted,
+                first_seen_by_key=first_seen,
+                last_seen_by_key=last_seen,
+                occurred_at=None if isinstance(how, _Lookup) else at,
                 assessor=judge,
             )
             state = [
@@ -423,6 +427,7 @@ class ExposureStore:
                 }
                 for key, sighting in sightings.items()
             ]
+            pending = [e.model_dump(mode="json") for e in events]
             written = {row.key for row in state}
             kept = [
                 entry
@@ -437,17 +442,12 @@ class ExposureStore:
                     "pending_state": kept + [_state_doc(row) for row in state],
                 },
                 "$inc": {"version": 1},
-                "$push": {"pending": {"$each": [e.model_dump(mode="json") for e in events]}},
+                "$push": {"pending": {"$each": pending}},
             }
             if doc is None:
                 try:
                     await self._collection.insert_one(
-                        {
-                            **query,
-                            "version": 1,
-                            "pending": [e.model_dump(mode="json") for e in events],
-                            **update["$set"],
-                        }
+                        {**query, "version": 1, "pending": pending, **update["$set"]}
                     )
                     return Outbox(organization_id, ip, events, state)
                 except DuplicateKeyError:

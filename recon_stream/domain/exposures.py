@@ -86,9 +86,6 @@ class Assessor:
     context: Mapping[str, VulnContext] = field(default_factory=dict)
     stale_after: timedelta = timedelta(days=30)
 
-    def severity(self, organization_id: str, service: Service) -> Severity:
-        return assess(service, self.policy, organization_id, self.context)[0]
-
 
 # What makes two sightings of one port the same exposure. Shodan's timestamp
 # and the CVSS score (which follows from the CVE list) are deliberately absent.

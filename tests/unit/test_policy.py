@@ -227,7 +227,7 @@ def test_a_severity_that_changes_under_a_new_policy_is_a_change_naming_severity(
     )
     judge = Assessor(policy=strict)
     changes = severity_changes(
-        [], {ssh.key: ssh}, {ssh.key: Severity.MEDIUM}, {ssh.key: judge.severity("acme", ssh)}
+        [], {ssh.key: ssh}, {ssh.key: Severity.MEDIUM}, {ssh.key: assess(ssh, strict, "acme")[0]}
     )
     assert [(c.kind, c.severity_changed) for c in changes] == [(ChangeKind.CHANGED, True)]
     event = build_events(
