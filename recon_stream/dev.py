@@ -295,18 +295,20 @@ async def _load_feeds(settings: Settings) -> None:
         ("kev", settings.kev_source, "kev_sample.json"),
         ("epss", settings.epss_source, "epss_sample.csv"),
     ]
-    for feed, configured, sample in feeds:
-        source = configured or str(samples.joinpath(sample))
-        client = mongo.connect(settings)
-        try:
-            count = await VulnFeeds(client[settings.mongodb_database]).refresh(feed, source)
-        except FeedError as error:
-            print(f"{feed}: {error} (scanning goes on without it)")
-            continue
-        finally:
-            await client.close()
-        label = source if configured else f"BUNDLED SAMPLE ({sample}, not the real data)"
-        print(f"{feed}: {count} CVEs from {label}")
+    client = mongo.connect(settings)
+    try:
+        store = VulnFeeds(client[settings.mongodb_database])
+        for feed, configured, sample in feeds:
+            source = configured or str(samples.joinpath(sample))
+            try:
+                count = await store.refresh(feed, source)
+            except FeedError as error:
+                print(f"{feed}: {error} (scanning goes on without it)")
+                continue
+            label = source if configured else f"BUNDLED SAMPLE ({sample}, not the real data)"
+            print(f"{feed}: {count} CVEs from {label}")
+    finally:
+        await client.close()
 
 
 async def _demo(settings: Settings, metrics: Any) -> None:
