@@ -215,10 +215,18 @@ class Metrics:
             ["destination", "reason"],
             registry=r,
         )
+        self.notifier_parked = Counter(
+            "recon_notifier_parked",
+            "Exposure events a destination refused for good (HTTP 400, 404, 410, 413, 422), "
+            "written to the notify DLQ and not retried, by destination and status.",
+            ["destination", "status"],
+            registry=r,
+        )
         self.notifier_filtered = Counter(
             "recon_notifier_filtered",
             "Exposure events a destination is not sent, by destination and reason: filter "
-            "(its min_severity, changes or organizations), invalid (not an exposure event).",
+            "(its min_severity, changes, organizations, accepted or sample), invalid (not an "
+            "exposure event).",
             ["destination", "reason"],
             registry=r,
         )

@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     notifier_group_id: str = Field(
         "recon-notifier", description="each destination's group: this, a dot, its name"
     )
+    topic_notify_dlq: str = Field(
+        "recon.notify.dlq.v1",
+        description="events a webhook destination refused for good (400, 404, 410, 413, 422)",
+    )
     notifier_batch_size: int = Field(
         100,
         ge=1,

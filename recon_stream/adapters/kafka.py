@@ -99,6 +99,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
         settings.topic_scan_requests: {},
         settings.topic_exposures: {},
         settings.topic_dlq: {},
+        settings.topic_notify_dlq: {},
         settings.topic_commands: {},
     }
     if settings.topic_exposure_state:
