@@ -6,7 +6,7 @@ envelope), published on `recon.exposures.ocsf.v1` with Kafka key =
 
 | event | `activity_id` | `status_id` |
 |---|---|---|
-| opened | 1 Create | 1 New |
+| opened | 1 Create | 1 New; 3 Suppressed when accepted before it opened |
 | changed | 2 Update | 1 New; 3 Suppressed while accepted |
 | closed | 3 Close | 4 Resolved |
 
@@ -74,7 +74,8 @@ def _status(event: ExposureEvent) -> tuple[int, str]:
     change = event.data.change
     if change is ChangeKind.CLOSED:
         return RESOLVED
-    if change is ChangeKind.CHANGED and event.data.accepted:
+    if event.data.accepted:
+        # Accepted before it opened, or while open: either way not for the queue.
         return SUPPRESSED
     return NEW
 
@@ -196,8 +197,9 @@ def _unmapped(event: ExposureEvent) -> dict[str, Any]:
         "acceptance": acceptance,
         "risk_reasons": list(d.risk_reasons),
         "max_cvss": d.max_cvss,
-        # Shodan gives a score without its CVSS version, and OCSF's cvss needs one.
-        "cvss": {v.id: v.cvss for v in d.vulnerabilities if v.cvss is not None},
+        # Shodan gives a score without its CVSS version, and OCSF's cvss needs one. A list
+        # of {cve, score}, not an object keyed by CVE: SIEMs would make a field per CVE.
+        "cvss": [{"cve": v.id, "score": v.cvss} for v in d.vulnerabilities if v.cvss is not None],
         "site_ids": list(d.site_ids),
         "candidate_agents": list(d.candidate_agents),
         "hostnames": list(d.hostnames),

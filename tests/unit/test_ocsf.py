@@ -152,7 +152,23 @@ def test_feed_context_reaches_the_cve_entries() -> None:
     (entry,) = f["vulnerabilities"]
     assert entry["cve"]["epss"] == {"score": "0.97"}
     assert entry["is_exploit_available"] is True
-    assert f["unmapped"]["cvss"] == {"CVE-2019-0708": 9.8}
+    # A list of {cve, score}: an object keyed by CVE would make a SIEM field per CVE.
+    assert f["unmapped"]["cvss"] == [{"cve": "CVE-2019-0708", "score": 9.8}]
+
+
+def test_an_exposure_accepted_before_it_opened_opens_suppressed() -> None:
+    current = scan(RDP, at=T0)
+    (opened,) = events(diff({}, current), current, 1, accepted=True)
+    assert opened.data.accepted
+    f = to_finding(opened)
+    assert assert_valid([f]) == 1
+    assert (f["activity_id"], f["status_id"], f["status"]) == (1, 3, "Suppressed")
+    assert f["status_detail"] == "Risk accepted: jump host"
+    assert f["is_alert"] is False
+    # Closing it still resolves it, accepted or not.
+    gone = scan(at=T0 + timedelta(hours=1))
+    (closed,) = events(diff({RDP.key: RDP}, gone), gone, 2, accepted=True)
+    assert to_finding(closed)["status_id"] == 4
 
 
 def test_the_checks_catch_what_the_schema_cannot() -> None:
