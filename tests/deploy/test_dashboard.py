@@ -47,8 +47,9 @@ GRAFANA_TYPES = NODE_MODULES / "@grafana" / "schema" / "dist" / "types" / "raw"
 FASTSTREAM_PREFIX = "recon_faststream"
 # Series Prometheus itself adds: per-target `up`, and the rule evaluator's ALERTS.
 PROMETHEUS_SERIES = {"up": {"job", "instance"}, "ALERTS": {"alertname", "alertstate", "severity"}}
-# Labels the scrape adds to every series (compose: static labels; Helm: relabelings).
-TARGET_LABELS = {"job", "instance", "role"}
+# Labels the scrape adds to every series (compose: static labels; Helm: relabelings,
+# and the Prometheus Operator's `namespace` on every target of a ServiceMonitor).
+TARGET_LABELS = {"job", "instance", "role", "namespace"}
 # Grafana's built-in variables, substituted with values promtool accepts.
 GRAFANA_GLOBALS = {
     "__rate_interval": "1m",
@@ -56,7 +57,7 @@ GRAFANA_GLOBALS = {
     "__range": "6h",
 }
 # The dashboard's own variables, substituted the same way.
-VARIABLE_VALUES = {"datasource": "prometheus", "job": ".+"}
+VARIABLE_VALUES = {"datasource": "prometheus", "namespace": ".*", "job": ".+"}
 
 # Units Grafana knows (packages/grafana-data/src/valueFormats/categories.ts)
 # that this dashboard uses, and Grafana's custom-unit prefixes.
@@ -428,9 +429,14 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_labels(
             continue
         query = variable["query"]
         text = query["query"] if isinstance(query, dict) else query
-        match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", text)
+        match = re.fullmatch(r"label_values\((\w+)(\{[^}]*\})?,\s*(\w+)\)", text)
         assert match, f"variable {variable['name']}: unexpected query {text!r}"
-        series, label = match.groups()
+        series, selector, label = match.groups()
+        if selector:
+            problems += [
+                f"variable {variable['name']}: {p}"
+                for p in label_problems(series + selector, known)
+            ]
         if series not in known or label not in known[series] | TARGET_LABELS:
             problems.append(f"variable {variable['name']}: no {series}{{{label}}}")
     assert problems == []
@@ -501,3 +507,20 @@ def test_dashboard_provider_reads_the_folder_compose_mounts_the_dashboard_into()
     # Grafana reads provisioning/<kind>/*.yml under that mount.
     assert DASHBOARD_PROVIDERS.parent.name == "dashboards"
     assert DATASOURCES.parent.name == "datasources"
+
+
+def test_every_query_keeps_to_the_chosen_namespace_and_job(dashboard: dict[str, Any]) -> None:
+    """One Grafana, many releases: every series a panel reads is filtered by the
+    Namespace and Job variables (ALERTS by namespace: it carries the alert's labels)."""
+    variables = [v["name"] for v in dashboard["templating"]["list"]]
+    assert variables.index("namespace") < variables.index("job")
+    unfiltered = []
+    for where, expr in expressions(dashboard):
+        for selector in re.findall(r"\b(?:recon_\w+|up|ALERTS)\{[^}]*\}|\brecon_\w+\b(?!\{)", expr):
+            if (
+                "{" not in selector
+                or 'namespace=~"$namespace"' not in selector
+                or (not selector.startswith("ALERTS") and 'job=~"$job"' not in selector)
+            ):
+                unfiltered.append((where, selector))
+    assert unfiltered == []

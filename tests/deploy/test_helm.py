@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+import json
 import re
 import tarfile
 from collections.abc import Iterator
@@ -34,6 +35,9 @@ ROLES = ("ingest", "scanner", "scheduler")
 ALL_ROLES = (*ROLES, "notifier")
 RELEASE, NAMESPACE = "recon", "security"
 FULLNAME = f"{RELEASE}-recon-stream"
+KEV_URL = "https://www.cisa.gov/sites/default/files/feeds/known_exploited_vulnerabilities.json"
+EPSS_URL = "https://epss.empiricalsecurity.com/epss_scores-current.csv.gz"
+DASHBOARD = ROOT / "deploy" / "grafana" / "recon-stream.json"
 NOTIFY_FILE = """\
 destinations:
   - name: psa
@@ -63,6 +67,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "enabled": True,
                 "existingSecret": "mongodb-tls",
                 "certificateKeyKey": "client.pem",
+                "certificateKeyEncrypted": True,
             }
         },
         "networkPolicy": {"egress": {"kafkaPorts": [9096]}},
@@ -98,6 +103,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "grafanaDashboard": {
+            "enabled": True,
+            "label": "grafana_dashboard",
+            "labelValue": "1",
+            "annotations": {"grafana_folder": "Security"},
+        },
+        # What a production install adds: the public feeds, a policy.
+        "vulnFeeds": {"kevSource": KEV_URL, "epssSource": EPSS_URL},
+        "riskPolicy": "organizations:\n  acme:\n    - port: tcp/8443\n      severity: info\n",
+        "shodan": {"apiKey": "shodan-test-key"},
         "tracing": {
             "enabled": True,
             "otlpEndpoint": "http://otel-collector.observability:4318",
@@ -293,7 +308,20 @@ def test_lint_reports_a_broken_value() -> None:
             "the leader-elected scheduler never scales",
         ),
         ({"ingest": {"autoscaling": {"minReplicas": 0}}}, "scale to zero stops the relay"),
-        ({"shodan": {"provider": "api"}}, "api provider without a key or existingSecret"),
+        ({"shodan": {"provider": ""}}, "no implicit provider: sample only when asked for"),
+        (
+            {"vulnFeeds": {"kevSource": "ftp://mirror/kev.json"}},
+            "a feed source neither URL nor path",
+        ),
+        ({"vulnFeeds": {"epssSource": "epss.csv"}}, "a relative feed path"),
+        ({"kafka": {"topics": {"commands": ""}}}, "the commands topic cannot be off"),
+        ({"kafka": {"consumerGroups": {"commands": ""}}}, "no commands consumer group"),
+        (
+            {"mongodb": {"tls": {"enabled": True, "certificateKeyEncrypted": True}}},
+            "an encrypted client key without its password in a chart-made Secret",
+        ),
+        ({"grafanaDashboard": {"label": "grafana dashboard"}}, "a label key with a space"),
+        ({"networkPolicy": {"egress": {"feedPorts": [0]}}}, "feed port 0"),
         ({"kafka": {"securityProtocol": "SASL_SSL"}}, "SASL without credentials"),
         ({"kafka": {"securityProtocol": "TLS"}}, "unknown security protocol"),
         ({"kafka": {"bootstrapServers": "kafka"}}, "bootstrap server without a port"),
@@ -460,7 +488,14 @@ def test_settings_are_what_the_app_accepts(
             if ref["name"] in secrets:
                 encoded = secrets[ref["name"]].get(ref["key"])
                 if encoded is None:
-                    assert ref.get("optional") is True, f"{name}: {ref['key']} is not in the Secret"
+                    # Only the Shodan key may be missing (provider api, no key given):
+                    # then the scanner pods must not start at all, rather than invent data.
+                    assert name == "RECON_SHODAN_API_KEY", (
+                        f"{name}: {ref['key']} is not in the Secret"
+                    )
+                    assert ref.get("optional") is False
+                    assert not merged["shodan"]["apiKey"]
+                    env[name] = "from-secret"
                     continue
                 env[name] = base64.b64decode(encoded).decode()
             else:
@@ -512,7 +547,7 @@ def test_secret_values_reach_only_the_pods_that_need_them(case: Any) -> None:
                 webhook_key_users.add(container["name"])
             sasl = merged["kafka"]["securityProtocol"].startswith("SASL")
             assert ("RECON_KAFKA_SASL_PASSWORD" in env) == sasl
-    expected = set() if merged["shodan"]["provider"] in ("sample", "internetdb") else {"scanner"}
+    expected = {"scanner"} if merged["shodan"]["provider"] == "api" else set()
     assert shodan_key_users == expected
     assert webhook_key_users == ({"notifier"} if merged["notifier"]["enabled"] else set())
 
@@ -581,7 +616,17 @@ def test_init_hook_runs_first_with_the_same_settings(case: Any) -> None:
         for name, entry in env.items()
         if name.startswith("RECON_") and "value" in entry
     }
-    assert inline == rendered.settings()
+    # All of them but the files of release ConfigMaps a hook cannot mount (init
+    # reads neither the risk policy nor the notify file).
+    unmountable = {"RECON_RISK_POLICY_FILE", "RECON_NOTIFY_FILE"}
+    assert inline == {k: v for k, v in rendered.settings().items() if k not in unmountable}
+    # The same credentials as the workers (the MongoDB key's password included).
+    (scheduler,) = containers(rendered.one("Deployment", f"{FULLNAME}-scheduler"))
+    worker_secrets = {n for n, e in env_of(scheduler).items() if "valueFrom" in e} - {
+        "POD_NAME",
+        "POD_NAMESPACE",
+    }
+    assert {n for n, e in env.items() if "valueFrom" in e} == worker_secrets
     assert "envFrom" not in container
     # Nor does the release's ServiceAccount or Secret: the Job uses neither.
     assert "serviceAccountName" not in pod_spec(job)
@@ -844,9 +889,23 @@ def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> 
     assert https == {(443, "TCP")}
     # The notifier reaches webhook receivers anywhere on the webhook ports (443
     # by default); no other pod does.
+    feeds = [p for p in policies if p["metadata"]["name"] == f"{FULLNAME}-scheduler-feeds"]
+    urls = [s for s in merged["vulnFeeds"].values() if s.startswith(("http://", "https://"))]
+    if urls:
+        # The scheduler's leader fetches the feeds: HTTPS out, scheduler pods only.
+        (feed_policy,) = feeds
+        assert [
+            n for n, labels in pods.items() if selects(feed_policy["spec"]["podSelector"], labels)
+        ] == [f"{FULLNAME}-scheduler"]
+        (rule,) = feed_policy["spec"]["egress"]
+        assert {(p["port"], p["protocol"]) for p in rule["ports"]} == {
+            (port, "TCP") for port in merged["networkPolicy"]["egress"]["feedPorts"]
+        }
+    else:
+        assert feeds == []
     if not merged["notifier"]["enabled"]:
         assert webhooks == []
-        assert len(policies) == 2
+        assert len(policies) == 2 + len(feeds)
         return
     (notifier_only,) = webhooks
     assert notifier_only["spec"]["policyTypes"] == ["Egress"]
@@ -1024,3 +1083,215 @@ def test_the_chart_refuses_a_notify_file_it_cannot_deploy_safely(
 ) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         chart.render({"notifier": {"enabled": True, **notifier}}, name=RELEASE)
+
+
+# ------------------------------------------------------------------- hooks
+def referenced_objects(pod: dict[str, Any]) -> set[tuple[str, str]]:
+    """(kind, name) of every ConfigMap and Secret a pod spec mounts or reads."""
+    found: set[tuple[str, str]] = set()
+    for volume in pod.get("volumes", []):
+        if "configMap" in volume:
+            found.add(("ConfigMap", volume["configMap"]["name"]))
+        if "secret" in volume:
+            found.add(("Secret", volume["secret"]["secretName"]))
+        for source in volume.get("projected", {}).get("sources", []):
+            if "configMap" in source:
+                found.add(("ConfigMap", source["configMap"]["name"]))
+            if "secret" in source:
+                found.add(("Secret", source["secret"]["name"]))
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        for entry in container.get("envFrom", []):
+            if "configMapRef" in entry:
+                found.add(("ConfigMap", entry["configMapRef"]["name"]))
+            if "secretRef" in entry:
+                found.add(("Secret", entry["secretRef"]["name"]))
+        for entry in container.get("env", []):
+            source = entry.get("valueFrom", {})
+            if "configMapKeyRef" in source:
+                found.add(("ConfigMap", source["configMapKeyRef"]["name"]))
+            if "secretKeyRef" in source:
+                found.add(("Secret", source["secretKeyRef"]["name"]))
+    for secret in pod.get("imagePullSecrets", []):
+        found.add(("Secret", secret["name"]))
+    return found
+
+
+def hook_weight(doc: dict[str, Any]) -> int | None:
+    """A hook's weight, or None for an ordinary release object."""
+    annotations = doc["metadata"].get("annotations") or {}
+    if "helm.sh/hook" not in annotations:
+        return None
+    return int(annotations.get("helm.sh/hook-weight", "0"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"riskPolicy": "extends: default\n"},
+        {"notifier": {"enabled": True, "notifyFile": "destinations: []\n"}},
+        {"mongodb": {"tls": {"enabled": True, "existingSecret": "mongo-ca"}}},
+    ],
+    ids=["as-is", "risk-policy", "notifier", "mongodb-tls"],
+)
+def test_hooks_use_only_what_exists_before_hooks_run(case: Any, render: Any, extra: Any) -> None:
+    """A pre-install hook runs before the release's ordinary objects exist: a hook
+    that mounts or reads one of them waits for it forever on a first install. It
+    may use hook objects of a lower weight, and objects the chart does not make
+    (the values name them: they exist before `helm install`)."""
+    _, values, _, _ = case
+    rendered = render(deep_merge(values, extra))
+    made = {(d["kind"], d["metadata"]["name"]): hook_weight(d) for d in rendered.docs}
+    hooks = [d for d in rendered.workloads() if hook_weight(d) is not None]
+    assert hooks, "the init Job is a hook"
+    for hook in hooks:
+        weight = hook_weight(hook)
+        for ref in sorted(referenced_objects(pod_spec(hook))):
+            if ref not in made:
+                continue  # made by you, before the install
+            assert made[ref] is not None, f"hook {hook['metadata']['name']} uses {ref}, no hook"
+            assert made[ref] < weight, f"{ref} is created after the hook that uses it"
+
+
+def test_the_hook_check_notices_a_release_configmap(render: Any) -> None:
+    """The check above is real: the workers' pods (no hooks) do use release objects."""
+    rendered = render({"riskPolicy": "extends: default\n"})
+    made = {(d["kind"], d["metadata"]["name"]) for d in rendered.docs}
+    deployment = rendered.one("Deployment", f"{FULLNAME}-scanner")
+    used = referenced_objects(pod_spec(deployment)) & made
+    assert ("ConfigMap", f"{FULLNAME}-risk-policy") in used
+    assert ("ConfigMap", FULLNAME) in used
+
+
+def test_init_gets_the_encrypted_mongodb_keys_password(render: Any) -> None:
+    values = {
+        "mongodb": {
+            "tls": {
+                "enabled": True,
+                "existingSecret": "mongodb-tls",
+                "certificateKeyKey": "client.pem",
+                "certificateKeyEncrypted": True,
+                "certificateKeyPassword": "pem-pass",
+            }
+        }
+    }
+    rendered = render(values)
+    (job,) = rendered.of("Job")
+    for workload in (job, rendered.one("Deployment", f"{FULLNAME}-ingest")):
+        (container,) = containers(workload)
+        ref = env_of(container)["RECON_MONGODB_TLS_CERTIFICATE_KEY_FILE_PASSWORD"]["valueFrom"]
+        secret = rendered.one("Secret", ref["secretKeyRef"]["name"])
+        assert base64.b64decode(secret["data"][ref["secretKeyRef"]["key"]]) == b"pem-pass"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert "/etc/recon-stream/mongodb-tls" in mounts
+    assert "RECON_MONGODB_TLS_CERTIFICATE_KEY_FILE_PASSWORD" not in yaml.safe_dump(
+        rendered.settings()
+    )
+    # init.extraEnv reaches the Job.
+    extra = [{"name": "RECON_MONGODB_SERVER_SELECTION_TIMEOUT_MS", "value": "20000"}]
+    (job,) = render({"init": {"extraEnv": extra}}).of("Job")
+    assert env_of(containers(job)[0])["RECON_MONGODB_SERVER_SELECTION_TIMEOUT_MS"] == extra[0]
+
+
+# ----------------------------------------------------- topics, groups, feeds
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+def test_values_name_every_topic_and_consumer_group_the_app_uses(
+    render: Any, load_settings: Any
+) -> None:
+    """kafka.topics and kafka.consumerGroups hold every topic `init` creates and
+    every group a worker joins, with the app's defaults."""
+    from recon_stream.settings import Settings
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["kafka"]
+    defaults = Settings.model_fields
+    topics = {"topic_" + snake_case(k): v for k, v in values["topics"].items()}
+    app_topics = {
+        name: field.default for name, field in defaults.items() if name.startswith("topic_")
+    }
+    assert topics == app_topics
+    groups = {f"{snake_case(k)}_group_id": v for k, v in values["consumerGroups"].items()}
+    app_groups = {name: f.default for name, f in defaults.items() if name.endswith("_group_id")}
+    assert groups == app_groups
+    # And each reaches the workers as the app reads it.
+    settings = load_settings({**render({}).settings(), "RECON_MONGODB_URI": "mongodb://db"})
+    for name, value in {**topics, **groups}.items():
+        assert getattr(settings, name) == value, name
+    off = render({"kafka": {"topics": {"exposureState": "", "exposuresOcsf": ""}}}).settings()
+    settings = load_settings({**off, "RECON_MONGODB_URI": "mongodb://db"})
+    assert not settings.topic_exposure_state
+    assert not settings.topic_exposures_ocsf
+
+
+def test_the_feed_sources_are_first_class_values(render: Any, load_settings: Any) -> None:
+    rendered = render({"vulnFeeds": {"kevSource": KEV_URL, "epssSource": EPSS_URL}})
+    settings = load_settings({**rendered.settings(), "RECON_MONGODB_URI": "mongodb://db"})
+    assert (settings.kev_source, settings.epss_source) == (KEV_URL, EPSS_URL)
+    assert "RECON_KEV_SOURCE" not in render({}).settings()
+    # A file in the image needs no egress.
+    files = render({"vulnFeeds": {"kevSource": "/srv/kev.json", "epssSource": ""}})
+    assert files.settings()["RECON_KEV_SOURCE"] == "/srv/kev.json"
+    names = {p["metadata"]["name"] for p in files.of("NetworkPolicy")}
+    assert f"{FULLNAME}-scheduler-feeds" not in names
+    assert f"{FULLNAME}-scheduler-feeds" in {
+        p["metadata"]["name"] for p in rendered.of("NetworkPolicy")
+    }
+
+
+def test_the_default_provider_is_the_api_and_a_missing_key_stops_the_scanner(
+    render: Any, chart: helm.Chart
+) -> None:
+    assert chart.merge_values({})["shodan"]["provider"] == "api"
+    rendered = render({})
+    assert rendered.settings()["RECON_SHODAN_PROVIDER"] == "api"
+    (scanner,) = containers(rendered.one("Deployment", f"{FULLNAME}-scanner"))
+    ref = env_of(scanner)["RECON_SHODAN_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is False
+    assert ref["key"] not in rendered.one("Secret", ref["name"])["data"]
+    assert "ERROR" in rendered.notes
+    assert "will not start" in rendered.notes
+    sample = render({"shodan": {"provider": "sample"}})
+    assert "WARNING" in sample.notes
+    assert "invented" in sample.notes
+    (scanner,) = containers(sample.one("Deployment", f"{FULLNAME}-scanner"))
+    assert "RECON_SHODAN_API_KEY" not in env_of(scanner)
+
+
+# ----------------------------------------------------------------- Grafana
+def test_the_dashboard_is_a_configmap_for_the_grafana_sidecar(render: Any) -> None:
+    assert not [
+        c for c in render({}).of("ConfigMap") if c["metadata"]["name"].endswith("dashboard")
+    ]
+    rendered = render(VALUE_SETS["monitoring"])
+    config = rendered.one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config["metadata"]["annotations"] == {"grafana_folder": "Security"}
+    (text,) = config["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = [v["name"] for v in json.loads(text)["templating"]["list"]]
+    assert "namespace" in variables
+    other = render(
+        {
+            "grafanaDashboard": {
+                "enabled": True,
+                "label": "example.com/dashboard",
+                "labelValue": "recon",
+                "namespace": "monitoring",
+            }
+        }
+    ).one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert other["metadata"]["labels"]["example.com/dashboard"] == "recon"
+    assert other["metadata"]["namespace"] == "monitoring"
+
+
+def test_the_dashboard_is_one_file_in_the_packaged_chart_too(tmp_path: Path) -> None:
+    link = CHART / "files" / "recon-stream.json"
+    assert link.resolve() == DASHBOARD.resolve()
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("recon-stream/files/recon-stream.json")
+        assert member.isfile()
+        packaged = tar.extractfile(member).read()
+    assert packaged == DASHBOARD.read_bytes()

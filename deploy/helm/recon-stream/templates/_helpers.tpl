@@ -147,8 +147,13 @@ first install, gets them inline. Keys set here win over settings.extra.
   "RECON_TOPIC_SCAN_REQUESTS" $v.kafka.topics.scanRequests
   "RECON_TOPIC_EXPOSURES" $v.kafka.topics.exposures
   "RECON_TOPIC_DLQ" $v.kafka.topics.dlq
+  "RECON_TOPIC_NOTIFY_DLQ" $v.kafka.topics.notifyDlq
+  "RECON_TOPIC_COMMANDS" $v.kafka.topics.commands
+  "RECON_TOPIC_EXPOSURE_STATE" $v.kafka.topics.exposureState
+  "RECON_TOPIC_EXPOSURES_OCSF" $v.kafka.topics.exposuresOcsf
   "RECON_INGEST_GROUP_ID" $v.kafka.consumerGroups.ingest
   "RECON_SCANNER_GROUP_ID" $v.kafka.consumerGroups.scanner
+  "RECON_COMMANDS_GROUP_ID" $v.kafka.consumerGroups.commands
   "RECON_NOTIFIER_GROUP_ID" $v.kafka.consumerGroups.notifier
   "RECON_MONGODB_DATABASE" $v.mongodb.database
   "RECON_SHODAN_RATE" (toString $v.shodan.rate)
@@ -191,6 +196,12 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- with $v.shodan.apiUrl -}}
 {{- $_ := set $s "RECON_SHODAN_API_URL" . -}}
 {{- end -}}
+{{- with $v.vulnFeeds.kevSource -}}
+{{- $_ := set $s "RECON_KEV_SOURCE" . -}}
+{{- end -}}
+{{- with $v.vulnFeeds.epssSource -}}
+{{- $_ := set $s "RECON_EPSS_SOURCE" . -}}
+{{- end -}}
 {{- range $key, $value := $v.settings.extra -}}
 {{- if not (hasKey $s $key) -}}
 {{- /* Helm reads numbers as float64: 1000000 would print as 1e+06. */ -}}
@@ -227,15 +238,39 @@ The credentials as env entries read from the Secret. Call with
       name: {{ .secret }}
       key: {{ $keys.kafkaSaslPassword }}
 {{- end }}
-{{- if and .shodan (ne $v.shodan.provider "sample") (ne $v.shodan.provider "internetdb") }}
+{{- if include "recon-stream.mongodbKeyPassword" .root }}
+- name: RECON_MONGODB_TLS_CERTIFICATE_KEY_FILE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ $keys.mongodbTlsCertificateKeyPassword }}
+{{- end }}
+{{- if and .shodan (eq $v.shodan.provider "api") }}
+{{- /* Not optional: without the key the pod does not start, and says which key is missing. */}}
 - name: RECON_SHODAN_API_KEY
   valueFrom:
     secretKeyRef:
       name: {{ .secret }}
       key: {{ $keys.shodanApiKey }}
-      {{- /* Without an explicit provider a missing key means sample data, as in the app. */}}
-      optional: {{ ne $v.shodan.provider "api" }}
+      optional: false
 {{- end }}
+{{- end -}}
+
+{{/* The MongoDB client key is encrypted: its password comes from the credentials Secret. */}}
+{{- define "recon-stream.mongodbKeyPassword" -}}
+{{- $tls := .Values.mongodb.tls -}}
+{{- if and $tls.enabled $tls.certificateKeyKey $tls.certificateKeyEncrypted -}}true{{- end -}}
+{{- end -}}
+
+{{/* The vulnerability feed sources fetched over the network (http:// or https://). */}}
+{{- define "recon-stream.feedUrls" -}}
+{{- $urls := list -}}
+{{- range $source := list .Values.vulnFeeds.kevSource .Values.vulnFeeds.epssSource -}}
+{{- if regexMatch "^https?://" $source -}}
+{{- $urls = append $urls $source -}}
+{{- end -}}
+{{- end -}}
+{{- $urls | toJson -}}
 {{- end -}}
 
 {{/* Secret data (base64), shared by the release Secret and the init hook's copy. */}}
@@ -250,6 +285,9 @@ The credentials as env entries read from the Secret. Call with
 {{ $keys.kafkaSaslUsername }}: {{ $v.kafka.sasl.username | b64enc | quote }}
 {{ $keys.kafkaSaslPassword }}: {{ $v.kafka.sasl.password | b64enc | quote }}
 {{- end }}
+{{- if include "recon-stream.mongodbKeyPassword" . }}
+{{ $keys.mongodbTlsCertificateKeyPassword }}: {{ $v.mongodb.tls.certificateKeyPassword | b64enc | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The chart-made notifier Secret's data (base64): notifier.secrets. */}}
@@ -259,16 +297,23 @@ The credentials as env entries read from the Secret. Call with
 {{- end }}
 {{- end -}}
 
-{{/* Volumes shared by the workers and the init Job. */}}
+{{/*
+The workers' volumes. Call with (dict "root" $ "hook" BOOL): a hook (the init Job)
+runs before the release's own ConfigMaps and Secrets exist, so it gets only what
+exists by then: the emptyDir and the TLS Secrets you made. The risk policy is a
+release ConfigMap (and init does not read it).
+*/}}
 {{- define "recon-stream.volumes" -}}
+{{- $root := .root -}}
 - name: tmp
   emptyDir:
-    sizeLimit: {{ .Values.tmpSizeLimit }}
-{{- if .Values.riskPolicy }}
+    sizeLimit: {{ $root.Values.tmpSizeLimit }}
+{{- if and $root.Values.riskPolicy (not .hook) }}
 - name: risk-policy
   configMap:
-    name: {{ include "recon-stream.fullname" . }}-risk-policy
+    name: {{ include "recon-stream.fullname" $root }}-risk-policy
 {{- end }}
+{{- with $root }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
 - name: kafka-tls
   secret:
@@ -281,18 +326,22 @@ The credentials as env entries read from the Secret. Call with
     secretName: {{ .Values.mongodb.tls.existingSecret }}
     defaultMode: 0440
 {{- end }}
+{{- end }}
 {{- end -}}
 
+{{/* The mounts of those volumes; the same (dict "root" $ "hook" BOOL). */}}
 {{- define "recon-stream.volumeMounts" -}}
+{{- $root := .root -}}
 - name: tmp
   mountPath: /tmp
-{{- if .Values.riskPolicy }}
+{{- if and $root.Values.riskPolicy (not .hook) }}
 - name: risk-policy
   # A directory of its own: the TLS Secrets mount under /etc/recon-stream, and a
   # read-only ConfigMap volume there could not hold their mount points.
   mountPath: /etc/recon-stream-policy
   readOnly: true
 {{- end }}
+{{- with $root }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
 - name: kafka-tls
   mountPath: {{ include "recon-stream.kafkaTlsDir" . }}
@@ -302,6 +351,7 @@ The credentials as env entries read from the Secret. Call with
 - name: mongodb-tls
   mountPath: {{ include "recon-stream.mongodbTlsDir" . }}
   readOnly: true
+{{- end }}
 {{- end }}
 {{- end -}}
 
