@@ -10,9 +10,17 @@ destination), with the same `X-Recon-Event-Id`.
 Within a destination, each partition's events go one after another (an
 organization's events stay in order: its events share a partition), partitions
 side by side. An event a receiver does not take (no 2xx, a timeout, a refused
-connection) is tried again with backoff and jitter until it is taken; nothing is
-skipped but what the destination's filters leave out. While it waits, the
-consumer's partitions are paused and still polled, so the group keeps it.
+connection, a redirect) is tried again with backoff and jitter until it is taken.
+An answer of 400, 404, 410, 413 or 422 is the receiver's final word on that event:
+it is parked on the notify DLQ (`RECON_TOPIC_NOTIFY_DLQ`, byte for byte, headers
+`destination`, `status`, `reason`, `event_id`) and delivery goes on with the next;
+the offset moves past it only once Kafka has it. Nothing else is skipped but what
+the destination's filters leave out. While it waits, the consumer's partitions are
+paused and still polled, so the group keeps it.
+
+`start_at: latest` (the default): a partition whose group has no committed offset
+(a destination never delivered to) starts at the end of the log, and that position
+is committed at once, so a restart before the first event still starts there.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from pydantic import SecretStr, ValidationError
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.notifications import (
     Destination,
+    Failure,
+    HeaderFromEnv,
     NotifyFile,
     body_of,
     signed_headers,
@@ -55,6 +65,8 @@ class Record(Protocol):
     @property
     def timestamp(self) -> int: ...
     @property
+    def key(self) -> bytes | None: ...
+    @property
     def value(self) -> bytes | None: ...
 
 
@@ -65,7 +77,8 @@ class NotifyFileError(ValueError):
 def load_destinations(
     path: Path, environ: Mapping[str, str] = os.environ
 ) -> tuple[Destination, ...]:
-    """The destinations of a notify file, each `secret_env` read into `secret`."""
+    """The destinations of a notify file, each `secret_env` read into `secret` and each
+    `headers` value given as `{env: ...}` read from the environment."""
     try:
         parsed = NotifyFile.model_validate(yaml.safe_load(path.read_text()))
     except (OSError, yaml.YAMLError) as error:
@@ -81,6 +94,17 @@ def load_destinations(
                     f"destination {destination.name}: {destination.secret_env} is not set"
                 )
             destination = destination.model_copy(update={"secret": SecretStr(value)})
+        headers: dict[str, SecretStr | HeaderFromEnv] = {}
+        for header, given in destination.headers.items():
+            if isinstance(given, HeaderFromEnv):
+                value = environ.get(given.env, "")
+                if not value:
+                    raise NotifyFileError(
+                        f"destination {destination.name}: headers.{header}: {given.env} is not set"
+                    )
+                given = SecretStr(value)
+            headers[header] = given
+        destination = destination.model_copy(update={"headers": headers})
         resolved.append(destination)
     return tuple(resolved)
 
@@ -95,11 +119,20 @@ class Consumer(Protocol):
     def pause(self, *partitions: TopicPartition) -> None: ...
     def resume(self, *partitions: TopicPartition) -> None: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def seek_to_end(self, *partitions: TopicPartition) -> None: ...
+    async def position(self, partition: TopicPartition) -> int: ...
+    async def committed(self, partition: TopicPartition) -> int | None: ...
     async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
 
 
 class Poster(Protocol):
-    async def post(self, body: bytes, headers: dict[str, str]) -> str | None: ...
+    async def post(self, body: bytes, headers: dict[str, str]) -> Failure | None: ...
+
+
+class Parking(Protocol):
+    """The notify DLQ: where an event a destination refuses for good is kept."""
+
+    async def park(self, value: bytes, key: bytes | None, headers: dict[str, str]) -> None: ...
 
 
 class DestinationNotifier:
@@ -110,6 +143,7 @@ class DestinationNotifier:
         destination: Destination,
         consumer: Callable[[], Consumer],
         client: Poster,
+        parking: Parking,
         metrics: Metrics,
         backoff: Backoff,
         *,
@@ -119,13 +153,18 @@ class DestinationNotifier:
         assert destination.secret is not None  # load_destinations resolved secret_env
         self.destination = destination
         self._secret = destination.secret.get_secret_value().encode()
+        self._headers = destination.header_values()
+        # What a receiver's answer must not carry into the DLQ if it echoes a request back.
+        self._secrets = [v for v in (*self._headers.values(), self._secret.decode()) if v]
         self._new_consumer = consumer
         self._client = client
+        self._parking = parking
         self._metrics = metrics
         self._backoff = backoff
         self._batch = batch
         self._version = product_version
         self._waiting_since: dict[TopicPartition, float] = {}
+        self._positioned: set[TopicPartition] = set()
         self._delivered = metrics.notifier_delivered.labels(destination.name)
 
     def oldest_undelivered_age(self) -> float:
@@ -144,9 +183,11 @@ class DestinationNotifier:
         try:
             while True:
                 batch = await consumer.getmany(timeout_ms=1000, max_records=self._batch)
-                if not batch:
-                    continue
                 try:
+                    if self.destination.start_at == "latest":
+                        batch = await self._start_new_partitions_at_end(consumer, batch)
+                    if not batch:
+                        continue
                     await self._deliver(consumer, batch)
                 except Exception:
                     # A bug, not a receiver's refusal (those are retried inside): the
@@ -155,6 +196,40 @@ class DestinationNotifier:
                     await asyncio.sleep(self._backoff.maximum / 10)
         finally:
             await consumer.stop()
+
+    async def _start_new_partitions_at_end(
+        self, consumer: Consumer, batch: dict[TopicPartition, list[Record]]
+    ) -> dict[TopicPartition, list[Record]]:
+        """`start_at: latest`: each partition newly assigned that its group has never
+        committed (read from the earliest offset, as every group starts) moves to the end
+        of its log, and that position is committed before anything is sent; what was read
+        of it is dropped. Partitions with a committed offset keep it."""
+        held = consumer.assignment()
+        self._positioned &= held
+        new = held - self._positioned
+        if not new:
+            return batch
+        try:
+            for tp in sorted(new):
+                if await consumer.committed(tp) is None:
+                    await consumer.seek_to_end(tp)
+                    position = await consumer.position(tp)
+                    await consumer.commit({tp: position})
+                    batch.pop(tp, None)
+                    log.info(
+                        "notifier %s: new, starting partition %d at its end (offset %d)",
+                        self.destination.name,
+                        tp.partition,
+                        position,
+                    )
+                self._positioned.add(tp)
+        except BaseException:
+            # Read but neither sent nor skipped: read again, from where they were.
+            for tp, records in batch.items():
+                if tp in consumer.assignment():
+                    consumer.seek(tp, records[0].offset)
+            raise
+        return batch
 
     async def _started(self) -> Consumer:
         attempt = 0
@@ -232,22 +307,62 @@ class DestinationNotifier:
         attempt = 0
         while True:
             # A fresh timestamp per attempt: receivers may refuse old ones as replays.
-            headers = signed_headers(self._secret, event.id, body, content_type, int(time.time()))
+            headers = signed_headers(
+                self._secret, event.id, body, content_type, int(time.time()), self._headers
+            )
             failure = await self._client.post(body, headers)
             if failure is None:
                 self._delivered.inc()
                 return
-            self._metrics.notifier_failed_attempts.labels(name, failure).inc()
+            if failure.permanent:
+                await self._park(record, event.id, failure)
+                return
+            self._metrics.notifier_failed_attempts.labels(name, failure.reason).inc()
             if attempt == 0 or attempt % 10 == 0:
                 log.warning(
                     "notifier %s: event %s not delivered (%s, attempt %d), retrying",
                     name,
                     event.id,
-                    failure,
+                    failure.detail or failure.reason,
                     attempt + 1,
                 )
             await asyncio.sleep(self._backoff.delay(attempt))
             attempt += 1
+
+    async def _park(self, record: Record, event_id: str, failure: Failure) -> None:
+        """Put the event on the notify DLQ, retrying until Kafka has it: the offset only
+        moves past it once it is there."""
+        name = self.destination.name
+        reason = failure.detail
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        headers = {
+            "destination": name,
+            "status": str(failure.status),
+            "reason": reason[:1024],
+            "event_id": event_id,
+        }
+        attempt = 0
+        while True:
+            try:
+                await self._parking.park(record.value or b"", record.key, headers)
+                break
+            except Exception as error:
+                log.warning(
+                    "notifier %s: parking event %s failed (%s), retrying",
+                    name,
+                    event_id,
+                    type(error).__name__,
+                )
+                await asyncio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+        self._metrics.notifier_parked.labels(name, str(failure.status)).inc()
+        log.warning(
+            "notifier %s: event %s refused for good (HTTP %s), parked on the notify DLQ",
+            name,
+            event_id,
+            failure.status,
+        )
 
     async def _commit(self, consumer: Consumer, done: dict[TopicPartition, int]) -> None:
         held = consumer.assignment()

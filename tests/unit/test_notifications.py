@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from recon_stream.domain.exposures import build_events, diff
 from recon_stream.domain.notifications import (
     Destination,
+    Failure,
     NotifyFile,
     body_of,
     signature,
@@ -23,6 +24,7 @@ from recon_stream.domain.notifications import (
 )
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.notifier import NotifyFileError, load_destinations
+from tests.fakes import BUILT_IN
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SECRET = "whsec-very-secret"
@@ -45,6 +47,7 @@ RDP, HTTP = build_events(
     site_ids=[],
     acceptance_by_key={},
     first_seen_by_key={},
+    assessor=BUILT_IN,
 )
 
 
@@ -125,3 +128,96 @@ def test_secret_env_is_read_when_the_file_is_loaded(tmp_path: Path) -> None:
     assert chat.secret.get_secret_value() == "from-env"
     with pytest.raises(NotifyFileError, match="CHAT_KEY is not set"):
         load_destinations(path, {})
+
+
+def test_accepted_and_sample_filters() -> None:
+    accepted = RDP.model_copy(update={"data": RDP.data.model_copy(update={"accepted": True})})
+    sampled = RDP.model_copy(update={"data": RDP.data.model_copy(update={"sample": True})})
+    assert wants(destination(), accepted)
+    assert wants(destination(), sampled)
+    assert not wants(destination(accepted=False), accepted)
+    assert wants(destination(accepted=False), RDP)
+    assert not wants(destination(sample=False), sampled)
+    assert wants(destination(sample=False), RDP)
+
+
+def test_start_at_defaults_to_latest_and_is_strict() -> None:
+    assert destination().start_at == "latest"
+    assert destination(start_at="earliest").start_at == "earliest"
+    with pytest.raises(ValidationError, match="start_at"):
+        destination(start_at="beginning")
+
+
+def test_headers_go_with_every_attempt_and_never_show(tmp_path: Path) -> None:
+    path = tmp_path / "notify.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - name: hec\n"
+        "    url: https://splunk.example:8088/services/collector/raw\n"
+        "    secret: k\n"
+        "    headers:\n"
+        "      Authorization: {env: HEC_TOKEN}\n"
+        "      X-Tenant: literal-tenant-value\n"
+    )
+    (hec,) = load_destinations(path, {"HEC_TOKEN": "Splunk 1234-abcd"})
+    assert hec.header_values() == {
+        "Authorization": "Splunk 1234-abcd",
+        "X-Tenant": "literal-tenant-value",
+    }
+    assert "1234-abcd" not in repr(hec)
+    assert "literal-tenant-value" not in repr(hec)
+    headers = signed_headers(b"k", "id-1", b"{}", "application/json", 1, hec.header_values())
+    assert headers["Authorization"] == "Splunk 1234-abcd"
+    assert headers["X-Recon-Event-Id"] == "id-1"
+    # An unset variable is refused at start, the field named, no secret shown.
+    with pytest.raises(NotifyFileError, match=r"hec: headers.Authorization: HEC_TOKEN is not set"):
+        load_destinations(path, {})
+
+
+def test_headers_cannot_replace_the_signature_or_the_framing() -> None:
+    for name in ("X-Recon-Signature", "content-type", "Host"):
+        with pytest.raises(ValidationError, match="set by the notifier"):
+            destination(headers={name: "x"})
+    with pytest.raises(ValidationError):
+        destination(headers={"Bad Name": "x"})
+    with pytest.raises(ValidationError):
+        destination(headers={"Authorization": {"env": "X", "default": "y"}})
+
+
+def test_an_unknown_filter_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "notify.yaml"
+    path.write_text(
+        "destinations:\n  - {name: a, url: 'https://a.example/', secret: k, accepted_only: true}\n"
+    )
+    with pytest.raises(NotifyFileError, match="accepted_only"):
+        load_destinations(path)
+
+
+def test_which_answers_are_permanent() -> None:
+    assert all(Failure("http_4xx", s).permanent for s in (400, 404, 410, 413, 422))
+    assert not any(Failure("http_4xx", s).permanent for s in (401, 403, 408, 425, 429))
+    assert not any(Failure("http_5xx", s).permanent for s in (500, 502, 503))
+    assert not Failure("http_other", 302).permanent
+    assert not Failure("timeout").permanent
+    assert not Failure("connection").permanent
+
+
+def test_the_teams_body_is_an_adaptive_card_message() -> None:
+    body, kind = body_of("teams", RDP, b"", product_version="1")
+    message = json.loads(body)
+    assert kind == "application/json"
+    assert message["type"] == "message"
+    (attachment,) = message["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    card = attachment["content"]
+    assert (card["type"], card["version"]) == ("AdaptiveCard", "1.4")
+    assert card["body"][0]["text"] == summary(RDP)
+    facts = {f["title"]: f["value"] for f in card["body"][1]["facts"]}
+    assert facts["Exposure"] == "203.0.114.9:3389/tcp"
+    assert facts["CVEs"] == "CVE-2019-0708"
+
+
+def test_timeouts_stop_at_a_minute() -> None:
+    assert destination(timeout_seconds=60).timeout_seconds == 60
+    with pytest.raises(ValidationError):
+        destination(timeout_seconds=61)

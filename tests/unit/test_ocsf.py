@@ -22,6 +22,7 @@ from recon_stream.domain.exposures import (
 )
 from recon_stream.domain.ocsf import to_finding
 from recon_stream.domain.scans import HostScan, Service
+from tests.fakes import BUILT_IN
 from tests.ocsf_check import assert_valid, problems
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -60,6 +61,7 @@ def events(
         site_ids=["site-1"],
         acceptance_by_key={RDP.key: ACCEPTANCE if accepted else None},
         first_seen_by_key={RDP.key: T0},
+        assessor=BUILT_IN,
     )
 
 
