@@ -5,7 +5,7 @@ one wiring function per role.
 client, the status server, the metrics, the outage record, the backoff, the
 gauge samplers and the background tasks), then calls the wiring function of
 each role it runs, in `ROLE_WIRING` order. A role's function is the one place
-that says what runs in that role. To add a role, write `wire_<role>(shared)`
+that says what runs in that role. To add a role, write `wire_<role>(shared, worker)`
 and add one line to `ROLE_WIRING`.
 
 Resources open in startup hooks and close after shutdown, so in-flight
@@ -39,27 +39,37 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream import __version__, tracing
 from recon_stream.adapters import kafka, mongo
+from recon_stream.adapters.acceptances import Acceptances
+from recon_stream.adapters.collections import LEASES, RATE_BUDGETS
 from recon_stream.adapters.command_log import CommandLog
-from recon_stream.adapters.exposure_store import ExposureStore, IpScans
+from recon_stream.adapters.exposures import MongoSnapshots
+from recon_stream.adapters.history import History
+from recon_stream.adapters.ip_scans import IpScans
+from recon_stream.adapters.leadership import Lease
+from recon_stream.adapters.org_ips import MongoOrgIps
+from recon_stream.adapters.ratelimit import SharedRateLimiter
 from recon_stream.adapters.scan_queue import ScanQueue
 from recon_stream.adapters.shodan import build_provider
-from recon_stream.adapters.vuln_feeds import Feed, VulnFeeds
+from recon_stream.adapters.vuln_feeds import VulnFeeds
 from recon_stream.adapters.webhooks import WebhookClient
 from recon_stream.commands import CommandService
-from recon_stream.domain.policy_file import DEFAULT_POLICY, PolicyError, parse_policy
+from recon_stream.dead_letters import RawRecord
+from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.risk import RiskPolicy
+from recon_stream.domain.vulns import Feed
 from recon_stream.feeds import FeedRefresher
-from recon_stream.ingest import IngestService, RawRecord
-from recon_stream.leadership import LEASES, Lease
+from recon_stream.ingest import IngestService
 from recon_stream.metrics import Metrics
 from recon_stream.notifier import DestinationNotifier, load_destinations
 from recon_stream.outbox import OutboxPublisher
-from recon_stream.ratelimit import BUDGETS, SharedRateLimiter
+from recon_stream.policy import effective_policy
 from recon_stream.retry import Backoff, Retrier
+from recon_stream.roles import ROLES
 from recon_stream.scanner import KeyGate, ScannerService
 from recon_stream.scheduler import Scheduler
 from recon_stream.seen import SeenPairs
 from recon_stream.settings import Settings
+from recon_stream.snapshots import SnapshotUpdater
 from recon_stream.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -101,9 +111,13 @@ class Shared:
     tracer: Tracer
     lag_probe: kafka.LagProbe
     policy: RiskPolicy
+    retrying: Retrier
+    """Every role's retries, with the outage record's callbacks (readiness)."""
+    stores: Stores
+    outbox: OutboxPublisher
+    """Publishes what snapshot updates left in outboxes (scanner, commands, scheduler)."""
+    dead_letters: kafka.KafkaDeadLetters
     samplers: list[Sampler] = field(default_factory=list)
-    parts: dict[str, object] = field(default_factory=dict)
-    """Services a role wires besides the one it returns (the scanner's commands)."""
     tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -156,7 +170,7 @@ class Shared:
 
 @dataclass
 class Worker:
-    """A built, not yet started, worker process."""
+    """A built, not yet started, worker process, and the services of its roles."""
 
     app: FastStream
     broker: KafkaBroker
@@ -164,28 +178,43 @@ class Worker:
     metrics: Metrics
     status: StatusServer
     mongo_client: AsyncMongoClient[mongo.Document]
-    services: dict[str, object] = field(default_factory=dict)
-    """What each role's wiring function returned, by role."""
+    ingest: IngestService | None = None
+    scanner: ScannerService | None = None
+    commands: CommandService | None = None
+    scheduler: Scheduler | None = None
+    notifiers: list[DestinationNotifier] = field(default_factory=list)
 
-    @property
-    def ingest(self) -> IngestService | None:
-        service = self.services.get("ingest")
-        return service if isinstance(service, IngestService) else None
 
-    @property
-    def scanner(self) -> ScannerService | None:
-        service = self.services.get("scanner")
-        return service if isinstance(service, ScannerService) else None
+@dataclass(frozen=True)
+class Stores:
+    """The MongoDB adapters, one of each per process (none connects until used)."""
 
-    @property
-    def scheduler(self) -> Scheduler | None:
-        service = self.services.get("scheduler")
-        return service if isinstance(service, Scheduler) else None
+    org_ips: MongoOrgIps
+    ip_scans: IpScans
+    snapshots: MongoSnapshots
+    acceptances: Acceptances
+    history: History
+    feeds: VulnFeeds
+    queue: ScanQueue
+    command_log: CommandLog
 
-    @property
-    def commands(self) -> CommandService | None:
-        service = self.services.get("commands")
-        return service if isinstance(service, CommandService) else None
+    @classmethod
+    def on(cls, db: AsyncDatabase[mongo.Document], settings: Settings) -> Stores:
+        return cls(
+            org_ips=MongoOrgIps(
+                db,
+                max_agents=settings.ingest_max_agents_per_ip,
+                max_sites=settings.ingest_max_sites_per_ip,
+                lease=timedelta(seconds=settings.ingest_request_lease_seconds),
+            ),
+            ip_scans=IpScans(db, settings.rescan_interval_seconds),
+            snapshots=MongoSnapshots(db),
+            acceptances=Acceptances(db),
+            history=History(db),
+            feeds=VulnFeeds(db),
+            queue=ScanQueue(db),
+            command_log=CommandLog(db),
+        )
 
 
 async def serve(worker: Worker) -> None:
@@ -251,19 +280,13 @@ def subscribe_batches(
 # --- the roles ---------------------------------------------------------------------
 
 
-def wire_ingest(shared: Shared) -> IngestService:
+def wire_ingest(shared: Shared, worker: Worker) -> None:
     """Heartbeats in, (organization, IP) pairs upserted, scan requests out; the relay."""
-    settings, metrics = shared.settings, shared.metrics
-    org_ips = mongo.MongoOrgIps(
-        shared.db,
-        max_agents=settings.ingest_max_agents_per_ip,
-        max_sites=settings.ingest_max_sites_per_ip,
-        lease=timedelta(seconds=settings.ingest_request_lease_seconds),
-    )
+    settings, metrics, org_ips = shared.settings, shared.metrics, shared.stores.org_ips
     service = IngestService(
         org_ips,
         kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
-        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        shared.dead_letters,
         SeenPairs(settings.ingest_cache_size, settings.ingest_refresh_interval_seconds),
         metrics,
         shared.backoff,
@@ -296,13 +319,12 @@ def wire_ingest(shared: Shared) -> IngestService:
                 await service.flush()
 
     shared.on_close(flush)
-    return service
+    worker.ingest = service
 
 
-def wire_scanner(shared: Shared) -> ScannerService:
-    """Scan requests into the durable queue; lookups within the shared budget; events out;
-    and the operators' commands (`wire_commands`)."""
-    settings, metrics, db = shared.settings, shared.metrics, shared.db
+def wire_scanner(shared: Shared, worker: Worker) -> None:
+    """Scan requests into the durable queue; lookups within the shared budget; events out."""
+    settings, metrics, stores = shared.settings, shared.metrics, shared.stores
     # A lookup's thread sends the moment its rate-limit slot opens, then waits for
     # the GIL at each socket call; behind a busy event loop Python's default 5 ms
     # hand-off would spend the slack the budget keeps for exactly that moment.
@@ -312,31 +334,23 @@ def wire_scanner(shared: Shared) -> ScannerService:
     shared.status.add_check("shodan", gate.check)
     provider = build_provider(settings, timeout=settings.shodan_timeout_seconds)
     limiter = SharedRateLimiter(
-        db[BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
+        shared.db[RATE_BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
     )
-    ip_scans = IpScans(db, settings.rescan_interval_seconds)
-    exposures = _exposure_store(shared)
-    queue = ScanQueue(db)
     scanner = ScannerService(
-        queue,
+        stores.queue,
         provider,
         limiter,
-        ip_scans,
-        exposures,
-        kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
-        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        stores.ip_scans,
+        stores.org_ips,
+        shared.outbox,
+        shared.dead_letters,
         metrics,
-        shared.backoff,
+        shared.retrying,
         gate,
         reuse_age=settings.scan_reuse_seconds,
         lease=timedelta(seconds=settings.scan_claim_lease_seconds),
-        on_outage=shared.outages.failed,
-        on_recovery=shared.outages.recovered,
         tracer=shared.tracer,
-        state=_state_sink(shared),
-        ocsf=_ocsf_sink(shared),
     )
-    shared.parts["commands"] = wire_commands(shared, exposures, queue, scanner.outbox)
     # Requests are only moved into the durable scan queue here; while the
     # key is rejected the handler waits and nothing is committed.
     shared.subscribe(
@@ -352,12 +366,13 @@ def wire_scanner(shared: Shared) -> ScannerService:
     shared.run(lambda: scanner.run_relay(settings.exposure_relay_interval_seconds))
 
     async def sample_queue() -> None:
-        depth = await queue.depth()
+        depth = await stores.queue.depth()
         for priority in (0, 1):
             metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
-        metrics.outbox_pending.labels("exposure_events").set(await exposures.outbox_size())
-        metrics.stale_exposures.set(await exposures.stale_count())
-        oldest = await ip_scans.oldest_query()
+        metrics.outbox_pending.labels("exposure_events").set(await stores.snapshots.outbox_size())
+        metrics.stale_exposures.set(await stores.snapshots.stale_count())
+        # Among IPs some organization still uses: a retired IP's lookup ages forever.
+        oldest = await stores.ip_scans.oldest_query(stores.org_ips.in_use)
         if oldest is not None:
             if oldest.tzinfo is None:
                 oldest = oldest.replace(tzinfo=UTC)
@@ -366,26 +381,25 @@ def wire_scanner(shared: Shared) -> ScannerService:
     shared.sample_lag(settings.scanner_group_id, settings.topic_scan_requests)
     shared.sample(sample_queue)
     shared.on_close(provider.close)
-    return scanner
+    worker.scanner = scanner
 
 
-def wire_commands(
-    shared: Shared, exposures: ExposureStore, queue: ScanQueue, outbox: OutboxPublisher
-) -> CommandService:
-    """Part of the scanner role: accept, unaccept and rescan from the commands topic.
+def wire_commands(shared: Shared, worker: Worker) -> None:
+    """accept, unaccept and rescan from the commands topic (`run scanner` runs it too).
 
     It shares the scanner's snapshots, queue and outbox; offsets are committed after
     a batch's effects are stored, invalid commands go to the DLQ.
     """
-    settings = shared.settings
+    settings, stores = shared.settings, shared.stores
     commands = CommandService(
-        exposures,
-        queue,
-        CommandLog(shared.db),
-        outbox,
-        kafka.KafkaDeadLetters(shared.broker, settings.topic_dlq),
+        stores.acceptances,
+        stores.org_ips,
+        stores.queue,
+        stores.command_log,
+        shared.outbox,
+        shared.dead_letters,
         shared.metrics,
-        Retrier(shared.backoff, shared.metrics, shared.outages.failed, shared.outages.recovered),
+        shared.retrying,
     )
     shared.subscribe(
         settings.topic_commands,
@@ -396,24 +410,39 @@ def wire_commands(
         batch_timeout_ms=100,
     )
     shared.sample_lag(settings.commands_group_id, settings.topic_commands)
-    return commands
+    worker.commands = commands
 
 
-def effective_policy(settings: Settings) -> RiskPolicy:
-    """The built-in policy, changed by RECON_RISK_POLICY_FILE when set; `PolicyError`
-    (naming the file, the line and the field) for a file that cannot be used."""
-    path = settings.risk_policy_file
-    if path is None:
-        return DEFAULT_POLICY
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise PolicyError(f"{path}: cannot read the policy file ({error.strerror})") from None
-    return parse_policy(text, str(path), base=DEFAULT_POLICY)
+def wire_scheduler(shared: Shared, worker: Worker) -> None:
+    """One leader under a lease: rescans of stale IPs, retirement of unused pairs,
+    acceptance expiry, and the KEV and EPSS copies kept fresh."""
+    settings, stores = shared.settings, shared.stores
+    holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    scheduler = Scheduler(
+        Lease(
+            shared.db[LEASES],
+            "scheduler",
+            holder,
+            timedelta(seconds=settings.scheduler_lease_seconds),
+        ),
+        stores.ip_scans,
+        stores.org_ips,
+        stores.acceptances,
+        shared.outbox,
+        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
+        shared.metrics,
+        shared.retrying,
+        rescan_interval=settings.rescan_interval_seconds,
+        retention=settings.ip_retention_seconds,
+    )
+    shared.status.add_check("scheduler", scheduler.ready)
+    shared.status.add_state("scheduler", lambda: scheduler.state)
+    shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
+    _wire_feeds(shared, lambda: scheduler.state == "leading")
+    worker.scheduler = scheduler
 
 
 def _wire_feeds(shared: Shared, leading: Callable[[], bool]) -> None:
-    """Part of the scheduler role: the leader keeps the KEV and EPSS copies fresh."""
     settings = shared.settings
     sources: dict[Feed, str] = {}
     if settings.kev_source:
@@ -423,7 +452,7 @@ def _wire_feeds(shared: Shared, leading: Callable[[], bool]) -> None:
     if not sources:
         return
     feeds = FeedRefresher(
-        VulnFeeds(shared.db),
+        shared.stores.feeds,
         sources,
         shared.metrics,
         every=settings.vuln_feed_refresh_seconds,
@@ -435,60 +464,16 @@ def _wire_feeds(shared: Shared, leading: Callable[[], bool]) -> None:
     shared.sample(feeds.sample)
 
 
-def _exposure_store(shared: Shared) -> ExposureStore:
-    return ExposureStore(
-        shared.db,
-        policy=shared.policy,
-        stale_after=timedelta(days=shared.settings.stale_observation_days),
-    )
-
-
-def _state_sink(shared: Shared) -> kafka.KafkaExposureState | None:
-    topic = shared.settings.topic_exposure_state
-    return kafka.KafkaExposureState(shared.broker, topic) if topic else None
-
-
-def _ocsf_sink(shared: Shared) -> kafka.KafkaOcsfFindings | None:
-    topic = shared.settings.topic_exposures_ocsf
-    return kafka.KafkaOcsfFindings(shared.broker, topic) if topic else None
-
-
-def wire_scheduler(shared: Shared) -> Scheduler:
-    """One leader under a lease: rescans of stale IPs, retirement of unused pairs."""
-    settings, db = shared.settings, shared.db
-    scheduler = Scheduler(
-        db,
-        Lease(
-            db[LEASES],
-            "scheduler",
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-            timedelta(seconds=settings.scheduler_lease_seconds),
-        ),
-        IpScans(db, settings.rescan_interval_seconds),
-        _exposure_store(shared),
-        kafka.KafkaScanRequests(shared.broker, settings.topic_scan_requests, shared.tracer),
-        kafka.KafkaExposureEvents(shared.broker, settings.topic_exposures),
-        shared.metrics,
-        shared.backoff,
-        rescan_interval=settings.rescan_interval_seconds,
-        retention=settings.ip_retention_seconds,
-        state=_state_sink(shared),
-        ocsf=_ocsf_sink(shared),
-    )
-    shared.status.add_check("scheduler", scheduler.ready)
-    shared.status.add_state("scheduler", lambda: scheduler.state)
-    shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
-    _wire_feeds(shared, lambda: scheduler.state == "leading")
-    return scheduler
-
-
-def wire_notifier(shared: Shared) -> list[DestinationNotifier]:
+def wire_notifier(shared: Shared, worker: Worker) -> None:
     """Exposure events to each webhook destination of RECON_NOTIFY_FILE: a consumer group,
     an HTTP client and a task per destination, so none waits for another."""
     settings = shared.settings
     if settings.notify_file is None:
         log.warning("notifier: RECON_NOTIFY_FILE is not set, no webhook destinations")
-        return []
+        return
+    from recon_stream.adapters.webhooks import KafkaParking
+
+    parking = KafkaParking(shared.broker, settings.topic_notify_dlq)
     notifiers = []
     for destination in load_destinations(settings.notify_file):
         group = f"{settings.notifier_group_id}.{destination.name}"
@@ -497,6 +482,7 @@ def wire_notifier(shared: Shared) -> list[DestinationNotifier]:
             destination,
             partial(kafka.group_consumer, settings, settings.topic_exposures, group),
             client,
+            parking,
             shared.metrics,
             shared.backoff,
             batch=settings.notifier_batch_size,
@@ -511,21 +497,41 @@ def wire_notifier(shared: Shared) -> list[DestinationNotifier]:
             notifier.sample()
 
     shared.sample(sample_ages)
-    return notifiers
+    worker.notifiers = notifiers
 
 
-ROLE_WIRING: Mapping[str, Callable[[Shared], object]] = {
-    "ingest": wire_ingest,
-    "scanner": wire_scanner,
-    "scheduler": wire_scheduler,
-    "notifier": wire_notifier,
+Wiring = Callable[[Shared, Worker], None]
+
+ROLE_WIRING: Mapping[str, tuple[Wiring, ...]] = {
+    "ingest": (wire_ingest,),
+    # The commands act on the scanner's snapshots and queue: `run scanner` takes them.
+    "scanner": (wire_scanner, wire_commands),
+    "scheduler": (wire_scheduler,),
+    "notifier": (wire_notifier,),
 }
-"""Each role and the function that wires it, in the order they are wired."""
+"""Each role (`recon-stream run ROLE`) and what wires it, in the order they are wired."""
 
-ROLES = tuple(ROLE_WIRING)
+if tuple(ROLE_WIRING) != ROLES:  # pragma: no cover - a wiring mistake, caught by any test
+    raise RuntimeError(f"ROLE_WIRING {tuple(ROLE_WIRING)} does not match the roles {ROLES}")
 
 
 # --- the process -------------------------------------------------------------------
+
+
+def snapshot_updater(
+    db: AsyncDatabase[mongo.Document],
+    policy: RiskPolicy | None = None,
+    stale_after: timedelta = timedelta(days=30),
+) -> SnapshotUpdater:
+    """A `SnapshotUpdater` on `db`'s collections, under `policy` (default: the built-in
+    one), for tools and tests that update snapshots outside a worker."""
+    return SnapshotUpdater(
+        MongoSnapshots(db),
+        Acceptances(db),
+        VulnFeeds(db),
+        policy if policy is not None else DEFAULT_POLICY,
+        stale_after=stale_after,
+    )
 
 
 def build_worker(
@@ -550,8 +556,8 @@ def build_worker(
         shared.app, shared.broker, settings, shared.metrics, shared.status, shared.client
     )
     for role in ordered:
-        worker.services[role] = ROLE_WIRING[role](shared)
-    worker.services.update(shared.parts)
+        for wire in ROLE_WIRING[role]:
+            wire(shared, worker)
     _manage_lifecycle(shared, close_provider=exporting if own_provider else None)
     return worker
 
@@ -590,19 +596,50 @@ def _build_shared(
     status.add_check("kafka", kafka_ready)
     status.add_check("mongodb", mongodb_ready)
     status.add_check("pipeline", outages.check)
+    db = client[settings.mongodb_database]
+    stores = Stores.on(db, settings)
+    policy = effective_policy(settings)
+    retrying = Retrier(
+        Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
+        metrics,
+        outages.failed,
+        outages.recovered,
+    )
+    updater = SnapshotUpdater(
+        stores.snapshots,
+        stores.acceptances,
+        stores.feeds,
+        policy,
+        stale_after=timedelta(days=settings.stale_observation_days),
+    )
+    state, ocsf = settings.topic_exposure_state, settings.topic_exposures_ocsf
+    outbox = OutboxPublisher(
+        stores.snapshots,
+        stores.history,
+        updater,
+        kafka.KafkaExposureEvents(broker, settings.topic_exposures),
+        kafka.KafkaExposureState(broker, state) if state else None,
+        metrics,
+        retrying,
+        ocsf=kafka.KafkaOcsfFindings(broker, ocsf) if ocsf else None,
+    )
     return Shared(
         settings=settings,
         app=FastStream(broker),
         broker=broker,
         client=client,
-        db=client[settings.mongodb_database],
+        db=db,
         metrics=metrics,
         status=status,
         outages=outages,
-        backoff=Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
+        backoff=retrying.backoff,
         tracer=tracer,
         lag_probe=kafka.LagProbe(settings),
-        policy=effective_policy(settings),
+        policy=policy,
+        retrying=retrying,
+        stores=stores,
+        outbox=outbox,
+        dead_letters=kafka.KafkaDeadLetters(broker, settings.topic_dlq),
     )
 
 
