@@ -216,3 +216,11 @@ def test_the_ingest_fetch_size_reaches_only_the_heartbeat_subscriber(
         "recon.scan-requests.v1": 1024 * 1024,
         "recon.commands.v1": 1024 * 1024,
     }
+
+
+def test_the_notify_dlq_topic_has_a_default_and_an_override(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().topic_notify_dlq == "recon.notify.dlq.v1"
+    monkeypatch.setenv("RECON_TOPIC_NOTIFY_DLQ", "acme.notify.dlq")
+    assert Settings().topic_notify_dlq == "acme.notify.dlq"
