@@ -52,7 +52,17 @@ REQUIRED = {
     "consumer lag grows": ("ReconConsumerLagGrowing", {"recon_consumer_lag"}),
     "no scheduler leads": ("ReconNoSchedulerLeader", {"recon_scheduler_leader"}),
     "an outbox does not drain": ("ReconOutboxNotDraining", {"recon_outbox_pending"}),
+    "a vulnerability feed keeps failing or never loads": (
+        "ReconVulnFeedFailing",
+        {"recon_vuln_feed_failures_total", "recon_vuln_feed_age_seconds"},
+    ),
+    "a vulnerability feed is older than two refreshes": (
+        "ReconVulnFeedStale",
+        {"recon_vuln_feed_age_seconds"},
+    ),
 }
+# Labels every aggregation must keep: one Prometheus, many releases.
+KEPT_APART = ("namespace", "job")
 
 
 def promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -196,8 +206,53 @@ def test_each_required_situation_has_its_alert() -> None:
         expr = rules[name]["expr"]
         for metric in series:
             assert re.search(rf"\b{metric}\b", expr), f"{name} does not read {metric}"
-    # "Also when the metric is absent while workers are up."
-    assert "absent(recon_scheduler_leader)" in rules["ReconNoSchedulerLeader"]["expr"]
+    # "Also when the metric is absent while workers are up" (per namespace and job:
+    # absent() would see another release's gauge).
+    leader = rules["ReconNoSchedulerLeader"]["expr"]
+    assert re.search(r"count by \(namespace, job\) \(recon_build_info\)\s*unless", leader)
+
+
+AGGREGATION = re.compile(
+    r"\b(sum|max|min|avg|count|stddev|stdvar|topk|bottomk|quantile)\s*(by|without)?\s*(\([^)]*\))?\s*\("
+)
+VECTOR_MATCH = re.compile(r"\b(and|or|unless|>|<|>=|<=|==|!=)\s*(on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_every_aggregation_keeps_namespace_and_job_apart() -> None:
+    """`max(x)` over a Prometheus scraping two releases lets one hide the other;
+    so every aggregation is `by (namespace, job, ...)` and every vector match
+    `on (namespace, job, ...)`."""
+    problems = []
+    for rule in alert_rules():
+        expr = str(rule["expr"])
+        for match in AGGREGATION.finditer(expr):
+            _, how, labels = match.groups()
+            kept = [label.strip() for label in (labels or "()").strip("()").split(",")]
+            if how != "by" or any(label not in kept for label in KEPT_APART):
+                problems.append(f"{rule['alert']}: {match.group(0)}")
+        for match in VECTOR_MATCH.finditer(expr):
+            _, how, labels = match.groups()
+            kept = [label.strip() for label in labels.split(",")]
+            if how != "on" or any(label not in kept for label in KEPT_APART):
+                problems.append(f"{rule['alert']}: {match.group(0)}")
+    assert problems == []
+    # The check is real: the rules before issue 21 fail it.
+    assert AGGREGATION.search("max(recon_scheduler_leader) < 1").group(2) is None
+
+
+def test_a_retired_ip_case_guards_the_stale_results_alert() -> None:
+    """The stale-results alert once fired for good about two rescan intervals after
+    any IP retired; its tests keep a case with a retirement where it must not fire."""
+    cases = [case for path in rule_tests() for case in yaml.safe_load(path.read_text())["tests"]]
+    (case,) = [c for c in cases if "retired IP" in c["name"]]
+    series = " ".join(s["series"] for s in case["input_series"])
+    assert "recon_pairs_retired_total" in series
+    assert "recon_oldest_scan_age_seconds" in series
+    checks = case["alert_rule_test"]
+    assert checks
+    assert all(
+        c["alertname"] == "ReconScanResultsStale" and not c.get("exp_alerts") for c in checks
+    )
 
 
 @pytest.mark.parametrize(
