@@ -11,10 +11,15 @@ groups, an in-process notifier worker (`build_worker`, role notifier) delivers t
 (c) one healthy destination next to a dead one (hangs; --dead-timeout seconds per
     attempt, retried with backoff): the healthy one's time against (a)'s.
 (a) and (c) run twice, alternating; the best of each is compared.
+(d) two destinations, one of which answers 422 to a tenth of the event ids (each such
+    event is parked on the notify DLQ, once): events/s handled (delivered + parked) by
+    it and by its healthy neighbour, against two healthy destinations side by side;
+    --rounds times each, alternating, medians compared.
 
 Prints one JSON object on stdout (logs go to stderr):
-    python bench/notifier.py            # ~1 minute
-    python bench/notifier.py --quick    # smoke run
+    python -m bench.notifier                     # ~3 minutes on a quiet machine
+    python -m bench.notifier --rejections-only   # (d) only
+    python -m bench.notifier --quick             # smoke run
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,8 +71,9 @@ async def publish(settings: Settings, n: int) -> None:
 async def deliver(
     settings: Settings, tmp: Path, destinations: list[dict[str, Any]], watch: list[str], n: int
 ) -> dict[str, float]:
-    """Run a notifier until every destination in `watch` has `n` events; seconds from the
-    first delivery to each one's last, and in all (group joins included)."""
+    """Run a notifier until every destination in `watch` has handled `n` events (delivered
+    or parked); seconds from the first delivery to each one's last, and in all (group
+    joins included)."""
     path = tmp / f"notify-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump({"destinations": destinations}))
     run = settings.model_copy(
@@ -81,9 +88,12 @@ async def deliver(
             now = time.monotonic()
             for name in watch:
                 delivered = sample(worker, "recon_notifier_delivered_total", destination=name)
+                parked = sample(
+                    worker, "recon_notifier_parked_total", destination=name, status="422"
+                )
                 if first is None and delivered:
                     first = now
-                if name not in done and delivered >= n:
+                if name not in done and delivered + parked >= n:
                     done[name] = now
     assert first is not None
     return {
@@ -100,8 +110,23 @@ async def run(kafka: str, mongodb: str, args: argparse.Namespace, url: str) -> d
     n = args.events
 
     def dest(name: str, path: str = "/ok", **more: Any) -> dict[str, Any]:
-        return {"name": name, "url": url + path, "secret": "bench-secret", **more}
+        return {
+            "name": name,
+            "url": url + path,
+            "secret": "bench-secret",
+            "start_at": "earliest",
+            **more,
+        }
 
+    if args.rejections_only:
+        return {
+            "events": n,
+            "partitions": settings.kafka_topic_partitions,
+            "batch_size": settings.notifier_batch_size,
+            "one_rejecting_10_percent_with_422": await _rejections(
+                settings, tmp, dest, n, args.rounds
+            ),
+        }
     # (a) and (c) alternate, twice each, so a noisy neighbour on the machine shows as
     # spread instead of as a difference between them.
     alone: list[float] = []
@@ -121,6 +146,7 @@ async def run(kafka: str, mongodb: str, args: argparse.Namespace, url: str) -> d
     ten = await deliver(settings, tmp, [dest(name) for name in names], names, n)
     slowest = max(ten[name] for name in names)
     best_alone, best_dead = min(alone), min(beside_dead)
+    rejections = await _rejections(settings, tmp, dest, n, args.rounds)
     return {
         "events": n,
         "partitions": settings.kafka_topic_partitions,
@@ -141,6 +167,48 @@ async def run(kafka: str, mongodb: str, args: argparse.Namespace, url: str) -> d
             "added_delay_s_best_of_two": round(best_dead - best_alone, 3),
             "dead_timeout_s": args.dead_timeout,
         },
+        "one_rejecting_10_percent_with_422": rejections,
+    }
+
+
+async def _rejections(
+    settings: Settings, tmp: Path, dest: Any, n: int, rounds: int
+) -> dict[str, Any]:
+    """(d): two healthy destinations, then a rejecting one beside a healthy one, alternating."""
+    healthy_pair: list[float] = []
+    rejecting: list[float] = []
+    neighbour: list[float] = []
+    for _ in range(rounds):
+        pair = await deliver(settings, tmp, [dest("a"), dest("b")], ["a", "b"], n)
+        healthy_pair.append(max(pair["a"], pair["b"]))
+        mixed = await deliver(
+            settings,
+            tmp,
+            [dest("rejecting", "/reject"), dest("neighbour")],
+            ["rejecting", "neighbour"],
+            n,
+        )
+        rejecting.append(mixed["rejecting"])
+        neighbour.append(mixed["neighbour"])
+    base = statistics.median(healthy_pair)
+    rej, nei = statistics.median(rejecting), statistics.median(neighbour)
+    return {
+        "rounds": rounds,
+        "without_rejections": {
+            "seconds": [round(t, 3) for t in healthy_pair],
+            "events_per_s_per_destination_median": round(n / base),
+        },
+        "rejecting": {
+            "seconds": [round(t, 3) for t in rejecting],
+            "events_per_s_median": round(n / rej),
+            "of_without_rejections": round(base / rej, 3),
+        },
+        "healthy_neighbour": {
+            "seconds": [round(t, 3) for t in neighbour],
+            "events_per_s_median": round(n / nei),
+            "of_without_rejections": round(base / nei, 3),
+        },
+        "refused_share": 0.1,
     }
 
 
@@ -150,6 +218,8 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--dead-timeout", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (d)")
+    parser.add_argument("--rejections-only", action="store_true", help="run (d) only")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 events")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
     parser.add_argument("--mongodb", help="URI (default: embedded MongoDB)")
@@ -162,7 +232,7 @@ def main() -> None:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
         kafka, mongodb, _, _ = servers(stack, args, tmp)
         receiver = subprocess.Popen(
-            [sys.executable, "-m", "tests.emulators.webhooks", "/dead"],
+            [sys.executable, "-m", "tests.emulators.webhooks", "/dead", "/reject=0.1"],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -323,7 +323,8 @@ class DestinationNotifier:
                     "notifier %s: event %s not delivered (%s, attempt %d), retrying",
                     name,
                     event.id,
-                    failure.detail or failure.reason,
+                    # Not the answer's body: a receiver may echo the request's headers.
+                    f"{failure.reason} {failure.status}" if failure.status else failure.reason,
                     attempt + 1,
                 )
             await asyncio.sleep(self._backoff.delay(attempt))

@@ -448,9 +448,15 @@ async def test_permanent_refusals_are_parked_and_delivery_goes_on(
     ["408", "425", "429", "503", "redirect", "connection_closed", "2xx_too_late"],
 )
 async def test_what_is_not_a_final_answer_is_retried_never_parked(
-    settings: Settings, receiver: WebhookReceiver, tmp_path: Path, trouble: str
+    settings: Settings,
+    receiver: WebhookReceiver,
+    tmp_path: Path,
+    trouble: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = f"/{trouble}"
+    # A receiver that echoes the request's headers back: the logs never show them.
+    receiver.answer_body[path] = b"you sent: Authorization: Bearer sekrit-9c1f"
     reason = {"redirect": "http_other", "connection_closed": "connection"}.get(trouble)
     if trouble.isdigit():
         receiver.answer[path] = int(trouble)
@@ -466,7 +472,15 @@ async def test_what_is_not_a_final_answer_is_retried_never_parked(
     notify = notify_settings(
         settings,
         tmp_path,
-        [{"name": "d", "url": receiver.url(path), "secret": SECRET, "timeout_seconds": 0.3}],
+        [
+            {
+                "name": "d",
+                "url": receiver.url(path),
+                "secret": SECRET,
+                "timeout_seconds": 0.3,
+                "headers": {"Authorization": "Bearer sekrit-9c1f"},
+            }
+        ],
     )
     await prepare(notify)
     events = [opened("acme", "45.33.55.1", 400 + i, "http", i) for i in range(2)]
@@ -488,6 +502,9 @@ async def test_what_is_not_a_final_answer_is_retried_never_parked(
     got = {r.event_id for r in receiver.at(path) if r.status == 200}
     assert got >= {e.id for e in events}
     assert await read_all(notify.kafka_bootstrap_servers, notify.topic_notify_dlq, idle=1) == []
+    assert all(r.headers["authorization"] == "Bearer sekrit-9c1f" for r in receiver.at(path))
+    assert "not delivered" in caplog.text
+    assert "sekrit" not in caplog.text
 
 
 async def _committed(settings: Settings, group: str) -> dict[int, int | None]:
