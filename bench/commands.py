@@ -39,8 +39,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pymongo import AsyncMongoClient
 
-from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
+from recon_stream.app import snapshot_updater
 from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.snapshot import OrgContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.ingest import servers
@@ -149,7 +150,7 @@ async def measure_acceptance(kafka: str, mongodb: str, args: argparse.Namespace)
         settings = make_settings(kafka, mongodb, emulator, f"accept_{uuid.uuid4().hex[:8]}")
         await prepare(settings)
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb, tz_aware=True)
-        store = ExposureStore(client[settings.mongodb_database])
+        store = snapshot_updater(client[settings.mongodb_database])
         org = OrgContext("bench", ("bench-agent",), ())
         now = datetime.now(UTC)
         for ip in ips:

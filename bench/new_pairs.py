@@ -40,7 +40,8 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from recon_stream.adapters.mongo import ORG_IPS, MongoOrgIps, ensure_indexes
+from recon_stream.adapters.collections import ORG_IPS
+from recon_stream.adapters.org_ips import MongoOrgIps, ensure_indexes
 from recon_stream.domain.heartbeats import observed_time, parse_heartbeat
 from recon_stream.domain.sightings import PairSighting
 from recon_stream.embedded import free_port

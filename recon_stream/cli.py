@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from recon_stream.domain.policy_file import PolicyError
 from recon_stream.domain.risk import Severity
+from recon_stream.roles import ROLES, Role
 from recon_stream.settings import Settings
 
 cli = typer.Typer(
@@ -26,14 +27,6 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class Role(enum.StrEnum):
-    ingest = "ingest"
-    scanner = "scanner"
-    scheduler = "scheduler"
-    notifier = "notifier"
-    all = "all"
 
 
 class Format(enum.StrEnum):
@@ -74,7 +67,7 @@ def run(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a worker until SIGTERM/SIGINT."""
-    from recon_stream.app import ROLES, build_worker, serve
+    from recon_stream.app import build_worker, serve
     from recon_stream.notifier import NotifyFileError
 
     _logging(log_level)
@@ -289,6 +282,7 @@ def _send_command(body: dict[str, object], command_id: str | None, log_level: st
 
     from recon_stream.adapters.kafka import admin_options
     from recon_stream.domain.commands import parse_command
+    from recon_stream.domain.messages import InvalidMessage
 
     _logging(log_level)
     settings = _settings()
@@ -300,12 +294,8 @@ def _send_command(body: dict[str, object], command_id: str | None, log_level: st
     value = json.dumps(body).encode()
     try:
         command = parse_command(value)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'command'}: {e['msg']}"
-            for e in error.errors(include_input=False)
-        )
-        typer.echo(f"not a valid command: {problems}", err=True)
+    except InvalidMessage as error:
+        typer.echo(f"not a valid command: {error.detail}", err=True)
         raise typer.Exit(2) from None
 
     async def go() -> None:
@@ -366,8 +356,8 @@ cli.add_typer(policy, name="policy")
 @policy.command("show")
 def policy_show(log_level: LogLevel = "WARNING") -> None:
     """Print the policy in force (built-in, changed by RECON_RISK_POLICY_FILE) as a file."""
-    from recon_stream.app import effective_policy
     from recon_stream.domain.policy_file import dump_policy
+    from recon_stream.policy import effective_policy
 
     _logging(log_level)
     settings = _settings()

@@ -24,11 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
 
-from pydantic import ValidationError
-
-from recon_stream.adapters.command_log import CommandLog
-from recon_stream.adapters.exposure_store import ExposureStore
-from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
 from recon_stream.domain.commands import (
     AcceptCommand,
     RescanCommand,
@@ -36,11 +32,11 @@ from recon_stream.domain.commands import (
     acceptance_of,
     parse_command,
 )
-from recon_stream.domain.heartbeats import RejectReason
+from recon_stream.domain.messages import InvalidMessage, RejectReason
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
-from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
+from recon_stream.ports import AcceptanceStore, CommandLogStore, OrgDirectory, ScanRequestQueue
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
@@ -51,15 +47,17 @@ Command = AcceptCommand | UnacceptCommand | RescanCommand
 class CommandService:
     def __init__(
         self,
-        store: ExposureStore,
-        queue: ScanQueue,
-        log_: CommandLog,
+        acceptances: AcceptanceStore,
+        orgs: OrgDirectory,
+        queue: ScanRequestQueue,
+        log_: CommandLogStore,
         outbox: OutboxPublisher,
         dead_letters: DeadLetterSink,
         metrics: Metrics,
         retrying: Retrier,
     ) -> None:
-        self._store = store
+        self._acceptances = acceptances
+        self._orgs = orgs
         self._queue = queue
         self._log = log_
         self._outbox = outbox
@@ -105,7 +103,7 @@ class CommandService:
         return None
 
     async def _decide(self, command: AcceptCommand | UnacceptCommand) -> None:
-        store, org = self._store, command.organization_id
+        store, org = self._acceptances, command.organization_id
         if isinstance(command, AcceptCommand):
             await self._retrying(
                 "storing an acceptance",
@@ -121,7 +119,7 @@ class CommandService:
     async def _rescan(self, command: RescanCommand) -> str | None:
         org = command.organization_id
         active = await self._retrying(
-            "reading the org's IPs", partial(self._store.reported_ips, org)
+            "reading the org's IPs", partial(self._orgs.reported_ips, org)
         )
         if command.ip is not None and command.ip not in active:
             return f"{command.ip} is not an active IP of organization {org}"
@@ -139,16 +137,7 @@ class CommandService:
 
 
 def _decode(record: RawRecord) -> tuple[Command | None, Rejected | None]:
-    value = record.value or b""
-    if not value.strip():
-        return None, Rejected(record, RejectReason.EMPTY, "empty message")
     try:
-        return parse_command(value), None
-    except ValidationError as error:
-        errors = error.errors(include_input=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            return None, Rejected(record, RejectReason.INVALID_JSON, errors[0]["msg"])
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
-        return None, Rejected(record, RejectReason.SCHEMA, detail)
-    except ValueError as error:
-        return None, Rejected(record, RejectReason.TOO_LARGE, str(error))
+        return parse_command(record.value), None
+    except InvalidMessage as error:
+        return None, Rejected.of(record, error)

@@ -24,13 +24,15 @@ from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from recon_stream.adapters import initialize, kafka, mongo
-from recon_stream.adapters.exposure_store import EXPOSURES
-from recon_stream.adapters.scan_queue import SCAN_QUEUE
-from recon_stream.adapters.vuln_feeds import Feed, VulnFeeds
-from recon_stream.app import ROLES, build_worker
-from recon_stream.domain.vulns import FeedError
+from recon_stream.adapters.exposures import MongoSnapshots
+from recon_stream.adapters.org_ips import MongoOrgIps
+from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.adapters.vuln_feeds import VulnFeeds
+from recon_stream.app import build_worker
+from recon_stream.domain.vulns import Feed, FeedError
 from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo, default_mongo_engine
 from recon_stream.exposure_table import load_history, load_rows, render, render_history
+from recon_stream.roles import ROLES
 from recon_stream.settings import Settings
 
 # Sample organizations with the public egress IPs their agents call home from.
@@ -104,12 +106,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 async def report(settings: Settings) -> str:
     client = mongo.connect(settings)
     try:
-        docs: list[dict[str, Any]] = [
-            d
-            async for d in client[settings.mongodb_database][mongo.ORG_IPS].find(
-                {}, sort=[("organization_id", 1), ("ip", 1)]
-            )
-        ]
+        docs = await MongoOrgIps(client[settings.mongodb_database]).all_pairs()
     finally:
         await client.close()
     rows = [
@@ -141,14 +138,15 @@ async def wait_for_scans(settings: Settings, patience: float = 120.0) -> None:
     """Until the scan queue is empty and every pair has a snapshot (or time runs out)."""
     client = mongo.connect(settings)
     db = client[settings.mongodb_database]
+    queue, org_ips, exposures = ScanQueue(db), MongoOrgIps(db), MongoSnapshots(db)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
         while loop.time() < deadline:
-            queued = await db[SCAN_QUEUE].count_documents({})
-            pairs = await db[mongo.ORG_IPS].count_documents({"status": "active"})
-            snapshots = await db[EXPOSURES].count_documents({})
-            pending = await db[EXPOSURES].count_documents({"pending.0": {"$exists": True}})
+            queued = sum((await queue.depth()).values())
+            pairs = await org_ips.active_count()
+            snapshots = await exposures.count()
+            pending = await exposures.unpublished_count()
             if queued == 0 and snapshots >= pairs and pending == 0:
                 return
             await asyncio.sleep(0.5)

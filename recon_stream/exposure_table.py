@@ -9,9 +9,12 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from recon_stream.adapters import exposure_store, mongo
+from recon_stream.adapters import mongo
+from recon_stream.adapters.exposures import MongoSnapshots
+from recon_stream.adapters.history import History
 from recon_stream.domain.risk import assess
 from recon_stream.domain.scans import Service
+from recon_stream.policy import effective_policy
 from recon_stream.settings import Settings
 
 COLUMNS = (
@@ -53,16 +56,17 @@ async def load_rows(
     unaccepted ones (when `accepted` is not None)."""
     client = mongo.connect(settings)
     try:
-        store = exposure_store.ExposureStore(client[settings.mongodb_database])
-        docs = await store.table(organization_id)
+        docs = await MongoSnapshots(client[settings.mongodb_database]).table(organization_id)
     finally:
         await client.close()
+    policy = effective_policy(settings)
     rows = []
     for doc in docs:
         for entry in doc.get("services", []):
             service = Service.model_validate(entry["service"])
-            # The severity stored with the exposure (snapshots older than that: assessed).
-            severity = entry.get("severity") or assess(service)[0].value
+            # The severity stored with the exposure (snapshots older than that: assessed
+            # under the policy in force).
+            severity = entry.get("severity") or assess(service, policy, organization_id)[0].value
             acceptance = entry.get("acceptance")
             if severities and severity not in severities:
                 continue
@@ -183,8 +187,8 @@ async def load_history(
     """The org's history entries (newest first), for `recon-stream history`."""
     client = mongo.connect(settings)
     try:
-        store = exposure_store.ExposureStore(client[settings.mongodb_database])
-        docs = await store.history(organization_id, ip=ip, port=port, limit=limit)
+        history = History(client[settings.mongodb_database])
+        docs = await history.entries(organization_id, ip=ip, port=port, limit=limit)
     finally:
         await client.close()
     return [

@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from recon_stream.adapters.vuln_feeds import Feed, FeedStatus, VulnFeeds
-from recon_stream.domain.vulns import FeedError
+from recon_stream.domain.vulns import Feed, FeedError, FeedStatus
 from recon_stream.metrics import Metrics
+from recon_stream.ports import FeedCopies
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class FeedRefresher:
     def __init__(
         self,
-        feeds: VulnFeeds,
+        feeds: FeedCopies,
         sources: dict[Feed, str],
         metrics: Metrics,
         *,
@@ -50,11 +50,8 @@ class FeedRefresher:
                 count = await self._feeds.refresh(feed, source)
             except FeedError as error:
                 self._metrics.vuln_feed_failures.labels(feed).inc()
-                kept = "keeping the copy loaded " + (
-                    status.loaded_at.isoformat(timespec="seconds") if status.loaded_at else "(none)"
-                )
-                self.states[feed] = f"failing: {error}; {kept}"
-                log.warning("%s; %s, will retry", error, kept)
+                self.states[feed] = _failing(str(error), status.loaded_at)
+                log.warning("%s, will retry", self.states[feed].removeprefix("failing: "))
                 continue
             self.states[feed] = f"ok: {count} CVEs loaded {now.isoformat(timespec='seconds')}"
             log.info("%s feed refreshed: %d CVEs", feed, count)
@@ -75,7 +72,8 @@ class FeedRefresher:
                 age = (now - status.loaded_at).total_seconds()
                 self._metrics.vuln_feed_age.labels(feed).set(age)
             if status.error is not None and feed in self.states:
-                self.states[feed] = f"failing: {status.error}"
+                # Another replica's failure reads as this one's own would.
+                self.states[feed] = _failing(f"{feed} feed: {status.error}", status.loaded_at)
 
     async def run(self, tick: float, leading: Callable[[], bool]) -> None:
         """Refresh due feeds every `tick` seconds while `leading()`, until cancelled."""
@@ -88,3 +86,8 @@ class FeedRefresher:
                 except Exception:
                     log.exception("refreshing the vulnerability feeds failed; will try again")
             await asyncio.sleep(tick)
+
+
+def _failing(error: str, loaded_at: datetime | None) -> str:
+    kept = loaded_at.isoformat(timespec="seconds") if loaded_at else "(none)"
+    return f"failing: {error}; keeping the copy loaded {kept}"

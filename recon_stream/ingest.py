@@ -15,27 +15,27 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Tracer
 
 from recon_stream import tracing
-from recon_stream.adapters.mongo import Created, OrgIpStore
+from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
 from recon_stream.domain.addresses import AddressClass, InvalidAddress, parse_address
 from recon_stream.domain.heartbeats import (
     Heartbeat,
     InvalidHeartbeat,
     Prevalidated,
-    RejectReason,
     observed_time,
     parse_heartbeat,
     prevalidate,
 )
+from recon_stream.domain.messages import RejectReason
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.metrics import Metrics
+from recon_stream.ports import Created, OrgIpStore, ScanRequestSink
 from recon_stream.retry import Backoff, Retrier, drain_every
 from recon_stream.seen import SeenEntry, SeenKey, SeenPairs
 
@@ -47,42 +47,6 @@ TRIAGE_SLICE = 250
 
 WRITE_CHUNK = 500
 """Pairs per upsert; a batch's chunks are written and announced side by side."""
-
-
-class RawRecord(Protocol):
-    """The parts of a Kafka record we read (aiokafka's `ConsumerRecord` has them)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    record: RawRecord
-    reason: RejectReason
-    detail: str
-
-
-class ScanRequestSink(Protocol):
-    async def publish(
-        self, requests: Sequence[ScanRequest], contexts: Sequence[Context | None] = ()
-    ) -> None: ...
-
-
-class DeadLetterSink(Protocol):
-    async def publish(self, rejected: Sequence[Rejected]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -114,7 +78,7 @@ def _parse_or_reject(record: RawRecord, rejected: list[Rejected]) -> Heartbeat |
     try:
         return parse_heartbeat(record.value)
     except InvalidHeartbeat as error:
-        rejected.append(Rejected(record, error.reason, error.detail))
+        rejected.append(Rejected.of(record, error))
         return None
 
 

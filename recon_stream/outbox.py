@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Protocol
 
-from recon_stream.adapters.exposure_store import ExposureStore, Outbox, StateRow
-from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.snapshot import Outbox
 from recon_stream.metrics import Metrics
+from recon_stream.ports import EventSink, HistoryLog, OutboxStore, StateSink
 from recon_stream.retry import Retrier, drain_every
+from recon_stream.snapshots import SnapshotUpdater
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +38,13 @@ RELAY_GRACE = 5.0
 PARALLEL_IPS = 16
 
 
-class EventSink(Protocol):
-    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
-
-
-class StateSink(Protocol):
-    async def publish(self, rows: Sequence[StateRow]) -> None: ...
-
-
 @dataclass(frozen=True)
 class OutboxPublisher:
     """Publishes outboxes; `state` (`ocsf`) None when the state (OCSF) topic is off."""
 
-    store: ExposureStore
+    outboxes: OutboxStore
+    history: HistoryLog
+    updater: SnapshotUpdater
     events: EventSink
     state: StateSink | None
     metrics: Metrics
@@ -63,9 +56,9 @@ class OutboxPublisher:
         events, rows = outbox.events, outbox.state if self.state is not None else []
         if not events and not outbox.state:
             return 0
-        store, state = self.store, self.state
+        outboxes, state, history = self.outboxes, self.state, self.history
         if events:
-            await self.retrying("recording history", lambda: store.record_history(events))
+            await self.retrying("recording history", lambda: history.record(events))
             await self.retrying("publishing exposure events", lambda: self.events.publish(events))
             if (ocsf := self.ocsf) is not None:
                 await self.retrying("publishing OCSF findings", lambda: ocsf.publish(events))
@@ -78,23 +71,23 @@ class OutboxPublisher:
         ids = [e.id for e in events]
         await self.retrying(
             "clearing the outbox",
-            lambda: store.published(outbox.organization_id, outbox.ip, ids, outbox.state),
+            lambda: outboxes.published(outbox.organization_id, outbox.ip, ids, outbox.state),
         )
         return len(events) + len(rows)
 
     async def reassess(self, organization_id: str, ip: str | None, now: datetime) -> None:
         """Apply the acceptances in force at `now` to the org's exposures on `ip` (None:
         on every IP with a snapshot) and publish what changed."""
-        store = self.store
+        updater = self.updater
         ips = [ip] if ip is not None else []
         if ip is None:
             ips = await self.retrying(
-                "reading the org's IPs", partial(store.ips_of, organization_id)
+                "reading the org's IPs", partial(updater.snapshots.ips_of, organization_id)
             )
 
         async def one(ip: str) -> None:
             outbox = await self.retrying(
-                "applying acceptances", partial(store.reassess, organization_id, ip, now)
+                "applying acceptances", partial(updater.reassess, organization_id, ip, now)
             )
             await self.publish(outbox)
 
@@ -106,7 +99,7 @@ class OutboxPublisher:
         """Publish what a crash left in outboxes; returns how many events and rows."""
         settled = datetime.now(UTC) - timedelta(seconds=RELAY_GRACE)
         pending = await self.retrying(
-            "reading the outbox", lambda: self.store.unpublished(limit, settled)
+            "reading the outbox", lambda: self.outboxes.unpublished(limit, settled)
         )
         sent = 0
         for outbox in pending:

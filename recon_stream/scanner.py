@@ -20,33 +20,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from pydantic import ValidationError
 
 from recon_stream import tracing
-from recon_stream.adapters.exposure_store import ExposureStore, IpScans
-from recon_stream.adapters.scan_queue import QueueItem, ScanQueue
-from recon_stream.adapters.shodan import (
+from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
+from recon_stream.domain.messages import InvalidMessage, parse_message
+from recon_stream.domain.scan_requests import MAX_SCAN_REQUEST_BYTES, ScanRequest
+from recon_stream.domain.scans import HostScan
+from recon_stream.metrics import Metrics
+from recon_stream.outbox import OutboxPublisher
+from recon_stream.ports import LookupStore, OrgDirectory, ScanWork
+from recon_stream.providers import (
     NotSent,
     Permanent,
+    RateBudget,
     RateLimited,
+    ReservedSlot,
     ShodanProvider,
     Transient,
     Unauthorized,
 )
-from recon_stream.domain.heartbeats import RejectReason
-from recon_stream.domain.scan_requests import ScanRequest
-from recon_stream.domain.scans import HostScan
-from recon_stream.ingest import DeadLetterSink, RawRecord, Rejected
-from recon_stream.metrics import Metrics
-from recon_stream.outbox import EventSink, OutboxPublisher, StateSink
-from recon_stream.ratelimit import SharedRateLimiter, Slot
 from recon_stream.retry import Backoff, Retrier
 
+if TYPE_CHECKING:
+    from recon_stream.adapters.scan_queue import QueueItem
+
 log = logging.getLogger(__name__)
+
+_validate_request = ScanRequest.__pydantic_validator__.validate_json
 
 
 class KeyGate:
@@ -87,38 +92,33 @@ class KeyGate:
 class ScannerService:
     def __init__(
         self,
-        queue: ScanQueue,
+        queue: ScanWork,
         provider: ShodanProvider,
-        limiter: SharedRateLimiter,
-        ip_scans: IpScans,
-        exposures: ExposureStore,
-        events: EventSink,
+        limiter: RateBudget,
+        ip_scans: LookupStore,
+        orgs: OrgDirectory,
+        outbox: OutboxPublisher,
         dead_letters: DeadLetterSink,
         metrics: Metrics,
-        backoff: Backoff,
+        retrying: Retrier,
         gate: KeyGate,
         *,
         reuse_age: float,
         lease: timedelta = timedelta(minutes=2),
         lookup_backoff: Backoff | None = None,
-        on_outage: Callable[[str, BaseException], None] | None = None,
-        on_recovery: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
-        state: StateSink | None = None,
-        ocsf: EventSink | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
         self._provider = provider
         self._limiter = limiter
         self._ip_scans = ip_scans
-        self._exposures = exposures
-        self._events = events
+        self._orgs = orgs
         self._dead_letters = dead_letters
         self._metrics = metrics
-        self._backoff = backoff
-        self._retrying = Retrier(backoff, metrics, on_outage, on_recovery)
-        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying, ocsf=ocsf)
+        self._backoff = retrying.backoff
+        self._retrying = retrying
+        self.outbox = outbox
         self._lookup_backoff = lookup_backoff or Backoff(2.0, 300.0)
         self.gate = gate
         self._reuse_age = reuse_age
@@ -134,11 +134,12 @@ class ScannerService:
         rejected: list[Rejected] = []
         for record in records:
             try:
-                requests.append(ScanRequest.model_validate_json(record.value or b""))
+                requests.append(
+                    parse_message(_validate_request, record.value, MAX_SCAN_REQUEST_BYTES)
+                )
                 traces.append(tracing.carrier_of(record.headers))
-            except ValidationError as error:
-                detail = "; ".join(e["msg"] for e in error.errors(include_input=False)[:3])
-                rejected.append(Rejected(record, RejectReason.SCHEMA, detail))
+            except InvalidMessage as error:
+                rejected.append(Rejected.of(record, error))
         if rejected:
             await self._retrying("dead-lettering", lambda: self._dead_letters.publish(rejected))
             for r in rejected:
@@ -248,7 +249,7 @@ class ScannerService:
                     self._metrics.slots_missed.inc()
 
     async def _timed_lookup(
-        self, item: QueueItem, span: Span, slot: Slot, reserved: float
+        self, item: QueueItem, span: Span, slot: ReservedSlot, reserved: float
     ) -> HostScan | None:
         outcome = "ok"
         try:
@@ -299,13 +300,13 @@ class ScannerService:
     async def fan_out(self, scan: HostScan) -> int:
         """Apply a lookup to every org behind its IP and publish the events."""
         orgs = await self._retrying(
-            "reading the orgs behind an IP", lambda: self._exposures.orgs_behind(scan.ip)
+            "reading the orgs behind an IP", lambda: self._orgs.orgs_behind(scan.ip)
         )
         sent = 0
         for org in orgs:
             outbox = await self._retrying(
                 "updating the exposure snapshot",
-                lambda org=org: self._exposures.apply(org, scan),  # type: ignore[misc]
+                lambda org=org: self.outbox.updater.apply(org, scan),  # type: ignore[misc]
             )
             sent += await self.outbox.publish(outbox)
         return sent

@@ -22,17 +22,13 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
-from pymongo.asynchronous.database import AsyncDatabase
-
-from recon_stream.adapters.exposure_store import ExposureStore, IpScans
-from recon_stream.adapters.mongo import ORG_IPS
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
-from recon_stream.leadership import Lease
 from recon_stream.metrics import Metrics
-from recon_stream.outbox import EventSink, OutboxPublisher, StateSink
-from recon_stream.retry import Backoff, Retrier
+from recon_stream.outbox import OutboxPublisher
+from recon_stream.ports import AcceptanceStore, LeaderLease, PairRetirement, RescanSchedule
+from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +40,27 @@ class RequestSink(Protocol):
 class Scheduler:
     def __init__(
         self,
-        db: AsyncDatabase[dict[str, Any]],
-        lease: Lease,
-        ip_scans: IpScans,
-        exposures: ExposureStore,
+        lease: LeaderLease,
+        schedule: RescanSchedule,
+        pairs: PairRetirement,
+        acceptances: AcceptanceStore,
+        outbox: OutboxPublisher,
         requests: RequestSink,
-        events: EventSink,
         metrics: Metrics,
-        backoff: Backoff,
+        retrying: Retrier,
         *,
         rescan_interval: float,
         retention: float,
         batch: int = 500,
-        state: StateSink | None = None,
-        ocsf: EventSink | None = None,
     ) -> None:
-        self._org_ips = db[ORG_IPS]
         self.lease = lease
-        self._ip_scans = ip_scans
-        self._exposures = exposures
+        self._schedule = schedule
+        self._pairs = pairs
+        self._acceptances = acceptances
+        self.outbox = outbox
         self._requests = requests
-        self._events = events
         self._metrics = metrics
-        self._retrying = Retrier(backoff, metrics)
-        self.outbox = OutboxPublisher(exposures, events, state, metrics, self._retrying, ocsf=ocsf)
+        self._retrying = retrying
         self._rescan = rescan_interval
         self._retention = retention
         self._batch = batch
@@ -119,9 +112,11 @@ class Scheduler:
     async def request_rescans(self, now: datetime) -> int:
         """Request a rescan of every due IP, one request per active (org, IP) pair."""
         due = await self._retrying(
-            "finding due rescans", lambda: self._ip_scans.due(now, self._batch)
+            "finding due rescans", lambda: self._schedule.due(now, self._batch)
         )
-        pairs = await self._retrying("reading the orgs behind due IPs", lambda: self._users(due))
+        pairs = await self._retrying(
+            "reading the orgs behind due IPs", lambda: self._pairs.users(due)
+        )
         requests = [
             ScanRequest(organization_id=org, ip=ip, reason=ScanReason.RESCAN, requested_at=now)
             for ip, org in pairs
@@ -136,32 +131,18 @@ class Scheduler:
             # it when the lookup is done); IPs nobody uses wait a retention period.
             await self._retrying(
                 "postponing rescans",
-                lambda: self._ip_scans.postpone(due, now + timedelta(seconds=self._rescan)),
+                lambda: self._schedule.postpone(due, now + timedelta(seconds=self._rescan)),
             )
         return len(requests)
-
-    async def _users(self, ips: Sequence[str]) -> list[tuple[str, str]]:
-        """The active (ip, organization) pairs of `ips`, in a stable order."""
-        if not ips:
-            return []
-        docs = await self._org_ips.find(
-            {"ip": {"$in": list(ips)}, "status": "active"}, {"organization_id": 1, "ip": 1}
-        ).to_list()
-        return sorted((doc["ip"], doc["organization_id"]) for doc in docs)
 
     async def retire_unused(self, now: datetime) -> int:
         cutoff = now - timedelta(seconds=self._retention)
         stale = await self._retrying(
-            "finding unused pairs",
-            lambda: self._org_ips.find(
-                {"status": "active", "last_seen": {"$lt": cutoff}},
-                {"organization_id": 1, "ip": 1},
-                limit=self._batch,
-            ).to_list(),
+            "finding unused pairs", lambda: self._pairs.unused(cutoff, self._batch)
         )
         retired = 0
-        for doc in stale:
-            if await self._retire_pair(doc["organization_id"], doc["ip"], cutoff, now):
+        for org, ip in stale:
+            if await self._retire_pair(org, ip, cutoff, now):
                 retired += 1
         if retired:
             self._metrics.pairs_retired.inc(retired)
@@ -169,22 +150,12 @@ class Scheduler:
         return retired
 
     async def _retire_pair(self, org: str, ip: str, cutoff: datetime, now: datetime) -> bool:
-        async def mark() -> bool:
-            result = await self._org_ips.update_one(
-                {
-                    "organization_id": org,
-                    "ip": ip,
-                    "status": "active",
-                    "last_seen": {"$lt": cutoff},
-                },
-                {"$set": {"status": "retired", "retired_at": now}},
-            )
-            return bool(result.modified_count)
-
-        if not await self._retrying("retiring a pair", mark):
+        if not await self._retrying(
+            "retiring a pair", partial(self._pairs.retire, org, ip, cutoff, now)
+        ):
             return False  # seen again meanwhile
         outbox = await self._retrying(
-            "closing exposures", lambda: self._exposures.retire(org, ip, now)
+            "closing exposures", lambda: self.outbox.updater.retire(org, ip, now)
         )
         await self.outbox.publish(outbox)
         return True
@@ -195,7 +166,7 @@ class Scheduler:
         The exposures they covered get `changed` (reason `acceptance_expired`) now,
         not at their next lookup. Forgotten only once applied: a crash repeats this.
         """
-        store = self._exposures
+        store = self._acceptances
         expired = await self._retrying(
             "finding expired acceptances", lambda: store.expired_acceptances(now, self._batch)
         )

@@ -11,10 +11,15 @@ async def initialize(settings: Settings) -> tuple[dict[str, str], list[str]]:
     Returns each topic's outcome and the index names (for `recon-stream init`).
     """
     from recon_stream.adapters import (
+        acceptances,
         command_log,
-        exposure_store,
+        exposures,
+        history,
+        ip_scans,
         kafka,
+        migrations,
         mongo,
+        org_ips,
         scan_queue,
         vuln_feeds,
     )
@@ -24,11 +29,15 @@ async def initialize(settings: Settings) -> tuple[dict[str, str], list[str]]:
     try:
         db = client[settings.mongodb_database]
         indexes = [
-            *await mongo.ensure_indexes(db),
+            *await org_ips.ensure_indexes(db),
             *await scan_queue.ensure_indexes(db),
-            *await exposure_store.ensure_indexes(db, settings.history_retention_seconds),
+            *await ip_scans.ensure_indexes(db),
+            *await exposures.ensure_indexes(db),
+            *await acceptances.ensure_indexes(db),
+            *await history.ensure_indexes(db),
             *await command_log.ensure_indexes(db),
             *await vuln_feeds.ensure_indexes(db),
+            *await migrations.migrate(db, settings.history_retention_seconds),
         ]
     finally:
         await client.close()

@@ -15,7 +15,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-APPLIED_COMMANDS = "applied_commands"
+from recon_stream.adapters.collections import APPLIED_COMMANDS
+
 KEEP_SECONDS = 30 * 24 * 3600
 
 

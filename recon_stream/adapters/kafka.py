@@ -18,11 +18,11 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from recon_stream import __version__, tracing
-from recon_stream.adapters.exposure_store import StateRow
+from recon_stream.dead_letters import Rejected
 from recon_stream.domain.exposures import CONTENT_TYPE, ExposureEvent
 from recon_stream.domain.ocsf import finding_json
 from recon_stream.domain.scan_requests import ScanRequest
-from recon_stream.ingest import Rejected
+from recon_stream.domain.snapshot import StateRow
 from recon_stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from recon_stream.adapters.collections import SCAN_QUEUE
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 
-SCAN_QUEUE = "scan_queue"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 0, ScanReason.RESCAN: 1}
 MAX_ORGS = 1000

@@ -9,23 +9,8 @@ Three providers answer `lookup(ip) -> HostScan`:
 "Nothing known about this IP" (Shodan's 404 "No information available for that
 IP.") is not an error: `lookup` returns a `HostScan` without services.
 
-Errors, and what the scanner does with each:
-
-    ShodanError            base class; never raised itself
-    ├── RateLimited        429 / "rate limit reached": retry the same IP later and slow
-    │                      the shared budget down; `retry_after` is a hint only (None
-    │                      when absent or not positive: Shodan has sent `Retry-After: 0`)
-    ├── Unauthorized       key rejected (401 "Invalid API key", 403 "Access denied"):
-    │                      retrying cannot help until an operator fixes the key; stop
-    │                      looking up, report not-ready, keep the requests unacknowledged
-    ├── Transient          5xx, timeouts, connection failures, unparseable or unknown
-    │                      answers: retry with backoff, never drop the request
-    ├── Permanent          any other 4xx (400 "Invalid IP", 422, …): this request cannot
-    │                      succeed as sent, so retrying soon only burns budget; record the
-    │                      error on the queued IP, count it, and ask again no sooner than
-    │                      the rescan interval, while other IPs go on
-    └── NotSent            the request's send slot (`SendGate`) had passed when its
-                           thread got to it: nothing was sent; take a new slot at once
+The errors each can raise, and what the scanner does with each, are in
+`recon_stream.providers`.
 
 Requests run on the provider's own threads (not the event loop's default pool,
 which DNS lookups share), each behind its `SendGate`: the rate limiter's last
@@ -47,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import requests
 import requests.adapters
@@ -58,83 +43,22 @@ from pydantic import SecretStr
 
 from recon_stream.domain.scans import HostScan
 from recon_stream.domain.shodan_parsing import parse_host, parse_internetdb
+from recon_stream.providers import (
+    NotSent,
+    Permanent,
+    RateLimited,
+    SendGate,
+    ShodanError,
+    ShodanProvider,
+    Transient,
+    Unauthorized,
+)
 from recon_stream.settings import Settings
 
 INTERNETDB_URL = "https://internetdb.shodan.io"
 _KEY_IN_URL = re.compile(r"(key=)[^&\s'\"]+", re.IGNORECASE)
 # A trickling answer resets requests' read timeout with every byte; this bounds the whole call.
 _DEADLINE_FACTOR = 3.0
-
-
-class ShodanError(Exception):
-    """A lookup failed; see the module docstring for what each subclass means."""
-
-
-class RateLimited(ShodanError):
-    """Shodan refused the request because of its rate limit."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Unauthorized(ShodanError):
-    """The API key was rejected."""
-
-
-class Transient(ShodanError):
-    """A failure that a later retry can cure: 5xx, timeout, connection, odd answer."""
-
-
-class Permanent(ShodanError):
-    """Shodan refused this request for good (a 4xx other than 401, 403, 404 and 429)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class NotSent(ShodanError):
-    """The request's send slot had passed before it could leave; nothing was sent."""
-
-
-class SendGate(Protocol):
-    """When a request may leave (`recon_stream.ratelimit.Slot` is one)."""
-
-    @property
-    def wait(self) -> float:
-        """Seconds until the gate opens."""
-        ...
-
-    def enter(self) -> bool:
-        """Block until the gate opens; False if the request may no longer leave."""
-        ...
-
-    def abandon(self) -> None:
-        """The request will not be made: release a waiting `enter`."""
-        ...
-
-
-class ShodanProvider(Protocol):
-    """Looks up what Shodan knows about one IP."""
-
-    name: str
-
-    async def lookup(self, ip: str, gate: SendGate | None = None) -> HostScan:
-        """What is known about `ip`; no services when nothing is known.
-
-        The request leaves when `gate` lets it (at once without one). Raises
-        `RateLimited`, `Unauthorized`, `Transient`, `Permanent` or `NotSent`.
-        """
-        ...
-
-    async def check_key(self, gate: SendGate | None = None) -> None:
-        """Raise `Unauthorized` if the API key is rejected; no-op for keyless providers."""
-        ...
-
-    async def close(self) -> None:
-        """Release connections."""
-        ...
 
 
 def build_provider(settings: Settings, timeout: float = 10.0) -> ShodanProvider:

@@ -15,42 +15,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from recon_stream.adapters.collections import VULN_CONTEXT, VULN_FEEDS
 from recon_stream.domain.vulns import (
     EpssEntry,
+    Feed,
     FeedError,
+    FeedStatus,
     KevEntry,
     VulnContext,
     parse_epss,
     parse_kev,
 )
 
-VULN_CONTEXT = "vuln_context"
-VULN_FEEDS = "vuln_feeds"
-Feed = Literal["kev", "epss"]
-FEEDS: tuple[Feed, ...] = ("kev", "epss")
 _CHUNK = 5000
 
 
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> list[str]:
     return [await db[VULN_CONTEXT].create_index([("kev", ASCENDING)], name="kev", sparse=True)]
-
-
-@dataclass(frozen=True, slots=True)
-class FeedStatus:
-    feed: str
-    loaded_at: datetime | None
-    count: int
-    attempted_at: datetime | None
-    error: str | None
 
 
 class VulnFeeds:

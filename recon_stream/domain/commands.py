@@ -32,7 +32,8 @@ from pydantic import (
 
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.addresses import InvalidAddress, parse_address
-from recon_stream.domain.heartbeats import Identifier, IpText
+from recon_stream.domain.identifiers import Identifier, IpText
+from recon_stream.domain.messages import parse_message
 from recon_stream.domain.scans import Transport
 
 SCHEMA_ID = "https://recon-stream.dev/schemas/command.v1.json"
@@ -119,11 +120,9 @@ class CommandMessage(RootModel[Command]):
 _ADAPTER: TypeAdapter[AcceptCommand | UnacceptCommand | RescanCommand] = TypeAdapter(Command)
 
 
-def parse_command(raw: bytes) -> AcceptCommand | UnacceptCommand | RescanCommand:
-    """The command in `raw`; pydantic's `ValidationError` or `ValueError` (too large)."""
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise ValueError(f"command of {len(raw)} bytes is over {MAX_COMMAND_BYTES}")
-    return _ADAPTER.validate_json(raw)
+def parse_command(raw: bytes | None) -> AcceptCommand | UnacceptCommand | RescanCommand:
+    """The command in `raw`; `InvalidMessage` with the dead-letter reason if it is none."""
+    return parse_message(_ADAPTER.validate_json, raw, MAX_COMMAND_BYTES)
 
 
 def acceptance_of(command: AcceptCommand) -> Acceptance:

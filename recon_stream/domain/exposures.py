@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from recon_stream.domain.acceptance import AcceptanceInfo
-from recon_stream.domain.heartbeats import Identifier, IpText
+from recon_stream.domain.identifiers import Identifier, IpText
 from recon_stream.domain.risk import RiskPolicy, Severity, assess
 from recon_stream.domain.scans import HostScan, ProviderName, Service, Transport
 from recon_stream.domain.vulns import VulnContext
@@ -34,7 +34,7 @@ SCHEMA_ID = "https://recon-stream.dev/schemas/exposure-event.v1.json"
 
 ExposureKey = tuple[str, int]
 """(transport, port)."""
-Snapshot = dict[ExposureKey, Service]
+OpenPorts = dict[ExposureKey, Service]
 """What an organization last knew to be open on one IP."""
 
 
@@ -81,8 +81,7 @@ class Assessor:
     """How exposures are judged: the risk policy, what the feeds say about CVEs, and
     how old Shodan's observation of a port may be before it is stale."""
 
-    policy: RiskPolicy | None = None
-    """None: the built-in policy."""
+    policy: RiskPolicy
     context: Mapping[str, VulnContext] = field(default_factory=dict)
     stale_after: timedelta = timedelta(days=30)
 
@@ -132,13 +131,13 @@ def _preference(service: Service) -> tuple[datetime, str]:
     return at, service.model_dump_json()
 
 
-def snapshot_of(scan: HostScan) -> Snapshot:
+def snapshot_of(scan: HostScan) -> OpenPorts:
     """The scan's services by (transport, port).
 
     Should a scan hold two banners for one port, the one Shodan saw last wins,
     then a content order, so the pick never depends on the order of `services`.
     """
-    snapshot: Snapshot = {}
+    snapshot: OpenPorts = {}
     for service in scan.services:
         kept = snapshot.get(service.key)
         if kept is None or _preference(service) > _preference(kept):
@@ -223,7 +222,7 @@ def severity_changes(
     return sorted(by_key.values(), key=lambda c: _order(c.key))
 
 
-def apply_changes(previous: Mapping[ExposureKey, Service], changes: Iterable[Change]) -> Snapshot:
+def apply_changes(previous: Mapping[ExposureKey, Service], changes: Iterable[Change]) -> OpenPorts:
     """The snapshot after `changes` (closed keys removed, the rest replaced)."""
     snapshot = dict(previous)
     for change in changes:
@@ -399,12 +398,12 @@ def build_state(
     *,
     candidate_agents: Iterable[str],
     site_ids: Iterable[str],
-    assessor: Assessor | None = None,
+    assessor: Assessor,
 ) -> dict[ExposureKey, ExposureState]:
     """The state row of every open exposure of one (organization, IP)."""
     agents = tuple(sorted(set(candidate_agents)))
     sites = tuple(sorted(set(site_ids)))
-    judge = assessor or Assessor()
+    judge = assessor
     return {
         key: ExposureState(
             **_row(organization_id, ip, scan, sighting, agents, sites, judge), reason=None
@@ -532,7 +531,7 @@ def build_events(
     last_seen_by_key: Mapping[ExposureKey, datetime] | None = None,
     occurred_at: datetime | None = None,
     source: str = "recon-stream",
-    assessor: Assessor | None = None,
+    assessor: Assessor,
 ) -> list[ExposureEvent]:
     """One event per change, in the order of `changes`.
 
@@ -549,7 +548,7 @@ def build_events(
     queried_at = _utc(scan.queried_at)
     time = _utc(occurred_at) if occurred_at is not None else queried_at
     last_seen_by_key = last_seen_by_key or {}
-    judge = assessor or Assessor()
+    judge = assessor
     agents = tuple(sorted(set(candidate_agents)))
     sites = tuple(sorted(set(site_ids)))
     events: list[ExposureEvent] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import re
 from datetime import datetime
 from typing import Annotated
@@ -10,22 +9,19 @@ from typing import Annotated
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from recon_stream.domain.identifiers import Identifier, IpText
+from recon_stream.domain.messages import (
+    InvalidMessage,
+    RejectReason,
+    check_size,
+    describe,
+)
+
 MAX_HEARTBEAT_BYTES = 64 * 1024
 EVENT_ID_MAX = 128
 HOSTNAME_MAX = 255
 AGENT_VERSION_MAX = 64
 
-Identifier = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$"),
-]
-# The address is checked by `domain.addresses.parse_address`, once per distinct
-# text (cached); the schema still states the format so producers can validate.
-IpText = Annotated[
-    str,
-    StringConstraints(min_length=2, max_length=45),
-    Field(json_schema_extra={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}),
-]
 # RFC 3339 `date-time` (offset required). Kept as text in the model and parsed
 # with `datetime.fromisoformat`: pydantic's datetime parser would also accept
 # "1714564800" or a space separator, and costs more than the rest of the
@@ -78,36 +74,8 @@ def observed_time(heartbeat: Heartbeat) -> datetime:
     return datetime.fromisoformat(heartbeat.observed_at.upper())
 
 
-class RejectReason(enum.StrEnum):
-    """Why a message went to the dead-letter topic (header `x-recon-dlq-reason`)."""
-
-    TOO_LARGE = "too_large"
-    EMPTY = "empty"
-    INVALID_JSON = "invalid_json"
-    SCHEMA = "schema_violation"
-    INVALID_IP = "invalid_ip"
-    UNKNOWN_TARGET = "unknown_target"
-    """A command about an IP the organization does not use."""
-
-
-class InvalidHeartbeat(ValueError):
+class InvalidHeartbeat(InvalidMessage):
     """A message that can never become a heartbeat; it goes to the DLQ."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _describe(error: ValidationError) -> tuple[RejectReason, str]:
-    problems = error.errors(include_url=False, include_input=False, include_context=False)
-    if any(p["type"] == "json_invalid" for p in problems):
-        return RejectReason.INVALID_JSON, problems[0]["msg"]
-    parts = []
-    for problem in problems[:5]:
-        where = ".".join(str(loc) for loc in problem["loc"]) or "message"
-        parts.append(f"{where}: {problem['msg']}")
-    return RejectReason.SCHEMA, "; ".join(parts)
 
 
 _validate_json = Heartbeat.__pydantic_validator__.validate_json  # skips a wrapper per call
@@ -119,16 +87,15 @@ def parse_heartbeat(raw: bytes | None) -> Heartbeat:
 
     Raises `InvalidHeartbeat` with the reason the message is rejected.
     """
-    if not raw:
-        raise InvalidHeartbeat(RejectReason.EMPTY, "empty message value")
-    if len(raw) > MAX_HEARTBEAT_BYTES:
-        raise InvalidHeartbeat(
-            RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds {MAX_HEARTBEAT_BYTES}"
-        )
     try:
-        heartbeat: Heartbeat = _validate_json(raw)
+        value = check_size(raw, MAX_HEARTBEAT_BYTES)
+    except InvalidMessage as error:
+        raise InvalidHeartbeat(error.reason, error.detail) from None
+    try:
+        heartbeat: Heartbeat = _validate_json(value)
     except ValidationError as error:
-        raise InvalidHeartbeat(*_describe(error)) from None
+        described = describe(error)
+        raise InvalidHeartbeat(described.reason, described.detail) from None
     # The pattern checked the form; the calendar (Feb 30) depends on the date
     # alone, and a stream carries few distinct dates: check each one once.
     day = heartbeat.observed_at[:10]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from recon_stream.domain.heartbeats import Identifier
+from recon_stream.domain.identifiers import Identifier
 from recon_stream.domain.risk import OrgOverride, RiskPolicy, ServiceRule, Severity, VulnRule
 from recon_stream.domain.scans import Transport
 

@@ -234,16 +234,9 @@ def _vulns_reason(service: Service, policy: RiskPolicy) -> str:
     return f"known vulnerabilities: {listed}{score}" if listed else f"known vulnerabilities{score}"
 
 
-def default_policy() -> RiskPolicy:
-    """The built-in policy (`risk-policy.default.yaml`)."""
-    from recon_stream.domain.policy_file import DEFAULT_POLICY
-
-    return DEFAULT_POLICY
-
-
 def assess(
     service: Service,
-    policy: RiskPolicy | None = None,
+    policy: RiskPolicy,
     organization_id: str | None = None,
     context: Mapping[str, VulnContext] | None = None,
 ) -> tuple[Severity, tuple[str, ...]]:
@@ -254,7 +247,6 @@ def assess(
     vulnerability rules can only raise it. `context` holds what the feeds say
     about CVEs (KEV, EPSS); without it, rules that need it do not apply.
     """
-    policy = policy or default_policy()
     context = context or {}
     matched = _matching_rules(service, policy)
     reasons: list[str] = []

@@ -7,7 +7,10 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from recon_stream.domain.heartbeats import Identifier, IpText
+from recon_stream.domain.identifiers import Identifier, IpText
+
+MAX_SCAN_REQUEST_BYTES = 64 * 1024
+"""Larger scan requests go to the DLQ as `too_large` (ours are ~150 bytes)."""
 
 
 class ScanReason(enum.StrEnum):

@@ -17,7 +17,23 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
+from typing import Literal
+
+Feed = Literal["kev", "epss"]
+FEEDS: tuple[Feed, ...] = ("kev", "epss")
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStatus:
+    """How a feed's copy stands: when its last good copy loaded, and its last failure."""
+
+    feed: str
+    loaded_at: datetime | None
+    count: int
+    attempted_at: datetime | None
+    error: str | None
+
 
 CVE_ID = re.compile(r"^CVE-\d{4}-\d{4,}$")
 

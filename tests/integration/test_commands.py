@@ -8,8 +8,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
+from recon_stream.app import snapshot_updater
 from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.snapshot import OrgContext
 from recon_stream.exposure_table import load_history, load_rows
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
@@ -259,7 +260,7 @@ async def test_history_and_the_state_topic_match_events_and_the_table(
     shodan_emulator.set_host(stay, host(stay, banner(3389, "rdp"), banner(80, "http")))
     shodan_emulator.set_host(retire, host(retire, banner(1433, "mssql")))
     # A crash between a snapshot update and its publish: the relay finishes the job.
-    store = ExposureStore(db)
+    store = snapshot_updater(db)
     crashed = await store.apply(
         OrgContext("acme", ("a0",), ()),
         HostScan(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from recon_stream.adapters.ratelimit import Slot
 from recon_stream.adapters.shodan import ApiProvider, NotSent
-from recon_stream.ratelimit import Slot
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
 from tests.load.burn import burning

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from recon_stream.adapters.exposure_store import ExposureStore, OrgContext
+from recon_stream.app import snapshot_updater
 from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.snapshot import OrgContext
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
 
@@ -303,7 +304,7 @@ async def test_an_event_stored_but_not_published_goes_out_once_with_its_id(
     scan_settings: Settings, shodan_emulator: ShodanEmulator, db: Any
 ) -> None:
     # The state a crash between the snapshot update and the publish leaves.
-    store = ExposureStore(db)
+    store = snapshot_updater(db)
     scan = HostScan(
         ip="45.33.32.158",
         provider="api",

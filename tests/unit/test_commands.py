@@ -11,7 +11,6 @@ import jsonschema
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
 from recon_stream.domain.commands import (
@@ -28,7 +27,9 @@ from recon_stream.domain.exposures import (
     build_events,
     diff,
 )
+from recon_stream.domain.messages import InvalidMessage, RejectReason
 from recon_stream.domain.scans import HostScan, Service
+from tests.fakes import BUILT_IN
 
 SCHEMA = json.loads(
     (Path(__file__).parents[2] / "schemas" / "command.v1.json").read_text(encoding="utf-8")
@@ -88,10 +89,10 @@ def test_each_command_parses_and_validates_against_the_published_schema() -> Non
     ],
 )
 def test_a_bad_command_is_refused_with_the_field_named(change: dict[str, Any], where: str) -> None:
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidMessage) as caught:
         parse_command(json.dumps(body(**change)).encode())
-    errors = caught.value.errors()
-    assert any(where in ".".join(str(p) for p in e["loc"]) or where in e["msg"] for e in errors)
+    assert caught.value.reason is RejectReason.SCHEMA
+    assert where in caught.value.detail
 
 
 def test_a_command_without_id_is_identified_by_its_content() -> None:
@@ -122,7 +123,7 @@ def test_addresses_are_stored_under_the_pipelines_name_for_them() -> None:
 
 
 def test_a_command_over_64_kib_is_refused() -> None:
-    with pytest.raises(ValueError, match="over"):
+    with pytest.raises(InvalidMessage, match="too_large"):
         parse_command(json.dumps(body(reason="x", padding="y" * 70_000)).encode())
 
 
@@ -193,6 +194,7 @@ def test_an_exposure_that_changes_and_is_accepted_at_once_gets_one_event_naming_
         site_ids=[],
         acceptance_by_key={SSH.key: INFO},
         first_seen_by_key={},
+        assessor=BUILT_IN,
     )
     assert events[0].data.changed_fields == ("version", "accepted")
     assert events[0].data.reason == ChangeReason.ACCEPTED

@@ -30,6 +30,7 @@ from recon_stream.domain.exposures import (
 )
 from recon_stream.domain.risk import Severity
 from recon_stream.domain.scans import HostScan, Service
+from tests.fakes import BUILT_IN
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "exposure-event.v1.json"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -262,7 +263,7 @@ def events_for(changes: list[Change], current: HostScan, **overrides: Any) -> li
         "first_seen_by_key": {("tcp", 22): T0, ("tcp", 3389): T0},
         **overrides,
     }
-    return build_events("org-42", IP, changes, current, **arguments)
+    return build_events("org-42", IP, changes, current, **arguments, assessor=BUILT_IN)
 
 
 def test_events_carry_the_cloudevents_envelope() -> None:
@@ -401,6 +402,7 @@ def test_events_validate_against_the_published_schema(
         acceptance_by_key={},
         first_seen_by_key={},
         source="https://recon-stream.example/scanner",
+        assessor=BUILT_IN,
     )
     for event in events:
         wire = json.loads(event.model_dump_json())

@@ -16,10 +16,10 @@ from recon_stream.domain.heartbeats import (
     MAX_HEARTBEAT_BYTES,
     Heartbeat,
     InvalidHeartbeat,
-    RejectReason,
     observed_time,
     parse_heartbeat,
 )
+from recon_stream.domain.messages import RejectReason
 
 ID_ALPHABET = string.ascii_letters + string.digits + "._:@-"
 REQUIRED = ("organization_id", "agent_id", "public_ip", "observed_at")

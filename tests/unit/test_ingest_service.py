@@ -16,17 +16,18 @@ from hypothesis import strategies as st
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from recon_stream import ingest
-from recon_stream.adapters.mongo import Created
+from recon_stream.dead_letters import Rejected
 from recon_stream.domain.heartbeats import (
     MAX_HEARTBEAT_BYTES,
     Heartbeat,
-    RejectReason,
     parse_heartbeat,
 )
+from recon_stream.domain.messages import RejectReason
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.sightings import PairKey, PairSighting
-from recon_stream.ingest import TRIAGE_SLICE, WRITE_CHUNK, BatchReport, IngestService, Rejected
+from recon_stream.ingest import TRIAGE_SLICE, WRITE_CHUNK, BatchReport, IngestService
 from recon_stream.metrics import Metrics
+from recon_stream.ports import Created
 from recon_stream.retry import Backoff
 from recon_stream.seen import SeenPairs
 

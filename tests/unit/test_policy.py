@@ -131,8 +131,8 @@ DEFAULT_CRITICAL = [
 def test_the_built_in_policy_rates_remote_access_file_sharing_and_databases_critical_anywhere(
     label: str, module: str, product: str, port: int
 ) -> None:
-    by_module = assess(Service(port=port, module=module))
-    by_product = assess(Service(port=port, module="http", product=product))
+    by_module = assess(Service(port=port, module=module), DEFAULT_POLICY)
+    by_product = assess(Service(port=port, module="http", product=product), DEFAULT_POLICY)
     assert by_module[0] is Severity.CRITICAL
     assert by_product[0] is Severity.CRITICAL
     assert f"{label} exposed to the internet" in by_module[1]
@@ -151,8 +151,8 @@ KEV = {
 
 def test_a_known_exploited_cve_makes_a_medium_service_critical_and_says_which() -> None:
     portal = Service(port=443, product="Citrix Gateway", vulns=("CVE-2023-4966",), max_cvss=7.5)
-    assert assess(portal)[0] is Severity.MEDIUM  # no KEV context: CVSS 7.5 alone
-    level, reasons = assess(portal, context=KEV)
+    assert assess(portal, DEFAULT_POLICY)[0] is Severity.MEDIUM  # no KEV context: CVSS 7.5 alone
+    level, reasons = assess(portal, DEFAULT_POLICY, context=KEV)
     assert level is Severity.CRITICAL
     assert any(
         r.startswith(
@@ -167,7 +167,7 @@ def test_a_likely_exploited_cve_raises_to_high_and_its_epss_reaches_the_event() 
     web = Service(
         port=443, module="https", vulns=("CVE-2024-0001",), cvss=(("CVE-2024-0001", 5.3),)
     )
-    level, reasons = assess(web, context=KEV)
+    level, reasons = assess(web, DEFAULT_POLICY, context=KEV)
     assert level is Severity.HIGH
     assert any("73% chance of exploitation" in r for r in reasons)
     scan = HostScan(ip="203.0.113.7", provider="api", queried_at=T0, services=(web,))
@@ -181,7 +181,7 @@ def test_a_likely_exploited_cve_raises_to_high_and_its_epss_reaches_the_event() 
         site_ids=[],
         acceptance_by_key={},
         first_seen_by_key={},
-        assessor=Assessor(context=KEV),
+        assessor=Assessor(DEFAULT_POLICY, context=KEV),
     )[0]
     (vulnerability,) = event.data.vulnerabilities
     assert (vulnerability.id, vulnerability.cvss, vulnerability.epss, vulnerability.kev) == (
@@ -211,7 +211,7 @@ def test_an_observation_older_than_the_limit_is_stale(age: timedelta | None, sta
         site_ids=[],
         acceptance_by_key={},
         first_seen_by_key={},
-        assessor=Assessor(stale_after=timedelta(days=30)),
+        assessor=Assessor(DEFAULT_POLICY, stale_after=timedelta(days=30)),
     )[0]
     assert event.data.stale is stale
     assert event.data.observation_age_days == (

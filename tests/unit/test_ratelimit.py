@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recon_stream.ratelimit import (
+from recon_stream.adapters.ratelimit import (
     DRIFT,
     Pacer,
     ServerClock,

@@ -18,7 +18,7 @@ from recon_stream.domain.scans import Service
 
 
 def severity(**fields: Any) -> Severity:
-    return assess(Service(**fields))[0]
+    return assess(Service(**fields), DEFAULT_POLICY)[0]
 
 
 def test_severity_orders_by_risk_not_alphabet() -> None:
@@ -53,24 +53,26 @@ def test_severity_orders_by_risk_not_alphabet() -> None:
     ids=["3389-port", "3389-module", "3390-module", "3390-product", "module-case", "udp"],
 )
 def test_rdp_is_critical_wherever_it_listens(service: Service) -> None:
-    level, reasons = assess(service)
+    level, reasons = assess(service, DEFAULT_POLICY)
     assert level is Severity.CRITICAL
     assert "RDP exposed to the internet" in reasons
 
 
 def test_a_non_standard_port_is_explained() -> None:
-    _, by_module = assess(Service(port=3390, module="rdp"))
+    _, by_module = assess(Service(port=3390, module="rdp"), DEFAULT_POLICY)
     assert "service identified by Shodan module 'rdp' on non-standard port tcp/3390" in by_module
-    _, by_product = assess(Service(port=3390, product="Microsoft Terminal Services"))
+    _, by_product = assess(
+        Service(port=3390, product="Microsoft Terminal Services"), DEFAULT_POLICY
+    )
     assert any("product 'Microsoft Terminal Services'" in r for r in by_product)
-    _, by_port = assess(Service(port=3389))
+    _, by_port = assess(Service(port=3389), DEFAULT_POLICY)
     assert any("standard port tcp/3389" in r for r in by_port)
-    _, standard = assess(Service(port=3389, module="rdp"))
+    _, standard = assess(Service(port=3389, module="rdp"), DEFAULT_POLICY)
     assert standard == ("RDP exposed to the internet",)
 
 
 def test_smb_on_a_forwarded_port_is_critical() -> None:
-    level, reasons = assess(Service(port=4455, module="smb"))
+    level, reasons = assess(Service(port=4455, module="smb"), DEFAULT_POLICY)
     assert level is Severity.CRITICAL
     assert "SMB exposed to the internet" in reasons
     assert severity(port=4455, product="Samba smbd") is Severity.CRITICAL
@@ -105,7 +107,7 @@ def test_smb_on_a_forwarded_port_is_critical() -> None:
     ],
 )
 def test_default_critical_services(fields: dict[str, Any], label: str) -> None:
-    level, reasons = assess(Service(**fields))
+    level, reasons = assess(Service(**fields), DEFAULT_POLICY)
     assert level is Severity.CRITICAL
     assert reasons[0] == f"{label} exposed to the internet"
 
@@ -170,7 +172,7 @@ def test_web_without_vulns_is_low(fields: dict[str, Any]) -> None:
 
 
 def test_anything_else_is_info() -> None:
-    level, reasons = assess(Service(port=53, transport="udp", module="dns-udp"))
+    level, reasons = assess(Service(port=53, transport="udp", module="dns-udp"), DEFAULT_POLICY)
     assert level is Severity.INFO
     assert reasons == ("dns-udp open on udp/53",)
     assert severity(port=40000) is Severity.INFO
@@ -178,7 +180,7 @@ def test_anything_else_is_info() -> None:
 
 def test_any_vulnerability_makes_at_least_medium() -> None:
     level, reasons = assess(
-        Service(port=443, module="https", vulns=("CVE-2023-44487",), max_cvss=7.5)
+        Service(port=443, module="https", vulns=("CVE-2023-44487",), max_cvss=7.5), DEFAULT_POLICY
     )
     assert level is Severity.MEDIUM
     assert "known vulnerabilities: CVE-2023-44487 (CVSS 7.5)" in reasons
@@ -188,7 +190,7 @@ def test_any_vulnerability_makes_at_least_medium() -> None:
 
 def test_cvss_9_8_raises_to_high() -> None:
     level, reasons = assess(
-        Service(port=443, module="https", vulns=("CVE-2024-3400",), max_cvss=9.8)
+        Service(port=443, module="https", vulns=("CVE-2024-3400",), max_cvss=9.8), DEFAULT_POLICY
     )
     assert level is Severity.HIGH
     assert "known vulnerabilities: CVE-2024-3400 (CVSS 9.8)" in reasons
@@ -204,7 +206,7 @@ def test_cvss_9_8_on_a_high_service_is_critical() -> None:
         Severity.HIGH
     )
     level, reasons = assess(
-        Service(port=3389, module="rdp", vulns=("CVE-2019-0708",), max_cvss=9.8)
+        Service(port=3389, module="rdp", vulns=("CVE-2019-0708",), max_cvss=9.8), DEFAULT_POLICY
     )
     assert level is Severity.CRITICAL
     assert "known vulnerabilities: CVE-2019-0708 (CVSS 9.8)" in reasons
@@ -212,7 +214,7 @@ def test_cvss_9_8_on_a_high_service_is_critical() -> None:
 
 def test_long_cve_lists_are_shortened() -> None:
     vulns = tuple(f"CVE-2020-{n:04d}" for n in range(8))
-    _, reasons = assess(Service(port=80, vulns=vulns, max_cvss=6.1))
+    _, reasons = assess(Service(port=80, vulns=vulns, max_cvss=6.1), DEFAULT_POLICY)
     assert (
         "known vulnerabilities: CVE-2020-0000, CVE-2020-0001, CVE-2020-0002, CVE-2020-0003, "
         "CVE-2020-0004 and 3 more (max CVSS 6.1)"
@@ -230,11 +232,11 @@ def test_custom_policy_overrides_the_defaults() -> None:
         default=Severity.LOW,
     )
     assert assess(ssh, strict)[0] is Severity.CRITICAL
-    assert assess(ssh)[0] is Severity.MEDIUM
+    assert assess(ssh, DEFAULT_POLICY)[0] is Severity.MEDIUM
     assert assess(Service(port=53, transport="udp"), strict)[0] is Severity.LOW
     web = Service(port=443, module="https", vulns=("CVE-2023-1",), max_cvss=7.5)
     assert assess(web, strict)[0] is Severity.CRITICAL
-    assert assess(web)[0] is Severity.MEDIUM
+    assert assess(web, DEFAULT_POLICY)[0] is Severity.MEDIUM
 
     no_vuln_rules = DEFAULT_POLICY.model_copy(update={"vuln_rules": ()})
     assert assess(web, no_vuln_rules)[0] is Severity.LOW

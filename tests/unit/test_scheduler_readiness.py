@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from recon_stream.metrics import Metrics
-from recon_stream.retry import Backoff
 from recon_stream.scheduler import Scheduler
+from tests.fakes import Parts
 
 pytestmark = pytest.mark.unit
 
 
-class FakeLease:
+class HangingLease:
     """A lease whose store answers `leading`, or never answers at all (`hang`)."""
 
     def __init__(self, leading: bool, hang: asyncio.Event | None = None) -> None:
@@ -25,7 +24,7 @@ class FakeLease:
         self.ttl = timedelta(seconds=0.2)
         self.holder = "test"
 
-    async def try_acquire(self) -> bool:
+    async def try_acquire(self, now: datetime | None = None) -> bool:
         if self.hang is not None:
             await self.hang.wait()
         return self.leading
@@ -49,17 +48,17 @@ async def until_ready_says(s: Scheduler, timeout: float = 10.0) -> str:
     return reason
 
 
-def scheduler(lease: FakeLease) -> Scheduler:
-    nothing: Any = None
+def scheduler(lease: HangingLease) -> Scheduler:
+    parts = Parts()
     scheduler = Scheduler(
-        {"org_ips": nothing},  # type: ignore[arg-type]
-        lease,  # type: ignore[arg-type]
-        nothing,
-        nothing,
-        nothing,
-        nothing,
-        Metrics(),
-        Backoff(0.01, 0.1),
+        lease,
+        parts.ip_scans,
+        parts.org_ips,
+        parts.acceptances,
+        parts.outbox,
+        parts.requests,
+        parts.metrics,
+        parts.retrying,
         rescan_interval=3600,
         retention=7200,
     )
@@ -73,7 +72,7 @@ def scheduler(lease: FakeLease) -> Scheduler:
 
 @pytest.mark.parametrize(("leading", "state"), [(True, "leading"), (False, "standing by")])
 async def test_leading_and_standing_by_are_both_ready(leading: bool, state: str) -> None:
-    s = scheduler(FakeLease(leading))
+    s = scheduler(HangingLease(leading))
     assert await s.ready() == "scheduler has not reached the lease yet"
     task = asyncio.create_task(s.run(tick=0.05))
     await until(lambda: s.state == state)
@@ -85,7 +84,7 @@ async def test_leading_and_standing_by_are_both_ready(leading: bool, state: str)
 
 async def test_a_lease_loop_that_stops_answering_is_not_ready() -> None:
     hang = asyncio.Event()
-    lease = FakeLease(True)
+    lease = HangingLease(True)
     s = scheduler(lease)
     task = asyncio.create_task(s.run(tick=0.05))
     await until(lambda: s.state == "leading")

@@ -48,8 +48,6 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-BUDGETS = "rate_budgets"
-
 # How fast the server's clock may run against ours: two NTP-disciplined clocks stay
 # within a few ppm of each other; 100 ppm leaves room for a slewing correction.
 DRIFT = 100e-6

@@ -15,8 +15,6 @@ from typing import Any
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-LEASES = "leases"
-
 
 class Lease:
     def __init__(

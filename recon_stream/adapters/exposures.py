@@ -1,0 +1,278 @@
+"""`exposures`: one snapshot per (organization, IP), with its outboxes.
+
+    {organization_id, ip, version, status: active|retired, last_queried, provider, sample,
+     hostnames, candidate_agents, site_ids, retired_at,
+     services: [{transport, port, service: {...}, first_seen, last_seen, severity, stale,
+                 acceptance: {reason, requested_by, accepted_at, expires_at} | null}],
+     pending: [<CloudEvent>, ...],                     # the outbox of events
+     pending_state: [{key, version, row | null}, ...], # the outbox of state rows
+     outbox_at}                                        # when the outboxes were last written
+
+What changes is decided in `domain.snapshot`; this module only loads a snapshot,
+stores a decided update in ONE conditional write (`version` must be unchanged) that
+also appends its events and state rows to the outboxes, and pulls and lists what is
+left in outboxes. A crash between the write and the publish leaves them pending; the
+relay publishes them with the ids they were stored with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from recon_stream.adapters.collections import EXPOSURES
+from recon_stream.domain.acceptance import AcceptanceInfo
+from recon_stream.domain.exposures import ExposureEvent, ExposureKey, ExposureState
+from recon_stream.domain.risk import Severity
+from recon_stream.domain.scans import Service
+from recon_stream.domain.snapshot import OpenExposure, Outbox, Snapshot, StateRow, Update
+
+Document = dict[str, Any]
+
+
+async def ensure_indexes(db: AsyncDatabase[Document]) -> list[str]:
+    return [
+        await db[EXPOSURES].create_index(
+            [("organization_id", ASCENDING), ("ip", ASCENDING)], unique=True, name="org_ip_unique"
+        ),
+        await db[EXPOSURES].create_index([("pending.id", ASCENDING)], name="outbox"),
+    ]
+
+
+class MongoSnapshots:
+    """Snapshots and their outboxes on the `exposures` collection."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._collection: AsyncCollection[Document] = db[EXPOSURES]
+
+    # -- snapshots --------------------------------------------------------------------
+
+    async def load(self, organization_id: str, ip: str) -> Snapshot:
+        doc = await self._collection.find_one({"organization_id": organization_id, "ip": ip})
+        return snapshot_of(organization_id, ip, doc)
+
+    async def swap(self, update: Update) -> bool:
+        before, after = update.before, update.after
+        query = {"organization_id": before.organization_id, "ip": before.ip}
+        pending = [e.model_dump(mode="json") for e in update.events]
+        fields = {**_fields_of(after), "outbox_at": datetime.now(UTC)}
+        if not before.stored:
+            try:
+                await self._collection.insert_one(
+                    {
+                        **query,
+                        **fields,
+                        "version": 1,
+                        "pending": pending,
+                        "pending_state": [_state_doc(row) for row in update.state],
+                    }
+                )
+                return True
+            except DuplicateKeyError:
+                return False  # another scanner created it first: decide against theirs
+        # A state row replaces any still pending for the same key: the topic only needs
+        # the latest. Read-modify-write is safe: the version guards the whole document.
+        doc = await self._collection.find_one(
+            {**query, "version": before.version}, {"pending_state": 1}
+        )
+        if doc is None:
+            return False
+        written = {row.key for row in update.state}
+        kept = [e for e in doc.get("pending_state", []) if e["key"] not in written]
+        result = await self._collection.update_one(
+            {**query, "version": before.version},
+            {
+                "$set": {**fields, "pending_state": kept + [_state_doc(r) for r in update.state]},
+                "$inc": {"version": 1},
+                "$push": {"pending": {"$each": pending}},
+            },
+        )
+        return bool(result.modified_count)
+
+    async def ips_of(self, organization_id: str) -> list[str]:
+        """The IPs with an active snapshot for the org."""
+        cursor = self._collection.find(
+            {"organization_id": organization_id, "status": "active"}, {"ip": 1}
+        )
+        return [doc["ip"] async for doc in cursor]
+
+    # -- the outboxes -----------------------------------------------------------------
+
+    async def published(
+        self, organization_id: str, ip: str, ids: Iterable[str], state: Sequence[StateRow] = ()
+    ) -> None:
+        pull: Document = {"pending": {"id": {"$in": list(ids)}}}
+        if state:
+            pull["pending_state"] = {
+                "$or": [{"key": row.key, "version": row.version} for row in state]
+            }
+        await self._collection.update_one(
+            {"organization_id": organization_id, "ip": ip}, {"$pull": pull}
+        )
+
+    async def unpublished(self, limit: int, written_before: datetime | None = None) -> list[Outbox]:
+        """Pairs with events or state rows still in their outboxes (for the relay), only
+        those whose last update was before `written_before` when given."""
+        query: Document = {
+            "$or": [{"pending.0": {"$exists": True}}, {"pending_state.0": {"$exists": True}}]
+        }
+        if written_before is not None:
+            settled = {"$or": [{"outbox_at": {"$lt": written_before}}, {"outbox_at": None}]}
+            query = {"$and": [query, settled]}
+        cursor = self._collection.find(
+            query,
+            {"organization_id": 1, "ip": 1, "pending": 1, "pending_state": 1},
+            limit=limit,
+        )
+        return [
+            Outbox(
+                doc["organization_id"],
+                doc["ip"],
+                [ExposureEvent.model_validate(e) for e in doc.get("pending", [])],
+                [_state_row(entry) for entry in doc.get("pending_state", [])],
+            )
+            async for doc in cursor
+        ]
+
+    async def outbox_size(self) -> int:
+        rows = await (
+            await self._collection.aggregate(
+                [
+                    {"$match": {"pending.0": {"$exists": True}}},
+                    {"$group": {"_id": None, "n": {"$sum": {"$size": "$pending"}}}},
+                ]
+            )
+        ).to_list()
+        return int(rows[0]["n"]) if rows else 0
+
+    async def unpublished_count(self) -> int:
+        """Snapshots with events still in their outbox."""
+        return await self._collection.count_documents({"pending.0": {"$exists": True}})
+
+    async def count(self) -> int:
+        return await self._collection.count_documents({})
+
+    # -- views ------------------------------------------------------------------------
+
+    async def stale_count(self) -> int:
+        """Open exposures whose Shodan observation was stale when last written."""
+        rows = await (
+            await self._collection.aggregate(
+                [
+                    {"$match": {"status": "active", "services.stale": True}},
+                    {"$unwind": "$services"},
+                    {"$match": {"services.stale": True}},
+                    {"$count": "n"},
+                ]
+            )
+        ).to_list()
+        return int(rows[0]["n"]) if rows else 0
+
+    async def table(self, organization_id: str) -> list[Document]:
+        """The org's snapshot documents, for `recon-stream exposures`."""
+        cursor = self._collection.find(
+            {"organization_id": organization_id}, sort=[("ip", ASCENDING)]
+        )
+        return [doc async for doc in cursor]
+
+    # -- the migration of hand-edited `accepted` lists (`adapters.migrations`) -----------
+
+    async def with_accepted_lists(self) -> list[Document]:
+        return await self._collection.find({"accepted": {"$exists": True}}).to_list()
+
+    async def drop_accepted_list(self, doc: Document, services: list[Document]) -> None:
+        await self._collection.update_one(
+            {"_id": doc["_id"], "version": doc.get("version", 0)},
+            {"$set": {"services": services}, "$unset": {"accepted": ""}},
+        )
+
+
+def snapshot_of(organization_id: str, ip: str, doc: Document | None) -> Snapshot:
+    """The snapshot a stored document holds (an empty one for None)."""
+    if doc is None:
+        return Snapshot(organization_id, ip)
+    services = {
+        _key_of(entry): OpenExposure(
+            Service.model_validate(entry["service"]),
+            entry["first_seen"],
+            entry["last_seen"],
+            _severity(entry.get("severity")),
+            bool(entry.get("stale", False)),
+            AcceptanceInfo.model_validate(entry["acceptance"]) if entry.get("acceptance") else None,
+        )
+        for entry in doc.get("services", [])
+    }
+    return Snapshot(
+        organization_id,
+        ip,
+        stored=True,
+        version=int(doc.get("version", 0)),
+        status=doc.get("status"),
+        last_queried=doc.get("last_queried"),
+        provider=doc.get("provider", "api"),
+        sample=bool(doc.get("sample", False)),
+        hostnames=tuple(doc.get("hostnames", [])),
+        candidate_agents=tuple(doc.get("candidate_agents", [])),
+        site_ids=tuple(doc.get("site_ids", [])),
+        retired_at=doc.get("retired_at"),
+        services=services,
+    )
+
+
+def _fields_of(snapshot: Snapshot) -> Document:
+    fields: Document = {
+        "status": snapshot.status,
+        "last_queried": snapshot.last_queried,
+        "provider": snapshot.provider,
+        "sample": snapshot.sample,
+        "hostnames": list(snapshot.hostnames),
+        "candidate_agents": list(snapshot.candidate_agents),
+        "site_ids": list(snapshot.site_ids),
+        "retired_at": snapshot.retired_at,
+    }
+    # Fields a snapshot never had stay absent, as they were.
+    fields = {name: value for name, value in fields.items() if value is not None}
+    fields["services"] = [
+        {
+            "transport": key[0],
+            "port": key[1],
+            "service": entry.service.model_dump(mode="python"),
+            "first_seen": entry.first_seen,
+            "last_seen": entry.last_seen,
+            "severity": entry.severity.value if entry.severity is not None else None,
+            "stale": entry.stale,
+            "acceptance": (
+                entry.acceptance.model_dump(mode="python") if entry.acceptance is not None else None
+            ),
+        }
+        for key, entry in snapshot.services.items()
+    ]
+    return fields
+
+
+def _severity(value: Any) -> Severity | None:
+    return Severity(value) if value in Severity._value2member_map_ else None
+
+
+def _key_of(entry: Document) -> ExposureKey:
+    return (entry["transport"], int(entry["port"]))
+
+
+def _state_doc(row: StateRow) -> Document:
+    value = row.value.model_dump(mode="json") if row.value is not None else None
+    return {"key": row.key, "version": row.version, "row": value}
+
+
+def _state_row(entry: Document) -> StateRow:
+    value = entry.get("row")
+    return StateRow(
+        entry["key"],
+        ExposureState.model_validate(value) if value is not None else None,
+        int(entry["version"]),
+    )

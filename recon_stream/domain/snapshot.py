@@ -1,0 +1,301 @@
+"""The exposure decision: given an organization's snapshot of one IP and what just
+happened (a lookup, a retirement, a change of acceptances or of the feeds), what is
+open now, what changed, and which events, state rows and history entries follow.
+
+Three things happen to a snapshot, each in two pure steps:
+
+1. `plan_lookup`, `plan_retirement` or `plan_reassessment` says what is open after it
+   and what changed in substance (opened, closed, changed service), or None when
+   nothing is to be done (a lookup no newer than the snapshot, a retired or empty
+   snapshot). The plan names the CVEs and whether acceptances matter, so the caller
+   loads only the context it needs.
+2. `decide` adds the acceptances in force and the assessment (policy, KEV, EPSS):
+   acceptance changes, severity changes, the state row of every open exposure and
+   one event per change. It returns the new snapshot with its outboxes, or None
+   when a retirement or re-assessment changes nothing (a lookup always updates the
+   snapshot: its time and agents are news even when its ports are not).
+
+The store compare-and-swaps the new snapshot (and appends its outboxes) against the
+version it loaded; on a conflict the caller loads again and decides again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Literal
+
+from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
+from recon_stream.domain.exposures import (
+    Assessor,
+    Change,
+    ExposureEvent,
+    ExposureKey,
+    ExposureState,
+    Sighting,
+    acceptance_changes,
+    build_events,
+    build_state,
+    diff,
+    retire,
+    severity_changes,
+    snapshot_of,
+    state_key,
+)
+from recon_stream.domain.risk import Severity
+from recon_stream.domain.scans import HostScan, ProviderName, Service
+
+
+@dataclass(frozen=True, slots=True)
+class OrgContext:
+    """What an organization's own agents told us about an IP (from `org_ips`)."""
+
+    organization_id: str
+    candidate_agents: tuple[str, ...]
+    site_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenExposure:
+    """One open port as the snapshot keeps it."""
+
+    service: Service
+    first_seen: datetime
+    last_seen: datetime
+    severity: Severity | None = None
+    """As last assessed; None in snapshots written before severities were stored."""
+    stale: bool = False
+    acceptance: AcceptanceInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What one organization last knew about one IP."""
+
+    organization_id: str
+    ip: str
+    stored: bool = False
+    """False: nothing stored yet for this (organization, IP)."""
+    version: int = 0
+    status: str | None = None
+    """`active` or `retired`."""
+    last_queried: datetime | None = None
+    provider: ProviderName = "api"
+    sample: bool = False
+    hostnames: tuple[str, ...] = ()
+    candidate_agents: tuple[str, ...] = ()
+    site_ids: tuple[str, ...] = ()
+    retired_at: datetime | None = None
+    services: Mapping[ExposureKey, OpenExposure] = field(default_factory=dict)
+
+    @property
+    def retired(self) -> bool:
+        return self.status == "retired"
+
+    def open_services(self) -> dict[ExposureKey, Service]:
+        return {key: entry.service for key, entry in self.services.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StateRow:
+    """A state-topic record: key, value (None: tombstone) and the version that wrote it."""
+
+    key: str
+    value: ExposureState | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """What one update left to publish for one (organization, IP)."""
+
+    organization_id: str
+    ip: str
+    events: list[ExposureEvent]
+    state: list[StateRow]
+
+    @classmethod
+    def empty(cls, organization_id: str, ip: str) -> Outbox:
+        return cls(organization_id, ip, [], [])
+
+
+PlanKind = Literal["lookup", "retirement", "reassessment"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a lookup, a retirement or a re-assessment does to a snapshot, before the
+    acceptances and the feeds are consulted."""
+
+    kind: PlanKind
+    before: Snapshot
+    after: Mapping[ExposureKey, Service]
+    """The exposures open afterwards."""
+    basis: HostScan
+    """The lookup the rows are built on (for non-lookups, the stored one's summary)."""
+    changes: Sequence[Change]
+    at: datetime
+    """When: acceptance expiry is judged at this time."""
+    org: OrgContext | None = None
+    """The organization's agents and sites now (lookups only)."""
+
+    @property
+    def cves(self) -> frozenset[str]:
+        """The CVEs whose KEV and EPSS context the assessment needs."""
+        services = (*self.after.values(), *self.before.open_services().values())
+        return frozenset(cve for service in services for cve in service.vulns)
+
+    @property
+    def needs_acceptances(self) -> bool:
+        return bool(self.after)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """The decision: the snapshot to store (replacing `before` at its version) and what
+    it leaves in the outboxes."""
+
+    before: Snapshot
+    after: Snapshot
+    events: list[ExposureEvent]
+    state: list[StateRow]
+
+    @property
+    def outbox(self) -> Outbox:
+        return Outbox(self.after.organization_id, self.after.ip, self.events, self.state)
+
+
+def plan_lookup(before: Snapshot, org: OrgContext, scan: HostScan, now: datetime) -> Plan | None:
+    """A lookup of the IP, for `org`; None when the snapshot is as new or newer
+    (idempotent: a redelivered or reused lookup changes nothing)."""
+    if before.last_queried is not None and _aware(before.last_queried) >= _aware(scan.queried_at):
+        return None
+    at = max(_aware(now), _aware(scan.queried_at))
+    changes = diff(before.open_services(), scan)
+    return Plan("lookup", before, snapshot_of(scan), scan, changes, at, org)
+
+
+def plan_retirement(before: Snapshot, at: datetime) -> Plan | None:
+    """The organization stopped using the IP: every open exposure closes (`ip_retired`)."""
+    if not before.stored or before.retired:
+        return None
+    return Plan(
+        "retirement", before, {}, _stored_basis(before, at), retire(before.open_services()), at
+    )
+
+
+def plan_reassessment(before: Snapshot, at: datetime) -> Plan | None:
+    """The acceptances or the assessment may have changed: judge the open exposures again."""
+    if not before.stored or before.retired or not before.services:
+        return None
+    return Plan("reassessment", before, before.open_services(), _stored_basis(before, at), [], at)
+
+
+def decide(plan: Plan, acceptances: Sequence[Acceptance], assessor: Assessor) -> Update | None:
+    """The snapshot after `plan` under `acceptances` (those of the IP and the
+    organization-wide ones) and `assessor`, with its events and state rows; None when
+    a retirement or re-assessment changes nothing."""
+    before, after, basis, at = plan.before, plan.after, plan.basis, plan.at
+    organization_id, ip = before.organization_id, before.ip
+    lookup = plan.kind == "lookup"
+    stored = before.services
+    was = {key: entry.acceptance for key, entry in stored.items()}
+    now_accepted = {key: acceptance_for(list(acceptances), ip, key[0], key[1], at) for key in after}
+    changes = acceptance_changes(plan.changes, after, was, now_accepted, at)
+    org = plan.org
+    agents = org.candidate_agents if org else before.candidate_agents
+    sites = org.site_ids if org else before.site_ids
+    sightings = {
+        key: Sighting(
+            service,
+            stored[key].first_seen if key in stored else basis.queried_at,
+            basis.queried_at if lookup else stored[key].last_seen,
+            now_accepted.get(key),
+        )
+        for key, service in after.items()
+    }
+    # The rows assess every open exposure once; their severity is the one stored.
+    rows = build_state(
+        organization_id,
+        ip,
+        sightings,
+        basis,
+        candidate_agents=agents,
+        site_ids=sites,
+        assessor=assessor,
+    )
+    changes = severity_changes(
+        changes,
+        after,
+        {key: entry.severity for key, entry in stored.items()},
+        {key: row.severity for key, row in rows.items()},
+    )
+    if not changes and not lookup:
+        return None
+    closed = stored.keys() - after.keys()
+    for key in closed:
+        now_accepted[key] = was.get(key)  # a closed exposure shows its last state
+    events = build_events(
+        organization_id,
+        ip,
+        changes,
+        basis,
+        version=before.version,
+        candidate_agents=agents,
+        site_ids=sites,
+        acceptance_by_key=now_accepted,
+        first_seen_by_key={key: entry.first_seen for key, entry in stored.items()},
+        last_seen_by_key={key: entry.last_seen for key, entry in stored.items()},
+        occurred_at=None if lookup else at,
+        assessor=assessor,
+    )
+    version = before.version + 1
+    state = [
+        StateRow(state_key(organization_id, ip, *key), row, version) for key, row in rows.items()
+    ] + [StateRow(state_key(organization_id, ip, *key), None, version) for key in sorted(closed)]
+    services = {
+        key: OpenExposure(
+            sighting.service,
+            sighting.first_seen,
+            sighting.last_seen,
+            rows[key].severity,
+            rows[key].stale,
+            sighting.acceptance,
+        )
+        for key, sighting in sightings.items()
+    }
+    return Update(before, _after(plan, services, version), events, state)
+
+
+def _after(plan: Plan, services: dict[ExposureKey, OpenExposure], version: int) -> Snapshot:
+    before = replace(plan.before, stored=True, version=version, services=services)
+    if plan.kind == "retirement":
+        return replace(before, status="retired", retired_at=plan.at)
+    if plan.kind == "lookup" and plan.org is not None:
+        scan = plan.basis
+        return replace(
+            before,
+            status="active",
+            last_queried=scan.queried_at,
+            provider=scan.provider,
+            sample=scan.sample,
+            hostnames=tuple(scan.hostnames),
+            candidate_agents=tuple(plan.org.candidate_agents),
+            site_ids=tuple(plan.org.site_ids),
+        )
+    return before
+
+
+def _stored_basis(snapshot: Snapshot, at: datetime) -> HostScan:
+    return HostScan(
+        ip=snapshot.ip,
+        provider=snapshot.provider,
+        queried_at=snapshot.last_queried or at,
+        hostnames=snapshot.hostnames,
+        sample=snapshot.sample,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

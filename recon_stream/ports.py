@@ -1,0 +1,236 @@
+"""The ports: what each stage needs from storage and from Kafka, as small Protocols.
+
+Stages (ingest, scanner, commands, scheduler, the outbox publisher, the feed
+refresher) depend on these, never on an adapter class; the composition root
+(`recon_stream.app`) builds the MongoDB and Kafka adapters that satisfy them, and
+the unit tests hand the stages the fakes of `tests/fakes.py` instead. Each Protocol
+is shaped to what its stages call, nothing more. The lookup provider and the rate
+budget are in `recon_stream.providers`; the dead-letter sink in
+`recon_stream.dead_letters`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.scan_requests import ScanRequest
+from recon_stream.domain.scans import HostScan
+from recon_stream.domain.sightings import PairKey, PairSighting
+from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
+from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from recon_stream.adapters.scan_queue import QueueItem
+
+Created = dict[PairKey, Any]
+"""Pairs a write created or a relay claimed, each with its document id (for `mark_requested`)."""
+
+
+# -- org_ips --------------------------------------------------------------------------
+
+
+class OrgIpStore(Protocol):
+    """What the ingest stage needs from `org_ips`."""
+
+    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> Created:
+        """Upsert the sightings; return the pairs this call created (its to announce)."""
+        ...
+
+    async def mark_requested(self, ids: Collection[Any], now: datetime) -> None:
+        """Flip the outbox of these documents (ids from `record`/`claim_unsent`) to `sent`."""
+        ...
+
+    async def claim_unsent(self, now: datetime, limit: int) -> Created:
+        """Claim pairs whose scan request is pending past its lease."""
+        ...
+
+
+class OrgDirectory(Protocol):
+    """Which organizations use which IPs (`org_ips`), for the scanner and commands."""
+
+    async def orgs_behind(self, ip: str) -> list[OrgContext]:
+        """Every organization whose agents report from `ip` and still use it."""
+        ...
+
+    async def reported_ips(self, organization_id: str) -> set[str]:
+        """The IPs the organization's agents still report from, scanned or not yet."""
+        ...
+
+
+class PairRetirement(Protocol):
+    """What the scheduler needs from `org_ips`."""
+
+    async def users(self, ips: Sequence[str]) -> list[tuple[str, str]]:
+        """The active (ip, organization) pairs of `ips`, in a stable order."""
+        ...
+
+    async def unused(self, cutoff: datetime, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` active (organization, ip) pairs last seen before `cutoff`."""
+        ...
+
+    async def retire(self, organization_id: str, ip: str, cutoff: datetime, now: datetime) -> bool:
+        """Mark the pair retired if still unused since `cutoff`; False if seen again."""
+        ...
+
+
+# -- lookups and the queue ---------------------------------------------------------------
+
+
+class LookupStore(Protocol):
+    """The latest lookup per IP (`ip_scans`)."""
+
+    @property
+    def rescan_interval(self) -> float: ...
+
+    async def get(self, ip: str) -> HostScan | None: ...
+
+    async def put(self, scan: HostScan) -> None: ...
+
+
+class RescanSchedule(Protocol):
+    """When each IP's next routine lookup is due (`ip_scans`), for the scheduler."""
+
+    async def due(self, now: datetime, limit: int) -> list[str]: ...
+
+    async def postpone(self, ips: Sequence[str], until: datetime) -> None: ...
+
+
+class ScanRequestQueue(Protocol):
+    """Where scan requests wait for a lookup (`scan_queue`)."""
+
+    async def enqueue(
+        self, requests: Sequence[ScanRequest], traces: Sequence[Mapping[str, str]] = ()
+    ) -> int: ...
+
+
+class ScanWork(ScanRequestQueue, Protocol):
+    """The scanner's side of the queue: claim an IP, then complete or give it back."""
+
+    async def claim(self, lease: timedelta, now: datetime | None = None) -> QueueItem | None: ...
+
+    async def complete(self, item: QueueItem) -> bool: ...
+
+    async def retry_later(
+        self,
+        item: QueueItem,
+        delay: float,
+        now: datetime | None = None,
+        *,
+        error: str | None = None,
+    ) -> None: ...
+
+    async def release(self, item: QueueItem) -> None: ...
+
+
+# -- snapshots, acceptances, history ------------------------------------------------------
+
+
+class SnapshotStore(Protocol):
+    """Per-(organization, IP) snapshots with their outboxes (`exposures`)."""
+
+    async def load(self, organization_id: str, ip: str) -> Snapshot:
+        """The stored snapshot, or an empty one (`stored` False)."""
+        ...
+
+    async def swap(self, update: Update) -> bool:
+        """Store `update.after` and append its outboxes if the snapshot is still at
+        `update.before`'s version; False when another writer got there first."""
+        ...
+
+    async def ips_of(self, organization_id: str) -> list[str]:
+        """The IPs with an active snapshot for the organization."""
+        ...
+
+
+class OutboxStore(Protocol):
+    """The outboxes of the snapshots (`exposures.pending`, `exposures.pending_state`)."""
+
+    async def published(
+        self, organization_id: str, ip: str, ids: Iterable[str], state: Sequence[StateRow] = ()
+    ) -> None:
+        """Pull what was published from the outboxes."""
+        ...
+
+    async def unpublished(self, limit: int, written_before: datetime | None = None) -> list[Outbox]:
+        """Outboxes with something left, last written before `written_before` if given."""
+        ...
+
+
+class AcceptanceStore(Protocol):
+    """Exposures organizations declared intended (`acceptances`)."""
+
+    async def accept(self, acceptance: Acceptance, command_id: str) -> None: ...
+
+    async def unaccept(
+        self, organization_id: str, ip: str | None, transport: str, port: int
+    ) -> bool: ...
+
+    async def acceptances(
+        self, organization_id: str, ip: str | None = None
+    ) -> list[Acceptance]: ...
+
+    async def expired_acceptances(self, now: datetime, limit: int = 100) -> list[Acceptance]: ...
+
+    async def forget_acceptance(self, acceptance: Acceptance) -> None: ...
+
+
+class HistoryLog(Protocol):
+    """One entry per event (`exposure_history`), idempotent by event id."""
+
+    async def record(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class VulnContextSource(Protocol):
+    """What the KEV and EPSS feeds say about CVEs (`vuln_context`)."""
+
+    async def lookup(self, cves: Iterable[str]) -> dict[str, VulnContext]: ...
+
+
+class FeedCopies(Protocol):
+    """The feed refresher's side of the feeds: each copy's status, and a new copy."""
+
+    async def status(self, feed: Feed) -> FeedStatus: ...
+
+    async def refresh(self, feed: Feed, source: str) -> int: ...
+
+
+class CommandLogStore(Protocol):
+    """Which commands were applied already (`applied_commands`)."""
+
+    async def applied(self, command_id: str) -> bool: ...
+
+    async def mark(self, command_id: str, organization_id: str, command: str) -> None: ...
+
+
+class LeaderLease(Protocol):
+    """A lease only one process holds at a time (`leases`)."""
+
+    @property
+    def ttl(self) -> timedelta: ...
+
+    async def try_acquire(self, now: datetime | None = None) -> bool: ...
+
+    async def release(self) -> None: ...
+
+
+# -- Kafka ------------------------------------------------------------------------------
+
+
+class EventSink(Protocol):
+    async def publish(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class StateSink(Protocol):
+    async def publish(self, rows: Sequence[StateRow]) -> None: ...
+
+
+class ScanRequestSink(Protocol):
+    async def publish(
+        self, requests: Sequence[ScanRequest], contexts: Sequence[Context | None] = ()
+    ) -> None: ...

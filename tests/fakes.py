@@ -1,0 +1,469 @@
+"""In-memory fakes of the ports (`recon_stream.ports`, `recon_stream.providers`), for
+unit tests of the stages.
+
+Each fake keeps what its MongoDB or Kafka adapter would keep, in plain dicts and
+lists, and keeps the adapter's promises (compare-and-swap on a snapshot's version,
+idempotent writes by id). Where a fake stands in for an adapter, one set of test
+cases runs against both: `tests/store_cases.py`, run on the fakes by
+`tests/unit/test_store_fakes.py` and on genuine MongoDB by
+`tests/integration/test_store_adapters.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from recon_stream.adapters.scan_queue import PRIORITY, QueueItem
+from recon_stream.dead_letters import Rejected
+from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.exposures import Assessor, ExposureEvent
+from recon_stream.domain.policy_file import DEFAULT_POLICY
+from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.domain.scans import HostScan
+from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
+from recon_stream.domain.vulns import VulnContext
+from recon_stream.metrics import Metrics
+from recon_stream.outbox import OutboxPublisher
+from recon_stream.providers import ShodanError
+from recon_stream.retry import Backoff, Retrier
+from recon_stream.snapshots import SnapshotUpdater
+
+BUILT_IN = Assessor(DEFAULT_POLICY)
+"""Exposures judged by the built-in policy, without feed context."""
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class FakeSnapshots:
+    """`SnapshotStore` and `OutboxStore`: snapshots by (organization, IP) with outboxes."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[tuple[str, str], Snapshot] = {}
+        self.pending: dict[tuple[str, str], list[ExposureEvent]] = {}
+        self.pending_state: dict[tuple[str, str], list[StateRow]] = {}
+        self.conflicts = 0
+        """Swaps to refuse as if another writer got there first (then counted down)."""
+
+    async def load(self, organization_id: str, ip: str) -> Snapshot:
+        return self.snapshots.get((organization_id, ip), Snapshot(organization_id, ip))
+
+    async def swap(self, update: Update) -> bool:
+        key = (update.before.organization_id, update.before.ip)
+        current = self.snapshots.get(key)
+        if self.conflicts:
+            self.conflicts -= 1
+            if current is not None:
+                self.snapshots[key] = dataclasses.replace(current, version=current.version + 1)
+            return False
+        if update.before.stored != (current is not None):
+            return False
+        if current is not None and current.version != update.before.version:
+            return False
+        self.snapshots[key] = update.after
+        self.pending.setdefault(key, []).extend(update.events)
+        written = {row.key for row in update.state}
+        kept = [row for row in self.pending_state.get(key, []) if row.key not in written]
+        self.pending_state[key] = kept + list(update.state)
+        return True
+
+    async def ips_of(self, organization_id: str) -> list[str]:
+        return [
+            ip
+            for (org, ip), snapshot in sorted(self.snapshots.items())
+            if org == organization_id and snapshot.status == "active"
+        ]
+
+    async def published(
+        self, organization_id: str, ip: str, ids: Iterable[str], state: Sequence[StateRow] = ()
+    ) -> None:
+        key, gone = (organization_id, ip), set(ids)
+        self.pending[key] = [e for e in self.pending.get(key, []) if e.id not in gone]
+        sent = {(row.key, row.version) for row in state}
+        self.pending_state[key] = [
+            row for row in self.pending_state.get(key, []) if (row.key, row.version) not in sent
+        ]
+
+    async def unpublished(self, limit: int, written_before: datetime | None = None) -> list[Outbox]:
+        keys = sorted(k for k in self.snapshots if self.pending.get(k) or self.pending_state.get(k))
+        return [
+            Outbox(
+                org, ip, list(self.pending.get((org, ip), [])), list(self.pending_state[(org, ip)])
+            )
+            for org, ip in keys[:limit]
+        ]
+
+
+class FakeAcceptances:
+    """`AcceptanceStore`: acceptances by (organization, IP or None, transport, port)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str, str | None, str, int], Acceptance] = {}
+
+    async def accept(self, acceptance: Acceptance, command_id: str) -> None:
+        a = acceptance
+        self.kept[(a.organization_id, a.ip, a.transport, a.port)] = acceptance
+
+    async def unaccept(
+        self, organization_id: str, ip: str | None, transport: str, port: int
+    ) -> bool:
+        return self.kept.pop((organization_id, ip, transport, port), None) is not None
+
+    async def acceptances(self, organization_id: str, ip: str | None = None) -> list[Acceptance]:
+        return [
+            a
+            for a in self.kept.values()
+            if a.organization_id == organization_id and (ip is None or a.ip in (ip, None))
+        ]
+
+    async def expired_acceptances(self, now: datetime, limit: int = 100) -> list[Acceptance]:
+        return [a for a in self.kept.values() if a.expires_at and a.expires_at <= now][:limit]
+
+    async def forget_acceptance(self, acceptance: Acceptance) -> None:
+        a = acceptance
+        key = (a.organization_id, a.ip, a.transport, a.port)
+        kept = self.kept.get(key)
+        # As the adapter: the same acceptance is the same grant time and expiry.
+        if kept is not None and (kept.accepted_at, kept.expires_at) == (
+            a.accepted_at,
+            a.expires_at,
+        ):
+            del self.kept[key]
+
+
+class FakeHistory:
+    """`HistoryLog`: entries by event id."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ExposureEvent] = {}
+
+    async def record(self, events: Sequence[ExposureEvent]) -> None:
+        self.entries.update((event.id, event) for event in events)
+
+
+class FakeFeeds:
+    """`VulnContextSource`: what the feeds say, by CVE."""
+
+    def __init__(self, known: Mapping[str, VulnContext] | None = None) -> None:
+        self.known = dict(known or {})
+        self.asked: list[set[str]] = []
+
+    async def lookup(self, cves: Iterable[str]) -> dict[str, VulnContext]:
+        wanted = set(cves)
+        self.asked.append(wanted)
+        return {cve: self.known[cve] for cve in wanted if cve in self.known}
+
+
+class FakeOrgIps:
+    """`OrgDirectory` and `PairRetirement`: active pairs with their agents and last sighting."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(
+        self,
+        organization_id: str,
+        ip: str,
+        agents: Sequence[str] = ("agent-1",),
+        last_seen: datetime = EPOCH,
+    ) -> None:
+        self.pairs[(organization_id, ip)] = {
+            "agents": tuple(agents),
+            "last_seen": last_seen,
+            "status": "active",
+        }
+
+    async def orgs_behind(self, ip: str) -> list[OrgContext]:
+        return [
+            OrgContext(org, pair["agents"], ())
+            for (org, at), pair in sorted(self.pairs.items())
+            if at == ip and pair["status"] == "active"
+        ]
+
+    async def reported_ips(self, organization_id: str) -> set[str]:
+        return {
+            ip
+            for (org, ip), pair in self.pairs.items()
+            if org == organization_id and pair["status"] == "active"
+        }
+
+    async def users(self, ips: Sequence[str]) -> list[tuple[str, str]]:
+        return sorted(
+            (ip, org)
+            for (org, ip), pair in self.pairs.items()
+            if ip in ips and pair["status"] == "active"
+        )
+
+    async def unused(self, cutoff: datetime, limit: int) -> list[tuple[str, str]]:
+        return [
+            key
+            for key, pair in sorted(self.pairs.items())
+            if pair["status"] == "active" and pair["last_seen"] < cutoff
+        ][:limit]
+
+    async def retire(self, organization_id: str, ip: str, cutoff: datetime, now: datetime) -> bool:
+        pair = self.pairs.get((organization_id, ip))
+        if pair is None or pair["status"] != "active" or pair["last_seen"] >= cutoff:
+            return False
+        pair["status"] = "retired"
+        return True
+
+
+class FakeIpScans:
+    """`LookupStore` and `RescanSchedule`."""
+
+    def __init__(self, rescan_interval: float = 3600.0) -> None:
+        self.scans: dict[str, HostScan] = {}
+        self.next_scan: dict[str, datetime] = {}
+        self._rescan = rescan_interval
+
+    @property
+    def rescan_interval(self) -> float:
+        return self._rescan
+
+    async def get(self, ip: str) -> HostScan | None:
+        return self.scans.get(ip)
+
+    async def put(self, scan: HostScan) -> None:
+        self.scans[scan.ip] = scan
+        self.next_scan[scan.ip] = scan.queried_at + timedelta(seconds=self._rescan)
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
+        return sorted(ip for ip, at in self.next_scan.items() if at <= now)[:limit]
+
+    async def postpone(self, ips: Sequence[str], until: datetime) -> None:
+        for ip in ips:
+            self.next_scan[ip] = until
+
+
+class FakeQueue:
+    """`ScanWork`: one item per IP, most urgent first; no clock (claims never expire)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, QueueItem] = {}
+        self.claimed: set[str] = set()
+        self.retried: list[tuple[str, float, str | None]] = []
+        self.completed: list[str] = []
+
+    async def enqueue(
+        self, requests: Sequence[ScanRequest], traces: Sequence[Mapping[str, str]] = ()
+    ) -> int:
+        for request in requests:
+            item = self.items.get(request.ip)
+            reason = request.reason.value
+            if item is None:
+                self.items[request.ip] = QueueItem(
+                    request.ip,
+                    PRIORITY[request.reason],
+                    1,
+                    0,
+                    (reason,),
+                    (request.organization_id,),
+                    EPOCH,
+                    requested_at=request.requested_at,
+                )
+            else:
+                self.items[request.ip] = dataclasses.replace(
+                    item,
+                    priority=min(item.priority, PRIORITY[request.reason]),
+                    seq=item.seq + 1,
+                    reasons=tuple(sorted({*item.reasons, reason})),
+                    orgs=tuple(sorted({*item.orgs, request.organization_id})),
+                )
+        return len(requests)
+
+    async def claim(self, lease: timedelta, now: datetime | None = None) -> QueueItem | None:
+        free = [item for ip, item in self.items.items() if ip not in self.claimed]
+        if not free:
+            return None
+        item = min(free, key=lambda i: (i.priority, i.requested_at or EPOCH))
+        self.claimed.add(item.ip)
+        return item
+
+    async def complete(self, item: QueueItem) -> bool:
+        self.claimed.discard(item.ip)
+        self.completed.append(item.ip)
+        if self.items.get(item.ip, item).seq == item.seq:
+            self.items.pop(item.ip, None)
+            return True
+        return False
+
+    async def retry_later(
+        self,
+        item: QueueItem,
+        delay: float,
+        now: datetime | None = None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        self.retried.append((item.ip, delay, error))
+        self.claimed.discard(item.ip)
+
+    async def release(self, item: QueueItem) -> None:
+        self.claimed.discard(item.ip)
+
+
+class FakeCommandLog:
+    """`CommandLogStore`."""
+
+    def __init__(self) -> None:
+        self.marked: dict[str, tuple[str, str]] = {}
+
+    async def applied(self, command_id: str) -> bool:
+        return command_id in self.marked
+
+    async def mark(self, command_id: str, organization_id: str, command: str) -> None:
+        self.marked[command_id] = (organization_id, command)
+
+
+class FakeLease:
+    """`LeaderLease` held (or not) as the test says."""
+
+    def __init__(self, leading: bool = True) -> None:
+        self.leading = leading
+        self.ttl = timedelta(seconds=0.2)
+
+    async def try_acquire(self, now: datetime | None = None) -> bool:
+        return self.leading
+
+    async def release(self) -> None:
+        return None
+
+
+class Recorder:
+    """Any of the Kafka sinks: keeps what was published, in order."""
+
+    def __init__(self) -> None:
+        self.published: list[Any] = []
+        self.failures = 0
+        """Publishes to fail with an outage first (counted down)."""
+
+    async def publish(self, items: Sequence[Any], contexts: Sequence[Any] = ()) -> None:
+        if self.failures:
+            self.failures -= 1
+            from aiokafka.errors import KafkaConnectionError
+
+            raise KafkaConnectionError("broker down (fake)")
+        self.published.extend(items)
+
+
+class FakeDeadLetters:
+    def __init__(self) -> None:
+        self.rejected: list[Rejected] = []
+
+    async def publish(self, rejected: Sequence[Rejected]) -> None:
+        self.rejected.extend(rejected)
+
+
+@dataclasses.dataclass
+class FakeRecord:
+    """A raw Kafka record."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str = "topic"
+    partition: int = 0
+    offset: int = 0
+    timestamp: int = 0
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+class FakeSlot:
+    """A rate-budget slot that is always open."""
+
+    def __init__(self) -> None:
+        self.entered_at: float | None = None
+
+    @property
+    def wait(self) -> float:
+        return 0.0
+
+    def enter(self) -> bool:
+        self.entered_at = 0.0
+        return True
+
+    def abandon(self) -> None:
+        return None
+
+
+class FakeBudget:
+    """`RateBudget`: counts the slots handed out."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    async def reserve(self) -> FakeSlot:
+        self.reserved += 1
+        return FakeSlot()
+
+
+class FakeProvider:
+    """`ShodanProvider`: answers from `hosts`, or raises what `errors` holds for an IP."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostScan] = {}
+        self.errors: dict[str, ShodanError] = {}
+        self.lookups: list[str] = []
+
+    async def lookup(self, ip: str, gate: Any = None) -> HostScan:
+        self.lookups.append(ip)
+        if gate is not None:
+            gate.enter()
+        if ip in self.errors:
+            raise self.errors[ip]
+        found = self.hosts.get(ip)
+        return found or HostScan(ip=ip, provider="api", queried_at=datetime.now(UTC))
+
+    async def check_key(self, gate: Any = None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclasses.dataclass
+class Parts:
+    """The pieces a stage is built from, all fakes, wired as the composition root does."""
+
+    snapshots: FakeSnapshots = dataclasses.field(default_factory=FakeSnapshots)
+    acceptances: FakeAcceptances = dataclasses.field(default_factory=FakeAcceptances)
+    history: FakeHistory = dataclasses.field(default_factory=FakeHistory)
+    feeds: FakeFeeds = dataclasses.field(default_factory=FakeFeeds)
+    org_ips: FakeOrgIps = dataclasses.field(default_factory=FakeOrgIps)
+    ip_scans: FakeIpScans = dataclasses.field(default_factory=FakeIpScans)
+    queue: FakeQueue = dataclasses.field(default_factory=FakeQueue)
+    command_log: FakeCommandLog = dataclasses.field(default_factory=FakeCommandLog)
+    events: Recorder = dataclasses.field(default_factory=Recorder)
+    state: Recorder = dataclasses.field(default_factory=Recorder)
+    ocsf: Recorder = dataclasses.field(default_factory=Recorder)
+    requests: Recorder = dataclasses.field(default_factory=Recorder)
+    dead_letters: FakeDeadLetters = dataclasses.field(default_factory=FakeDeadLetters)
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    outages: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.retrying = Retrier(
+            Backoff(0.001, 0.01),
+            self.metrics,
+            lambda dependency, error: self.outages.append(dependency),
+        )
+        self.updater = SnapshotUpdater(self.snapshots, self.acceptances, self.feeds, DEFAULT_POLICY)
+        self.outbox = OutboxPublisher(
+            self.snapshots,
+            self.history,
+            self.updater,
+            self.events,
+            self.state,
+            self.metrics,
+            self.retrying,
+            ocsf=self.ocsf,
+        )
+
+
+def request(org: str, ip: str, reason: ScanReason = ScanReason.NEW, at: datetime = EPOCH) -> Any:
+    """A scan request."""
+    return ScanRequest(organization_id=org, ip=ip, reason=reason, requested_at=at)

@@ -1,0 +1,131 @@
+"""Test cases every snapshot store and acceptance store keeps, run on the fakes
+(`tests/unit/test_store_fakes.py`) and on genuine MongoDB
+(`tests/integration/test_store_adapters.py`), as FastStream runs one set of broker
+cases in memory and against a real broker. A fake that passes here behaves, for the
+stages, as the adapter does."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.snapshot import OrgContext, Snapshot, Update, decide, plan_lookup
+from tests.fakes import BUILT_IN
+
+T0 = datetime(2026, 11, 2, 9, tzinfo=UTC)
+IP = "203.0.113.40"
+ORG = OrgContext("acme", ("agent-1",), ("hq",))
+RDP = Service(port=3389, module="rdp", shodan_timestamp=datetime(2026, 11, 1, 8, 0))
+WEB = Service(port=443, module="https", product="nginx", vulns=("CVE-2023-44487",))
+
+
+def _aware(service: Service) -> Service:
+    seen = service.shodan_timestamp
+    if seen is None or seen.tzinfo is not None:
+        return service
+    return service.model_copy(update={"shodan_timestamp": seen.replace(tzinfo=UTC)})
+
+
+def _update(before: Snapshot, *services: Service, at: datetime = T0) -> Update:
+    scan = HostScan(ip=IP, provider="api", queried_at=at, services=services, hostnames=("h",))
+    plan = plan_lookup(before, ORG, scan, at)
+    assert plan is not None
+    update = decide(plan, [], BUILT_IN)
+    assert update is not None
+    return update
+
+
+async def a_stored_snapshot_loads_as_it_was_decided(snapshots: Any) -> None:
+    empty = await snapshots.load("acme", IP)
+    assert (empty.stored, empty.version, empty.services) == (False, 0, {})
+    update = _update(empty, RDP, WEB)
+    assert await snapshots.swap(update)
+    loaded = await snapshots.load("acme", IP)
+    expected = update.after
+    assert loaded.stored
+    assert (loaded.version, loaded.status) == (1, "active")
+    assert loaded.candidate_agents == expected.candidate_agents
+    assert loaded.site_ids == expected.site_ids
+    assert loaded.hostnames == ("h",)
+    assert loaded.last_queried == T0
+    assert list(loaded.services) == list(expected.services)
+    for key, entry in expected.services.items():
+        # MongoDB hands times back zone-aware (UTC): the same instant.
+        assert _aware(loaded.services[key].service) == _aware(entry.service)
+        assert loaded.services[key].severity == entry.severity
+        assert loaded.services[key].first_seen == entry.first_seen
+    assert await snapshots.ips_of("acme") == [IP]
+
+
+async def a_swap_against_an_old_version_is_refused(snapshots: Any) -> None:
+    empty = await snapshots.load("acme", IP)
+    first = _update(empty, RDP)
+    assert await snapshots.swap(first)
+    assert not await snapshots.swap(first)  # a second creation of the same snapshot
+    stored = await snapshots.load("acme", IP)
+    second = _update(stored, RDP, WEB, at=T0 + timedelta(hours=1))
+    rival = _update(stored, at=T0 + timedelta(hours=2))
+    assert await snapshots.swap(second)
+    assert not await snapshots.swap(rival)  # decided against version 1, now 2
+    now = await snapshots.load("acme", IP)
+    assert (now.version, set(now.services)) == (2, {("tcp", 3389), ("tcp", 443)})
+
+
+async def outboxes_keep_what_is_not_published_yet(snapshots: Any) -> None:
+    empty = await snapshots.load("acme", IP)
+    first = _update(empty, RDP)
+    assert await snapshots.swap(first)
+    second = _update(await snapshots.load("acme", IP), RDP, WEB, at=T0 + timedelta(hours=1))
+    assert await snapshots.swap(second)
+    (pending,) = await snapshots.unpublished(10)
+    assert [e.id for e in pending.events] == [e.id for e in first.events + second.events]
+    # A newer row for a key replaces the pending one: the state topic needs the latest.
+    assert sorted((r.key, r.version) for r in pending.state) == [
+        (f"acme/{IP}/tcp/3389", 2),
+        (f"acme/{IP}/tcp/443", 2),
+    ]
+    await snapshots.published("acme", IP, [e.id for e in first.events], ())
+    (left,) = await snapshots.unpublished(10)
+    assert [e.id for e in left.events] == [e.id for e in second.events]
+    await snapshots.published("acme", IP, [e.id for e in second.events], left.state)
+    assert await snapshots.unpublished(10) == []
+
+
+async def acceptances_are_kept_replaced_and_taken_back(acceptances: Any) -> None:
+    mine = Acceptance("acme", IP, "tcp", 3389, "jump host", "tech", T0, T0 + timedelta(days=1))
+    org_wide = Acceptance("acme", None, "tcp", 443, "web", "tech", T0, None)
+    other = Acceptance("globex", IP, "tcp", 3389, "theirs", "ops", T0, None)
+    for a in (mine, org_wide, other):
+        await acceptances.accept(a, "c")
+    kept = await acceptances.acceptances("acme", IP)
+    assert sorted(a.port for a in kept) == [443, 3389]
+    assert [a.port for a in await acceptances.acceptances("acme", "198.51.100.1")] == [443]
+    newer = dataclasses.replace(
+        mine, reason="still a jump host", accepted_at=T0 + timedelta(hours=1)
+    )
+    await acceptances.accept(newer, "c2")
+    kept = await acceptances.acceptances("acme", IP)
+    assert sorted(a.reason for a in kept) == ["still a jump host", "web"]
+    expired = await acceptances.expired_acceptances(T0 + timedelta(days=2))
+    assert [a.reason for a in expired] == ["still a jump host"]
+    await acceptances.forget_acceptance(mine)  # replaced meanwhile: kept
+    assert len(await acceptances.acceptances("acme", IP)) == 2
+    await acceptances.forget_acceptance(expired[0])
+    assert [a.port for a in await acceptances.acceptances("acme", IP)] == [443]
+    assert await acceptances.unaccept("acme", None, "tcp", 443)
+    assert not await acceptances.unaccept("acme", None, "tcp", 443)
+    assert await acceptances.acceptances("acme") == []
+
+
+SNAPSHOT_CASES: list[Callable[[Any], Awaitable[None]]] = [
+    a_stored_snapshot_loads_as_it_was_decided,
+    a_swap_against_an_old_version_is_refused,
+    outboxes_keep_what_is_not_published_yet,
+]
+ACCEPTANCE_CASES: list[Callable[[Any], Awaitable[None]]] = [
+    acceptances_are_kept_replaced_and_taken_back,
+]

@@ -1,0 +1,283 @@
+"""The exposure decision (`domain.snapshot`): given a snapshot and what happened, what
+changes and which events, state rows and new snapshot follow. Pure: no servers."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.exposures import Assessor, ExposureEvent
+from recon_stream.domain.policy_file import DEFAULT_POLICY, parse_policy
+from recon_stream.domain.risk import Severity
+from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.snapshot import (
+    OrgContext,
+    Snapshot,
+    Update,
+    decide,
+    plan_lookup,
+    plan_reassessment,
+    plan_retirement,
+)
+from recon_stream.domain.vulns import KevEntry, VulnContext
+from tests.fakes import BUILT_IN
+
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+IP = "203.0.113.9"
+ORG = OrgContext("acme", ("agent-2", "agent-1"), ("hq",))
+RDP = Service(port=3389, module="rdp", product="Remote Desktop Protocol")
+WEB = Service(port=443, module="https", product="nginx", version="1.18.0")
+SSH = Service(port=22, module="ssh", product="OpenSSH")
+
+
+def lookup(*services: Service, at: datetime = T0, **fields: object) -> HostScan:
+    return HostScan(ip=IP, provider="api", queried_at=at, services=services, **fields)  # type: ignore[arg-type]
+
+
+def after_lookup(
+    snapshot: Snapshot,
+    scan: HostScan,
+    acceptances: list[Acceptance] | None = None,
+    assessor: Assessor = BUILT_IN,
+    org: OrgContext = ORG,
+) -> Update:
+    plan = plan_lookup(snapshot, org, scan, scan.queried_at)
+    assert plan is not None
+    update = decide(plan, acceptances or [], assessor)
+    assert update is not None
+    return update
+
+
+def changes(update: Update) -> list[tuple[str, int, str, str | None]]:
+    return [
+        (e.data.change.value, e.data.port, ",".join(e.data.changed_fields), e.data.reason)
+        for e in update.events
+    ]
+
+
+def acceptance(port: int, *, ip: str | None = IP, until: datetime | None = None) -> Acceptance:
+    return Acceptance("acme", ip, "tcp", port, "jump host", "tech@msp", T0, until)
+
+
+EMPTY = Snapshot("acme", IP)
+
+
+def test_a_first_lookup_opens_every_port_and_stores_the_snapshot() -> None:
+    update = after_lookup(EMPTY, lookup(RDP, WEB))
+    assert changes(update) == [("opened", 443, "", None), ("opened", 3389, "", None)]
+    after = update.after
+    assert (after.stored, after.version, after.status) == (True, 1, "active")
+    assert after.candidate_agents == ("agent-2", "agent-1")
+    assert after.last_queried == T0
+    assert after.services[("tcp", 3389)].severity is Severity.CRITICAL
+    assert after.services[("tcp", 3389)].first_seen == T0
+    assert [row.key for row in update.state] == [f"acme/{IP}/tcp/443", f"acme/{IP}/tcp/3389"]
+    assert all(row.version == 1 and row.value is not None for row in update.state)
+    assert {e.data.severity for e in update.events} == {Severity.CRITICAL, Severity.LOW}
+
+
+def test_the_same_ports_again_update_the_snapshot_but_announce_nothing() -> None:
+    first = after_lookup(EMPTY, lookup(RDP))
+    moved = RDP.model_copy(update={"shodan_timestamp": datetime(2026, 10, 30)})
+    again = after_lookup(first.after, lookup(moved, at=T0 + timedelta(days=3)))
+    assert again.events == []  # a new Shodan timestamp alone is no change
+    assert again.after.version == 2
+    assert again.after.last_queried == T0 + timedelta(days=3)
+    assert again.after.services[("tcp", 3389)].first_seen == T0
+    assert [row.key for row in again.state] == [f"acme/{IP}/tcp/3389"]
+
+
+def test_a_lookup_no_newer_than_the_snapshot_is_no_plan() -> None:
+    first = after_lookup(EMPTY, lookup(RDP))
+    assert plan_lookup(first.after, ORG, lookup(WEB), T0) is None
+    assert plan_lookup(first.after, ORG, lookup(WEB, at=T0 - timedelta(hours=1)), T0) is None
+
+
+def test_a_changed_service_names_the_fields_and_the_service_before() -> None:
+    first = after_lookup(EMPTY, lookup(WEB))
+    newer = WEB.model_copy(update={"version": "1.25.3", "vulns": ("CVE-2023-44487",)})
+    update = after_lookup(first.after, lookup(newer, at=T0 + timedelta(days=1)))
+    # A CVE raises the severity too: one `changed` names both.
+    assert changes(update) == [("changed", 443, "version,vulns,severity", None)]
+    (event,) = update.events
+    assert event.data.previous is not None
+    assert event.data.previous.version == "1.18.0"
+    assert event.data.previous_vulns == ()
+
+
+def test_a_port_gone_from_the_lookup_closes_with_its_last_service_and_a_tombstone() -> None:
+    first = after_lookup(EMPTY, lookup(RDP, WEB))
+    update = after_lookup(first.after, lookup(WEB, at=T0 + timedelta(days=1)))
+    assert changes(update) == [("closed", 3389, "", "port_closed")]
+    (closed,) = update.events
+    assert closed.data.service.name == "rdp"
+    assert closed.data.last_seen == T0
+    tombstones = [row.key for row in update.state if row.value is None]
+    assert tombstones == [f"acme/{IP}/tcp/3389"]
+    assert set(update.after.services) == {("tcp", 443)}
+
+
+def test_event_ids_follow_the_snapshot_version_so_a_redo_repeats_them() -> None:
+    one = after_lookup(EMPTY, lookup(RDP))
+    two = after_lookup(EMPTY, lookup(RDP))
+    assert [e.id for e in one.events] == [e.id for e in two.events]
+    globex = Snapshot("globex", IP)
+    elsewhere = after_lookup(globex, lookup(RDP), org=OrgContext("globex", ("a",), ()))
+    assert {e.id for e in one.events}.isdisjoint(e.id for e in elsewhere.events)
+
+
+def test_retirement_closes_every_open_exposure_and_marks_the_snapshot_retired() -> None:
+    first = after_lookup(EMPTY, lookup(RDP, WEB))
+    at = T0 + timedelta(days=40)
+    plan = plan_retirement(first.after, at)
+    assert plan is not None
+    update = decide(plan, [], BUILT_IN)
+    assert update is not None
+    assert changes(update) == [
+        ("closed", 443, "", "ip_retired"),
+        ("closed", 3389, "", "ip_retired"),
+    ]
+    assert {e.time for e in update.events} == {at}
+    assert (update.after.status, update.after.retired_at, update.after.services) == (
+        "retired",
+        at,
+        {},
+    )
+    assert all(row.value is None for row in update.state)
+
+
+def test_nothing_to_retire_or_reassess_is_no_plan() -> None:
+    assert plan_retirement(EMPTY, T0) is None
+    assert plan_reassessment(EMPTY, T0) is None
+    first = after_lookup(EMPTY, lookup(RDP))
+    retired = decide(plan_retirement(first.after, T0) or pytest.fail("no plan"), [], BUILT_IN)
+    assert retired is not None
+    assert plan_retirement(retired.after, T0) is None
+    assert plan_reassessment(retired.after, T0) is None
+    nothing_open = after_lookup(EMPTY, lookup())
+    assert plan_reassessment(nothing_open.after, T0) is None
+
+
+def reassess(snapshot: Snapshot, acceptances: list[Acceptance], at: datetime) -> Update | None:
+    plan = plan_reassessment(snapshot, at)
+    assert plan is not None
+    return decide(plan, acceptances, BUILT_IN)
+
+
+def test_an_acceptance_that_starts_ends_or_expires_is_a_change_of_accepted() -> None:
+    first = after_lookup(EMPTY, lookup(RDP, WEB))
+    at = T0 + timedelta(hours=1)
+    until_tomorrow = acceptance(3389, until=T0 + timedelta(days=1))
+    accepted = reassess(first.after, [until_tomorrow], at)
+    assert accepted is not None
+    assert changes(accepted) == [("changed", 3389, "accepted", "accepted")]
+    (event,) = accepted.events
+    assert event.data.accepted
+    assert event.data.acceptance is not None
+    assert event.data.acceptance.reason == "jump host"
+    assert event.data.severity is Severity.CRITICAL  # acceptance never changes severity
+    assert event.time == at
+    assert event.data.last_seen == T0  # not seen again: it was not looked up
+    assert reassess(accepted.after, [until_tomorrow], at) is None  # the same, again: nothing
+    expired = reassess(accepted.after, [], T0 + timedelta(days=2))
+    assert expired is not None
+    assert changes(expired) == [("changed", 3389, "accepted", "acceptance_expired")]
+    taken_back = reassess(accepted.after, [], at)
+    assert taken_back is not None
+    assert changes(taken_back) == [("changed", 3389, "accepted", "unaccepted")]
+
+
+def test_a_reassessment_that_changes_nothing_is_no_update() -> None:
+    first = after_lookup(EMPTY, lookup(RDP), [acceptance(3389)])
+    assert first.events[0].data.accepted  # accepted before it opened
+    assert reassess(first.after, [acceptance(3389)], T0) is None
+
+
+def test_the_ips_own_acceptance_wins_over_the_organizations() -> None:
+    org_wide = Acceptance("acme", None, "tcp", 3389, "everywhere", "ciso", T0, None)
+    own = acceptance(3389)
+    update = after_lookup(EMPTY, lookup(RDP), [org_wide, own])
+    acceptance_info = update.events[0].data.acceptance
+    assert acceptance_info is not None
+    assert acceptance_info.reason == "jump host"
+    other = after_lookup(EMPTY, lookup(RDP), [org_wide])
+    acceptance_info = other.events[0].data.acceptance
+    assert acceptance_info is not None
+    assert acceptance_info.reason == "everywhere"
+
+
+def test_a_closed_exposure_shows_the_acceptance_it_had() -> None:
+    first = after_lookup(EMPTY, lookup(RDP), [acceptance(3389)])
+    closed = after_lookup(first.after, lookup(at=T0 + timedelta(days=1)), [acceptance(3389)])
+    (event,) = closed.events
+    assert event.data.change.value == "closed"
+    assert event.data.accepted
+
+
+def test_a_new_policy_changes_severity_on_the_next_lookup() -> None:
+    first = after_lookup(EMPTY, lookup(SSH))
+    assert first.after.services[("tcp", 22)].severity is Severity.MEDIUM
+    strict = parse_policy(
+        "services:\n  - {name: SSH, severity: critical, modules: [ssh]}\n", "s", DEFAULT_POLICY
+    )
+    update = after_lookup(
+        first.after, lookup(SSH, at=T0 + timedelta(days=1)), assessor=Assessor(strict)
+    )
+    assert changes(update) == [("changed", 22, "severity", None)]
+    assert update.events[0].data.severity is Severity.CRITICAL
+    assert update.after.services[("tcp", 22)].severity is Severity.CRITICAL
+
+
+def test_a_snapshot_without_stored_severities_never_reports_a_severity_change() -> None:
+    first = after_lookup(EMPTY, lookup(SSH))
+    entry = first.after.services[("tcp", 22)]
+    legacy = dataclasses.replace(
+        first.after, services={("tcp", 22): dataclasses.replace(entry, severity=None)}
+    )
+    strict = Assessor(
+        parse_policy(
+            "services:\n  - {name: SSH, severity: critical, modules: [ssh]}\n", "s", DEFAULT_POLICY
+        )
+    )
+    update = after_lookup(legacy, lookup(SSH, at=T0 + timedelta(days=1)), assessor=strict)
+    assert update.events == []
+    assert update.after.services[("tcp", 22)].severity is Severity.CRITICAL
+
+
+def test_a_kev_listing_re_rates_an_open_exposure_without_a_lookup() -> None:
+    portal = Service(port=443, product="Citrix Gateway", vulns=("CVE-2023-4966",), max_cvss=7.5)
+    first = after_lookup(EMPTY, lookup(portal))
+    assert first.after.services[("tcp", 443)].severity is Severity.MEDIUM
+    plan = plan_reassessment(first.after, T0 + timedelta(hours=2))
+    assert plan is not None
+    assert plan.cves == {"CVE-2023-4966"}
+    kev = {"CVE-2023-4966": VulnContext(kev=KevEntry("CVE-2023-4966", None, True), epss=None)}
+    update = decide(plan, [], Assessor(DEFAULT_POLICY, kev))
+    assert update is not None
+    assert changes(update) == [("changed", 443, "severity", None)]
+    (event,) = update.events
+    assert event.data.severity is Severity.CRITICAL
+    assert event.data.vulnerabilities[0].kev
+
+
+def test_a_plan_asks_for_acceptances_only_when_something_stays_open() -> None:
+    first = after_lookup(EMPTY, lookup(RDP))
+    closing = plan_lookup(first.after, ORG, lookup(at=T0 + timedelta(days=1)), T0)
+    assert closing is not None
+    assert not closing.needs_acceptances
+    assert closing.cves == frozenset()
+    opening = plan_lookup(EMPTY, ORG, lookup(RDP), T0)
+    assert opening is not None
+    assert opening.needs_acceptances
+
+
+def test_the_outbox_carries_the_events_and_rows_of_the_update() -> None:
+    update = after_lookup(EMPTY, lookup(RDP))
+    outbox = update.outbox
+    assert (outbox.organization_id, outbox.ip) == ("acme", IP)
+    assert outbox.events == update.events
+    assert outbox.state == update.state
+    assert all(isinstance(e, ExposureEvent) for e in outbox.events)
