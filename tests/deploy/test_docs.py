@@ -238,3 +238,69 @@ def test_the_license_file_matches_pyproject() -> None:
     assert "Apache License" in text
     assert "Version 2.0, January 2004" in text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+
+
+# ------------------------------------------------- the helm install walk-through
+def test_the_helm_walk_through_matches_the_chart_as_rendered() -> None:
+    """deploy/README.md's recon-values.yaml renders (schema and templates), and the
+    objects the walk-through names are the ones the chart makes from it."""
+    import helm_python as helm
+
+    guide = DEPLOY_README.read_text(encoding="utf-8")
+    (values_text,) = re.findall(
+        r"^`recon-values\.yaml`:\n\n```yaml\n(.*?)```", guide, re.DOTALL | re.MULTILINE
+    )
+    values = yaml.safe_load(values_text)
+    with helm.Chart.load(ROOT / "deploy" / "helm" / "recon-stream") as chart:
+        chart.validate_schema(values)
+        files = chart.render(values, name="recon", namespace="recon")
+    docs = [
+        d
+        for path, text in files.items()
+        if path.endswith(".yaml")
+        for d in yaml.safe_load_all(text)
+        if d
+    ]
+    made = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    named = {
+        ("Job", "recon-recon-stream-init"),
+        ("Service", "recon-recon-stream-scanner"),
+        ("Deployment", "recon-recon-stream-ingest"),
+        ("NetworkPolicy", "recon-recon-stream-scheduler-feeds"),
+        ("ConfigMap", "recon-recon-stream-dashboard"),
+    }
+    assert named <= made
+    # The names the guide's commands use.
+    for name in (
+        "recon-recon-stream-init",
+        "recon-recon-stream-scanner",
+        "recon-recon-stream-ingest",
+    ):
+        assert name in guide, name
+    # The feeds it sets reach the workers, with the URLs the guide gives.
+    (config,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "recon-recon-stream"
+    ]
+    for key, url in (
+        ("RECON_KEV_SOURCE", values["vulnFeeds"]["kevSource"]),
+        ("RECON_EPSS_SOURCE", values["vulnFeeds"]["epssSource"]),
+    ):
+        assert config["data"][key] == url
+        assert url in guide
+    # The secret keys the guide's `kubectl create secret` sets are the ones the pods read.
+    step = guide[guide.index("### 1. A namespace and the secret") :]
+    (secret_command, *_) = re.findall(
+        r"create secret generic recon-stream-credentials \\\n(.*?)\n```", step, re.DOTALL
+    )
+    keys = set(re.findall(r"--from-literal=(RECON_\w+)=", secret_command))
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for d in docs
+        if d["kind"] in ("Deployment", "Job")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == keys
