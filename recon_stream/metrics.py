@@ -156,7 +156,7 @@ class Metrics:
         )
         self.oldest_scan_age = Gauge(
             "recon_oldest_scan_age_seconds",
-            "Age of the oldest stored lookup (freshness; sampled).",
+            "Age of the oldest lookup among IPs some organization still uses (sampled).",
             registry=r,
         )
         self.scheduler_leader = Gauge(
