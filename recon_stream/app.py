@@ -48,12 +48,13 @@ from recon_stream.adapters.ip_scans import IpScans
 from recon_stream.adapters.leadership import Lease
 from recon_stream.adapters.org_ips import MongoOrgIps
 from recon_stream.adapters.ratelimit import SharedRateLimiter
-from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.adapters.scan_queue import PRIORITY, ScanQueue
 from recon_stream.adapters.shodan import build_provider
 from recon_stream.adapters.vuln_feeds import VulnFeeds
 from recon_stream.adapters.webhooks import WebhookClient
 from recon_stream.commands import CommandService
 from recon_stream.dead_letters import RawRecord
+from recon_stream.domain.freshness import observation_ages
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.risk import RiskPolicy
 from recon_stream.domain.vulns import Feed
@@ -367,10 +368,14 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
 
     async def sample_queue() -> None:
         depth = await stores.queue.depth()
-        for priority in (0, 1):
+        for priority in sorted(set(PRIORITY.values())):
             metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
         metrics.outbox_pending.labels("exposure_events").set(await stores.snapshots.outbox_size())
         metrics.stale_exposures.set(await stores.snapshots.stale_count())
+        observed = await stores.snapshots.critical_observations()
+        metrics.critical_exposures.set(len(observed))
+        for quantile, age in observation_ages(observed, datetime.now(UTC)).items():
+            metrics.critical_observation_age.labels(quantile).set(age)
         # Among IPs some organization still uses: a retired IP's lookup ages forever.
         oldest = await stores.ip_scans.oldest_query(stores.org_ips.in_use)
         if oldest is not None:
@@ -457,6 +462,9 @@ def _wire_feeds(shared: Shared, leading: Callable[[], bool]) -> None:
         shared.metrics,
         every=settings.vuln_feed_refresh_seconds,
         retry=settings.vuln_feed_retry_seconds,
+        snapshots=shared.stores.snapshots,
+        outbox=shared.outbox,
+        parallel=settings.rerate_concurrency,
     )
     for name in sources:
         shared.status.add_state(f"{name}_feed", partial(feeds.states.__getitem__, name))
@@ -611,6 +619,7 @@ def _build_shared(
         stores.feeds,
         policy,
         stale_after=timedelta(days=settings.stale_observation_days),
+        source=settings.event_source,
     )
     state, ocsf = settings.topic_exposure_state, settings.topic_exposures_ocsf
     outbox = OutboxPublisher(

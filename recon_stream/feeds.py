@@ -5,6 +5,14 @@ Every `tick` the leader looks at each configured feed (`RECON_KEV_SOURCE`,
 (a day by default) is fetched again; one whose last attempt failed is tried again
 after `retry` seconds. A failure keeps the last good copy, is counted, and shows
 in `/readyz`'s states; it never blocks scanning (lookups read whatever copy there is).
+
+Re-rating: a refresh marks the CVEs whose KEV listing or EPSS score it changed (a
+first load: every CVE it lists; see `adapters.vuln_feeds`). After the refreshes of
+every tick, the leader re-assesses, from its stored snapshot and without a lookup,
+every open exposure carrying a marked CVE (`OutboxPublisher.reassess`, `parallel` at
+a time), which emits `changed[severity]` where a severity changed, then unmarks
+those CVEs. The marks are the crash safety: a leader that dies half-way leaves them,
+and the next one re-assesses again (idempotent: an unchanged severity emits nothing).
 """
 
 from __future__ import annotations
@@ -13,10 +21,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from recon_stream.domain.vulns import Feed, FeedError, FeedStatus
 from recon_stream.metrics import Metrics
-from recon_stream.ports import FeedCopies
+from recon_stream.outbox import OutboxPublisher
+from recon_stream.ports import FeedCopies, SnapshotsByVuln
+
+RERATE_CVES = 1000
+"""Marked CVEs re-assessed per round (one `carrying` query each)."""
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +43,14 @@ class FeedRefresher:
         *,
         every: float,
         retry: float,
+        snapshots: SnapshotsByVuln,
+        outbox: OutboxPublisher,
+        parallel: int = 32,
     ) -> None:
         self._feeds = feeds
+        self._snapshots = snapshots
+        self._outbox = outbox
+        self._parallel = parallel
         self._sources = sources
         self._metrics = metrics
         self._every = timedelta(seconds=every)
@@ -58,14 +77,51 @@ class FeedRefresher:
             done.append(feed)
         return done
 
+    async def rerate(self, now: datetime | None = None) -> int:
+        """Re-assess the open exposures carrying CVEs a refresh changed, until none is
+        marked; returns how many snapshots were re-assessed."""
+        retrying = self._outbox.retrying
+        done = 0
+        while cves := await retrying(
+            "reading changed CVEs", lambda: self._feeds.marked(RERATE_CVES)
+        ):
+            at = now or datetime.now(UTC)
+            done += await self._reassess_carrying(cves, at)
+            await retrying("unmarking re-assessed CVEs", partial(self._feeds.unmark, cves))
+        if done:
+            log.info("re-assessed %d snapshots after a KEV or EPSS change", done)
+        return done
+
+    async def _reassess_carrying(self, cves: list[str], now: datetime) -> int:
+        pairs: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=4 * self._parallel)
+        done = 0
+
+        async def work() -> None:
+            nonlocal done
+            while (pair := await pairs.get()) is not None:
+                await self._outbox.reassess(pair[0], pair[1], now)
+                self._metrics.vuln_reassessments.inc()
+                done += 1
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self._parallel):
+                group.create_task(work())
+            # A failure cancels the workers with the group: no sentinel needed then.
+            async for pair in self._snapshots.carrying(cves):
+                await pairs.put(pair)
+            for _ in range(self._parallel):
+                await pairs.put(None)
+        return done
+
     def _due(self, status: FeedStatus, now: datetime) -> bool:
         if status.error is not None and status.attempted_at is not None:
             return now - status.attempted_at >= self._retry
         return status.loaded_at is None or now - status.loaded_at >= self._every
 
     async def sample(self) -> None:
-        """Gauges: the age of each feed's last good copy."""
+        """Gauges: the age of each feed's last good copy, the changes not re-rated yet."""
         now = datetime.now(UTC)
+        self._metrics.vuln_rerate_pending.set(len(await self._feeds.marked(RERATE_CVES)))
         for feed in self._sources:
             status = await self._feeds.status(feed)
             if status.loaded_at is not None:
@@ -76,11 +132,13 @@ class FeedRefresher:
                 self.states[feed] = _failing(f"{feed} feed: {status.error}", status.loaded_at)
 
     async def run(self, tick: float, leading: Callable[[], bool]) -> None:
-        """Refresh due feeds every `tick` seconds while `leading()`, until cancelled."""
+        """Refresh due feeds every `tick` seconds while `leading()`, then re-assess what
+        their changes (or a previous leader's unfinished ones) touch, until cancelled."""
         while True:
             if leading():
                 try:
                     await self.refresh_due()
+                    await self.rerate()
                 except asyncio.CancelledError:
                     raise
                 except Exception:

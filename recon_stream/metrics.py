@@ -110,6 +110,30 @@ class Metrics:
             ["feed"],
             registry=r,
         )
+        self.vuln_reassessments = Counter(
+            "recon_vuln_reassessments",
+            "Snapshots re-assessed (no lookup) because a KEV or EPSS refresh changed one of "
+            "their CVEs.",
+            registry=r,
+        )
+        self.vuln_rerate_pending = Gauge(
+            "recon_vuln_rerate_pending_cves",
+            "CVEs a feed refresh changed whose exposures are not re-assessed yet (sampled, "
+            "at most 1000).",
+            registry=r,
+        )
+        self.critical_observation_age = Gauge(
+            "recon_critical_observation_age_seconds",
+            "Age of Shodan's observation behind the open critical exposures: quantile 0.5, "
+            "0.9 and 1 (the oldest), sampled by the scanner role.",
+            ["quantile"],
+            registry=r,
+        )
+        self.critical_exposures = Gauge(
+            "recon_critical_exposures",
+            "Open critical exposures with a Shodan observation time (sampled).",
+            registry=r,
+        )
         self.stale_exposures = Gauge(
             "recon_stale_exposures",
             "Open exposures whose Shodan observation is older than "

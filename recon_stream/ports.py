@@ -11,11 +11,12 @@ budget are in `recon_stream.providers`; the dead-letter sink in
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan
@@ -103,6 +104,10 @@ class RescanSchedule(Protocol):
 
 class ScanRequestQueue(Protocol):
     """Where scan requests wait for a lookup (`scan_queue`)."""
+
+    async def pending_manual(self, ips: Sequence[str]) -> set[str]:
+        """Those of `ips` with a manual (rescan) request still waiting."""
+        ...
 
     async def enqueue(
         self, requests: Sequence[ScanRequest], traces: Sequence[Mapping[str, str]] = ()
@@ -193,11 +198,29 @@ class VulnContextSource(Protocol):
 
 
 class FeedCopies(Protocol):
-    """The feed refresher's side of the feeds: each copy's status, and a new copy."""
+    """The feed refresher's side of the feeds: each copy's status, a new copy, and the
+    CVEs whose KEV listing or EPSS score changed with it and are not re-assessed yet."""
 
     async def status(self, feed: Feed) -> FeedStatus: ...
 
     async def refresh(self, feed: Feed, source: str) -> int: ...
+
+    async def marked(self, limit: int) -> list[str]:
+        """Up to `limit` changed CVEs not re-assessed yet, in a stable order."""
+        ...
+
+    async def unmark(self, cves: Iterable[str]) -> None:
+        """The open exposures carrying `cves` were re-assessed."""
+        ...
+
+
+class SnapshotsByVuln(Protocol):
+    """Which snapshots carry which CVEs (`exposures`), for re-rating after a feed change."""
+
+    def carrying(self, cves: Collection[str]) -> AsyncIterator[tuple[str, str]]:
+        """The (organization, IP) of every active snapshot with an open exposure that
+        carries one of `cves`, each once."""
+        ...
 
 
 class CommandLogStore(Protocol):
@@ -205,7 +228,15 @@ class CommandLogStore(Protocol):
 
     async def applied(self, command_id: str) -> bool: ...
 
-    async def mark(self, command_id: str, organization_id: str, command: str) -> None: ...
+    async def mark(
+        self,
+        command_id: str,
+        organization_id: str,
+        command: str,
+        outcome: CommandOutcome = ...,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None: ...
 
 
 class LeaderLease(Protocol):

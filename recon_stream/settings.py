@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     topic_heartbeats: str = "agent.heartbeats.v1"
     topic_scan_requests: str = "recon.scan-requests.v1"
     topic_exposures: str = "recon.exposures.v1"
+    event_source: str = Field(
+        "recon-stream",
+        min_length=1,
+        description="The CloudEvents `source` of every exposure event (tells deployments apart).",
+    )
     topic_dlq: str = "recon.heartbeats.dlq.v1"
     topic_commands: str = "recon.commands.v1"
     topic_exposure_state: str = Field(
@@ -150,6 +155,9 @@ class Settings(BaseSettings):
     )
     vuln_feed_refresh_seconds: float = Field(24 * 3600.0, gt=0)
     vuln_feed_retry_seconds: float = Field(900.0, gt=0)
+    rerate_concurrency: int = Field(
+        32, ge=1, le=512, description="snapshots re-assessed at once after a KEV or EPSS change"
+    )
     stale_observation_days: float = Field(
         30.0, gt=0, description="a Shodan observation older than this is marked stale"
     )

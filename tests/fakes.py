@@ -12,19 +12,20 @@ cases runs against both: `tests/store_cases.py`, run on the fakes by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from recon_stream.adapters.scan_queue import PRIORITY, QueueItem
 from recon_stream.dead_letters import Rejected
 from recon_stream.domain.acceptance import Acceptance
+from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import Assessor, ExposureEvent
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.scans import HostScan
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
-from recon_stream.domain.vulns import VulnContext
+from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
 from recon_stream.providers import ShodanError
@@ -75,6 +76,12 @@ class FakeSnapshots:
             for (org, ip), snapshot in sorted(self.snapshots.items())
             if org == organization_id and snapshot.status == "active"
         ]
+
+    async def carrying(self, cves: Collection[str]) -> AsyncIterator[tuple[str, str]]:
+        for (org, ip), snapshot in sorted(self.snapshots.items()):
+            carried = {cve for entry in snapshot.services.values() for cve in entry.service.vulns}
+            if snapshot.status == "active" and carried & set(cves):
+                yield org, ip
 
     async def published(
         self, organization_id: str, ip: str, ids: Iterable[str], state: Sequence[StateRow] = ()
@@ -154,6 +161,50 @@ class FakeFeeds:
         wanted = set(cves)
         self.asked.append(wanted)
         return {cve: self.known[cve] for cve in wanted if cve in self.known}
+
+
+class FakeFeedCopies:
+    """`FeedCopies` over a `FakeFeeds`: `served[source]` is what a source holds now
+    ({CVE: context}, or an exception to raise); a refresh marks the CVEs whose KEV
+    listing or EPSS score changed, as the adapter does."""
+
+    def __init__(self, feeds: FakeFeeds) -> None:
+        self.feeds = feeds
+        self.served: dict[str, dict[str, VulnContext] | Exception] = {}
+        self.statuses: dict[Feed, FeedStatus] = {}
+        self.rerate: set[str] = set()
+        self.unmarked: list[list[str]] = []
+
+    async def status(self, feed: Feed) -> FeedStatus:
+        return self.statuses.get(feed, FeedStatus(feed, None, 0, None, None))
+
+    async def refresh(self, feed: Feed, source: str) -> int:
+        served = self.served[source]
+        if isinstance(served, Exception):
+            raise served
+        for cve, new in served.items():
+            old = self.feeds.known.get(cve, VulnContext())
+            if feed == "kev":
+                changed = (old.kev is None) != (new.kev is None)
+                kept = dataclasses.replace(old, kev=new.kev)
+            else:
+                score = (old.epss.epss if old.epss else None, new.epss.epss if new.epss else None)
+                changed = score[0] != score[1]
+                kept = dataclasses.replace(old, epss=new.epss)
+            if changed:
+                self.rerate.add(cve)
+            self.feeds.known[cve] = kept
+        now = datetime.now(UTC)
+        self.statuses[feed] = FeedStatus(feed, now, len(served), now, None)
+        return len(served)
+
+    async def marked(self, limit: int) -> list[str]:
+        return sorted(self.rerate)[:limit]
+
+    async def unmark(self, cves: Iterable[str]) -> None:
+        done = sorted(cves)
+        self.unmarked.append(done)
+        self.rerate.difference_update(done)
 
 
 class FakeOrgIps:
@@ -304,18 +355,35 @@ class FakeQueue:
     async def release(self, item: QueueItem) -> None:
         self.claimed.discard(item.ip)
 
+    async def pending_manual(self, ips: Sequence[str]) -> set[str]:
+        return {
+            ip
+            for ip in ips
+            if ip in self.items and "manual" in self.items[ip].reasons and ip not in self.claimed
+        }
+
 
 class FakeCommandLog:
     """`CommandLogStore`."""
 
     def __init__(self) -> None:
         self.marked: dict[str, tuple[str, str]] = {}
+        self.outcomes: dict[str, tuple[CommandOutcome, str | None]] = {}
 
     async def applied(self, command_id: str) -> bool:
         return command_id in self.marked
 
-    async def mark(self, command_id: str, organization_id: str, command: str) -> None:
-        self.marked[command_id] = (organization_id, command)
+    async def mark(
+        self,
+        command_id: str,
+        organization_id: str,
+        command: str,
+        outcome: CommandOutcome = CommandOutcome.APPLIED,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.marked.setdefault(command_id, (organization_id, command))
+        self.outcomes.setdefault(command_id, (outcome, reason))
 
 
 class FakeLease:

@@ -17,7 +17,7 @@ relay publishes them with the ids they were stored with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +42,8 @@ async def ensure_indexes(db: AsyncDatabase[Document]) -> list[str]:
             [("organization_id", ASCENDING), ("ip", ASCENDING)], unique=True, name="org_ip_unique"
         ),
         await db[EXPOSURES].create_index([("pending.id", ASCENDING)], name="outbox"),
+        # Re-rating after a KEV or EPSS change: which snapshots carry a CVE (`carrying`).
+        await db[EXPOSURES].create_index([("services.service.vulns", ASCENDING)], name="vulns"),
     ]
 
 
@@ -101,6 +103,19 @@ class MongoSnapshots:
             {"organization_id": organization_id, "status": "active"}, {"ip": 1}
         )
         return [doc["ip"] async for doc in cursor]
+
+    async def carrying(self, cves: Collection[str]) -> AsyncIterator[tuple[str, str]]:
+        """The (organization, IP) of every active snapshot with an open exposure carrying
+        one of `cves`, each once (an index scan with `$in` returns a document once)."""
+        if not cves:
+            return
+        cursor = self._collection.find(
+            {"services.service.vulns": {"$in": sorted(cves)}, "status": "active"},
+            {"organization_id": 1, "ip": 1, "_id": 0},
+            batch_size=1000,
+        )
+        async for doc in cursor:
+            yield doc["organization_id"], doc["ip"]
 
     # -- the outboxes -----------------------------------------------------------------
 
@@ -174,6 +189,27 @@ class MongoSnapshots:
         ).to_list()
         return int(rows[0]["n"]) if rows else 0
 
+    async def critical_observations(self) -> list[datetime]:
+        """Shodan's timestamp of every open critical exposure that has one, oldest first
+        (critical exposures are few: the freshness figure's sample is small)."""
+        rows = await (
+            await self._collection.aggregate(
+                [
+                    {"$match": {"status": "active", "services.severity": "critical"}},
+                    {"$unwind": "$services"},
+                    {
+                        "$match": {
+                            "services.severity": "critical",
+                            "services.service.shodan_timestamp": {"$type": "date"},
+                        }
+                    },
+                    {"$project": {"_id": 0, "at": "$services.service.shodan_timestamp"}},
+                    {"$sort": {"at": 1}},
+                ]
+            )
+        ).to_list()
+        return [row["at"] if row["at"].tzinfo else row["at"].replace(tzinfo=UTC) for row in rows]
+
     async def table(self, organization_id: str) -> list[Document]:
         """The org's snapshot documents, for `recon-stream exposures`."""
         cursor = self._collection.find(
@@ -205,6 +241,7 @@ def snapshot_of(organization_id: str, ip: str, doc: Document | None) -> Snapshot
             _severity(entry.get("severity")),
             bool(entry.get("stale", False)),
             AcceptanceInfo.model_validate(entry["acceptance"]) if entry.get("acceptance") else None,
+            AcceptanceInfo.model_validate(entry["lapsed"]) if entry.get("lapsed") else None,
         )
         for entry in doc.get("services", [])
     }
@@ -250,6 +287,7 @@ def _fields_of(snapshot: Snapshot) -> Document:
             "acceptance": (
                 entry.acceptance.model_dump(mode="python") if entry.acceptance is not None else None
             ),
+            "lapsed": entry.lapsed.model_dump(mode="python") if entry.lapsed is not None else None,
         }
         for key, entry in snapshot.services.items()
     ]

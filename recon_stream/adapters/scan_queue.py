@@ -2,10 +2,12 @@
 
 The scanner's Kafka consumer only moves scan requests in here (one document per
 IP, however many organizations asked) and commits; lookup loops on every
-replica then claim the most urgent IP: new and manual requests before routine
-rescans, oldest first, whatever order Kafka delivered them in.
+replica then claim the most urgent IP: new IPs first, then manual rescans, then
+routine rescans, oldest first within each, whatever order Kafka delivered them in. So
+an organization-wide rescan (a manual request per IP) never holds up another
+organization's new IPs, and the scheduler's routine rescans never hold up either.
 
-    {_id: ip, priority: 0 (new/manual) | 1 (rescan), requested_at, orgs: [...],
+    {_id: ip, priority: 0 (new) | 1 (manual) | 2 (rescan), requested_at, orgs: [...],
      reasons: [...], seq, attempts, not_before, claim_until,
      traces: [{traceparent, tracestate}, ...],
      last_error: {message, at}}    # why the last lookup failed, when it was recorded
@@ -31,7 +33,12 @@ from recon_stream.adapters.collections import SCAN_QUEUE
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 0, ScanReason.RESCAN: 1}
+PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 1, ScanReason.RESCAN: 2}
+"""The most urgent reason an item holds wins (`$min`). Items queued before manual
+rescans had a priority of their own (0 new or manual, 1 routine rescan) keep their
+number until their lookup completes: an old routine rescan then ranks as a manual one
+(still after every new IP), an old manual one as a new IP. Both are transient, last
+at most one pass of the queue, and need no migration."""
 MAX_ORGS = 1000
 MAX_TRACES = 8
 MAX_ERROR = 500
@@ -95,6 +102,18 @@ class ScanQueue:
             ops.append(UpdateOne({"_id": r.ip}, update, upsert=True))
         result = await self._collection.bulk_write(ops, ordered=False)
         return result.upserted_count + result.matched_count
+
+    async def pending_manual(self, ips: Sequence[str]) -> set[str]:
+        """Those of `ips` with a manual request waiting (not yet claimed by a lookup)."""
+        cursor = self._collection.find(
+            {
+                "_id": {"$in": list(ips)},
+                "reasons": ScanReason.MANUAL.value,
+                "claim_until": {"$lte": datetime.now(UTC)},
+            },
+            {"_id": 1},
+        )
+        return {doc["_id"] async for doc in cursor}
 
     async def claim(self, lease: timedelta, now: datetime | None = None) -> QueueItem | None:
         """Claim the most urgent item that is due and not claimed by anyone alive."""

@@ -1,14 +1,20 @@
 """The vulnerability feeds in MongoDB: CISA KEV and FIRST EPSS, per CVE (`vuln_context`).
 
 `vuln_context`: `{_id: "CVE-…", kev: {added, ransomware} | null, epss: {epss,
-percentile} | null}`. `vuln_feeds`: one status document per feed: when its last
-good copy was loaded, how many CVEs it had, and the last failure.
+percentile} | null, rerate: true?}`. `vuln_feeds`: one status document per feed: when
+its last good copy was loaded, how many CVEs it had, and the last failure.
 
 `refresh` fetches a feed (an http(s) URL or a file path), parses it (a file without
-a usable row is refused), then replaces that feed's part of `vuln_context`. A feed
-that cannot be fetched or parsed keeps its last good copy; the failure is recorded
-and the caller tries again later. Nothing here blocks scanning: lookups read
-whatever copy there is, or none.
+a usable row is refused), compares it with the copy stored, and writes only the CVEs
+that differ. A CVE whose KEV listing or EPSS score changed (a first load changes
+every CVE it lists) is marked `rerate: true` in the same write as its new value, so
+the mark cannot be lost between the two: the feed refresher re-assesses the open
+exposures carrying marked CVEs, then `unmark`s them. A crash in between leaves them
+marked, and the next leader does it again (a re-assessment is idempotent).
+
+A feed that cannot be fetched or parsed keeps its last good copy; the failure is
+recorded and the caller tries again later. Nothing here blocks scanning: lookups
+read whatever copy there is, or none.
 """
 
 from __future__ import annotations
@@ -39,7 +45,10 @@ _CHUNK = 5000
 
 
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> list[str]:
-    return [await db[VULN_CONTEXT].create_index([("kev", ASCENDING)], name="kev", sparse=True)]
+    return [
+        await db[VULN_CONTEXT].create_index([("kev", ASCENDING)], name="kev", sparse=True),
+        await db[VULN_CONTEXT].create_index([("rerate", ASCENDING)], name="rerate", sparse=True),
+    ]
 
 
 class VulnFeeds:
@@ -121,38 +130,56 @@ class VulnFeeds:
                 return response.content
         return await asyncio.to_thread(_read_file, source)
 
-    async def _store_kev(self, entries: list[KevEntry]) -> None:
-        listed = [e.cve for e in entries]
-        ops = [
-            UpdateOne(
-                {"_id": e.cve},
-                {
-                    "$set": {
-                        "kev": {
-                            "added": e.added.isoformat() if e.added else None,
-                            "ransomware": e.ransomware,
-                        }
-                    }
-                },
-                upsert=True,
+    async def marked(self, limit: int) -> list[str]:
+        """Up to `limit` CVEs whose change is not re-assessed yet, in id order."""
+        cursor = self._context.find({"rerate": True}, {"_id": 1}, sort=[("_id", ASCENDING)])
+        return [doc["_id"] async for doc in cursor.limit(limit)]
+
+    async def unmark(self, cves: Iterable[str]) -> None:
+        """The exposures carrying `cves` were re-assessed."""
+        done = sorted(set(cves))
+        for start in range(0, len(done), _CHUNK):
+            await self._context.update_many(
+                {"_id": {"$in": done[start : start + _CHUNK]}}, {"$unset": {"rerate": ""}}
             )
-            for e in entries
-        ]
-        await self._write(ops)
-        # Removed from the catalog (rare, but CISA has done it): no longer known exploited.
-        await self._context.update_many(
-            {"kev": {"$ne": None}, "_id": {"$nin": listed}}, {"$set": {"kev": None}}
+
+    async def _stored(self, part: str) -> dict[str, Any]:
+        """The stored copy of one feed's part of `vuln_context`, by CVE."""
+        cursor = self._context.find({part: {"$ne": None}}, {part: 1})
+        return {doc["_id"]: doc[part] async for doc in cursor}
+
+    async def _store_kev(self, entries: list[KevEntry]) -> None:
+        stored = await self._stored("kev")
+        ops = []
+        for e in entries:
+            value = {"added": e.added.isoformat() if e.added else None, "ransomware": e.ransomware}
+            old = stored.pop(e.cve, None)
+            if old == value:
+                continue
+            fields: dict[str, Any] = {"kev": value}
+            if old is None:  # newly known exploited: severities may rise
+                fields["rerate"] = True
+            ops.append(UpdateOne({"_id": e.cve}, {"$set": fields}, upsert=True))
+        # Left in `stored`: removed from the catalog (rare, but CISA has done it), no
+        # longer known exploited.
+        ops.extend(
+            UpdateOne({"_id": cve}, {"$set": {"kev": None, "rerate": True}}) for cve in stored
         )
+        await self._write(ops)
 
     async def _store_epss(self, entries: list[EpssEntry]) -> None:
-        ops = [
-            UpdateOne(
-                {"_id": e.cve},
-                {"$set": {"epss": {"epss": e.epss, "percentile": e.percentile}}},
-                upsert=True,
-            )
-            for e in entries
-        ]
+        stored = await self._stored("epss")
+        ops = []
+        for e in entries:
+            value = {"epss": e.epss, "percentile": e.percentile}
+            old = stored.get(e.cve)
+            if old == value:
+                continue
+            fields: dict[str, Any] = {"epss": value}
+            # Only the score enters the assessment; a new percentile alone changes no severity.
+            if old is None or old.get("epss") != e.epss:
+                fields["rerate"] = True
+            ops.append(UpdateOne({"_id": e.cve}, {"$set": fields}, upsert=True))
         await self._write(ops)
 
     async def _write(self, ops: list[UpdateOne]) -> None:
