@@ -1,5 +1,6 @@
 """Risk that fits each customer, end to end: KEV and EPSS feeds loaded by the scheduler's
-leader, a feed outage, a new policy on the next lookup, a worker refusing a bad policy."""
+leader, a feed outage, re-rating when a feed changes or first loads (no lookup), a new
+policy on the next lookup, a worker refusing a bad policy."""
 
 from __future__ import annotations
 
@@ -156,6 +157,96 @@ async def test_a_feed_that_fails_keeps_its_last_copy_and_says_so(
         assert "CVE-2023-4966" in await feeds.lookup(["CVE-2023-4966"])  # the last copy
         kev_server.status = 200
         await eventually(lambda: _recovered(feeds))
+
+
+PAN_CVE = "CVE-2024-3400"
+
+
+def _kev_with(*cves: str) -> bytes:
+    rows = [{"cveID": cve, "dateAdded": "2024-04-12"} for cve in cves]
+    return json.dumps({"vulnerabilities": KEV["vulnerabilities"] + rows}).encode()
+
+
+def _severity_changes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        e["data"]
+        for e in events
+        if e["data"]["change"] == "changed" and "severity" in e["data"]["changed_fields"]
+    ]
+
+
+async def test_a_cve_added_to_kev_re_rates_open_exposures_without_a_lookup(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, kev_server: FeedServer
+) -> None:
+    settings = scan_settings.model_copy(
+        update={"kev_source": kev_server.url, "vuln_feed_refresh_seconds": 0.5}
+    )
+    firewall, other = "45.33.50.11", "45.33.50.12"
+    vulns = {PAN_CVE: {"cvss": 5.0}}
+    for ip in (firewall, other):
+        shodan_emulator.set_host(
+            ip, host(ip, banner(443, "https", product="PAN-OS GlobalProtect", vulns=vulns))
+        )
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic_heartbeats,
+        [
+            heartbeat("acme", firewall, "a1", NOW),
+            heartbeat("globex", firewall, "g1", NOW),
+            heartbeat("acme", other, "a2", NOW),
+        ],
+    )
+    async with running(settings, ("ingest", "scanner", "scheduler")) as worker:
+        opened = await events_on(settings, 3)
+        assert {e["data"]["severity"] for e in opened} != {"critical"}
+        feeds = VulnFeeds(worker.mongo_client[settings.mongodb_database])
+        await eventually(lambda: _loaded(feeds))
+        lookups = len(shodan_emulator.requests)
+
+        kev_server.body = _kev_with(PAN_CVE)  # CISA lists it: exploited in the wild
+        events = await events_on(settings, 6)
+        changes = _severity_changes(events[3:])
+        assert sorted((c["organization_id"], c["ip"]) for c in changes) == [
+            ("acme", firewall),
+            ("acme", other),
+            ("globex", firewall),
+        ]
+        assert {c["severity"] for c in changes} == {"critical"}
+        assert all(c["vulnerabilities"][0]["kev"] is True for c in changes)
+        assert len(shodan_emulator.requests) == lookups  # no Shodan request for it
+        await eventually(lambda: _rerated(feeds))
+        assert sample(worker, "recon_vuln_reassessments_total") >= 3
+
+
+async def _rerated(feeds: VulnFeeds) -> bool:
+    return await feeds.marked(10) == []
+
+
+async def test_a_lookup_made_before_the_feeds_first_load_is_corrected_when_it_loads(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator, kev_server: FeedServer
+) -> None:
+    ip = "45.33.50.13"
+    vulns = {"CVE-2023-4966": {"cvss": 7.5}}
+    shodan_emulator.set_host(
+        ip, host(ip, banner(443, "https", product="Citrix Gateway", vulns=vulns))
+    )
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW)],
+    )
+    async with running(scan_settings, ("ingest", "scanner")):  # no feed configured yet
+        (opened,) = await events_on(scan_settings, 1)
+    assert opened["data"]["severity"] != "critical"
+    lookups = len(shodan_emulator.requests)
+    settings = scan_settings.model_copy(update={"kev_source": kev_server.url})
+    async with running(settings, ("scheduler",)):
+        events = await events_on(settings, 2)
+    (changed,) = _severity_changes(events)
+    assert (changed["ip"], changed["severity"]) == (ip, "critical")
+    assert changed["previous_severity"] == opened["data"]["severity"]
+    assert any("CVE-2023-4966 is known to be exploited" in r for r in changed["risk_reasons"])
+    assert len(shodan_emulator.requests) == lookups
 
 
 async def _loaded(feeds: VulnFeeds) -> bool:
