@@ -398,6 +398,11 @@ class InternetDbProvider:
 
 SAMPLE_RESOURCE = "shodan_hosts.json"
 _SAMPLE_EPOCH = datetime(2025, 1, 6, tzinfo=UTC)
+"""The moment the bundled sample timestamps are written as of: each lookup moves them
+to its own hour, keeping their ages (so a demo's ages are the same whenever it runs)."""
+_SAMPLE_STALE_DAYS = (35, 60)
+"""Invented answers: one IP in eight has a port last seen this many days ago, or more
+(older than RECON_STALE_OBSERVATION_DAYS's default), so demos show a stale row."""
 # Ports, Shodan modules and products that make demos of unknown IPs look like real findings.
 _SAMPLE_POOL: tuple[tuple[int, str, str, str | None, str | None, dict[str, float]], ...] = (
     (3389, "tcp", "rdp", "Remote Desktop Protocol", None, {}),
@@ -417,14 +422,19 @@ class SampleProvider:
 
     Known sample IPs answer from `recon_stream/samples/shodan_hosts.json`; any other IP
     gets a small service set derived from a hash of the address, the same every time.
+    Observation times are relative to the lookup: Shodan's timestamps (per port and
+    `last_update`) keep their age as of `_SAMPLE_EPOCH`, counted back from the hour of
+    the lookup (`clock`), so the data is the same on every run apart from the clock,
+    and only the few deliberately old observations show as stale.
     """
 
     name: str = "sample"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
         text = resources.files("recon_stream.samples").joinpath(SAMPLE_RESOURCE).read_text("utf-8")
         hosts = json.loads(text)["hosts"]
         self._hosts: dict[str, dict[str, Any] | None] = dict(hosts)
+        self._clock = clock or (lambda: datetime.now(UTC))
 
     def __repr__(self) -> str:
         return "SampleProvider()"
@@ -438,8 +448,11 @@ class SampleProvider:
         # No request leaves, but the pace is the same as a real provider's.
         if gate is not None and not await asyncio.to_thread(gate.enter):
             raise NotSent("the send slot for a sample lookup had passed")
-        queried_at = datetime.now(UTC)
+        queried_at = self._clock()
         payload = self._hosts[ip] if ip in self._hosts else _invented_host(ip)
+        if payload is not None:
+            hour = queried_at.replace(minute=0, second=0, microsecond=0)
+            payload = _moved(payload, hour - _SAMPLE_EPOCH)
         if payload is None:
             return HostScan(ip=ip, provider="sample", queried_at=queried_at, sample=True)
         scan = parse_host(ip, payload, queried_at, "sample")
@@ -466,6 +479,9 @@ def _invented_host(ip: str) -> dict[str, Any]:
     for n, index in enumerate(sorted(chosen)):
         port, transport, module, product, version, vulns = _SAMPLE_POOL[index]
         seen = _SAMPLE_EPOCH - timedelta(hours=digest[10 + n] % 72, minutes=digest[20 + n] % 60)
+        if n == 0 and digest[9] % 8 == 0:
+            low, high = _SAMPLE_STALE_DAYS
+            seen -= timedelta(days=low + digest[8] % (high - low))
         banner: dict[str, Any] = {
             "port": port,
             "transport": transport,
@@ -489,6 +505,26 @@ def _invented_host(ip: str) -> dict[str, Any]:
         "last_update": max(b["timestamp"] for b in banners),
         "data": banners,
     }
+
+
+def _moved(payload: dict[str, Any], by: timedelta) -> dict[str, Any]:
+    """A copy of a sample host answer with its Shodan timestamps moved `by`."""
+
+    def move(value: Any) -> Any:
+        try:
+            moved = datetime.fromisoformat(str(value)) + by
+        except ValueError:
+            return value
+        return moved.isoformat(timespec="microseconds")
+
+    host = dict(payload)
+    if "last_update" in host:
+        host["last_update"] = move(host["last_update"])
+    host["data"] = [
+        {**banner, "timestamp": move(banner["timestamp"])} if "timestamp" in banner else banner
+        for banner in payload.get("data", [])
+    ]
+    return host
 
 
 def _redact(text: str, key: str) -> str:
