@@ -10,7 +10,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -20,6 +20,9 @@ from recon_stream.domain.risk import Severity
 from recon_stream.roles import ROLES, Role
 from recon_stream.settings import Settings
 
+if TYPE_CHECKING:
+    from recon_stream.domain.commands import RecordedOutcome
+
 cli = typer.Typer(
     name="recon-stream",
     help="Outside-in attack-surface monitoring from endpoint-agent heartbeats.",
@@ -27,6 +30,10 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+DEFAULT_WAIT = 60.0
+"""Seconds `--wait` alone waits for a command's outcome."""
 
 
 class Format(enum.StrEnum):
@@ -216,6 +223,15 @@ def accept(
         str | None, typer.Option("--until", help="expiry, RFC 3339; default: none")
     ] = None,
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            metavar="[SECONDS]",
+            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
+            "no_effect, 1 if rejected or not applied in time",
+        ),
+    ] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Accept an exposure as intended (publishes an `accept` command)."""
@@ -232,6 +248,7 @@ def accept(
         },
         command_id,
         log_level,
+        wait,
     )
 
 
@@ -243,6 +260,15 @@ def unaccept(
     ip: Annotated[str | None, typer.Option("--ip", help="default: the org-wide one")] = None,
     transport: Annotated[str, typer.Option("--transport", help="tcp or udp")] = "tcp",
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            metavar="[SECONDS]",
+            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
+            "no_effect, 1 if rejected or not applied in time",
+        ),
+    ] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Take an acceptance back (publishes an `unaccept` command)."""
@@ -257,6 +283,7 @@ def unaccept(
         },
         command_id,
         log_level,
+        wait,
     )
 
 
@@ -266,18 +293,35 @@ def rescan(
     ip: Annotated[str | None, typer.Option("--ip", help="default: every active IP")] = None,
     by: Annotated[str, typer.Option("--by", help="who asks")] = "recon-stream cli",
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            metavar="[SECONDS]",
+            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
+            "no_effect, 1 if rejected or not applied in time",
+        ),
+    ] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Ask for a fresh lookup now (publishes a `rescan` command)."""
+    """Ask for a new provider lookup of the IP (or every active IP), ahead of routine
+    rescans and never served from a stored result (publishes a `rescan` command).
+
+    What it returns is Shodan's latest record of the IP: its last crawl of each port,
+    which may be days old; a fresh lookup is not a fresh scan."""
     _send_command(
         {"command": "rescan", "organization_id": org, "ip": ip, "requested_by": by},
         command_id,
         log_level,
+        wait,
     )
 
 
-def _send_command(body: dict[str, object], command_id: str | None, log_level: str) -> None:
-    """Validate a command, publish it (key = organization) and print its id."""
+def _send_command(
+    body: dict[str, object], command_id: str | None, log_level: str, wait: float | None = None
+) -> None:
+    """Validate a command, publish it (key = organization) and print its id; with `wait`,
+    wait that many seconds for its outcome, print it and exit 0 (applied, no_effect) or 1."""
     from aiokafka import AIOKafkaProducer
 
     from recon_stream.adapters.kafka import admin_options
@@ -308,6 +352,54 @@ def _send_command(body: dict[str, object], command_id: str | None, log_level: st
 
     asyncio.run(go())
     typer.echo(command.identity)
+    if wait is None:
+        return
+    from recon_stream.domain.commands import CommandOutcome
+
+    recorded = asyncio.run(_outcome_of(settings, command.identity, wait))
+    if recorded is None:
+        typer.echo(f"not applied within {wait:g} s (are the scanner workers running?)", err=True)
+        raise typer.Exit(1)
+    detail = f" ({recorded.reason}: {recorded.detail})" if recorded.reason else ""
+    typer.echo(f"{recorded.outcome.value}{detail}")
+    if recorded.outcome is CommandOutcome.REJECTED:
+        raise typer.Exit(1)
+
+
+async def _outcome_of(
+    settings: Settings, command_id: str, patience: float
+) -> RecordedOutcome | None:
+    from recon_stream.adapters import mongo
+    from recon_stream.adapters.command_log import CommandLog
+
+    client = mongo.connect(settings)
+    try:
+        log = CommandLog(client[settings.mongodb_database])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            recorded = await log.outcome(command_id)
+            if recorded is not None or loop.time() >= deadline:
+                return recorded
+            await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
+    finally:
+        await client.close()
+
+
+@cli.command()
+def acceptances(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """The acceptances in force: per IP and organization-wide, ports not open included."""
+    from recon_stream.exposure_table import load_acceptances, render_acceptances
+
+    _logging(log_level)
+    settings = _settings()
+    typer.echo(
+        render_acceptances(asyncio.run(load_acceptances(settings, org)), output.value), nl=False
+    )
 
 
 @cli.command()
@@ -394,4 +486,15 @@ def policy_check(
 
 
 def main() -> None:
-    cli()
+    cli(args=_optional_wait(sys.argv[1:]))
+
+
+def _optional_wait(args: list[str]) -> list[str]:
+    """`--wait` may come without its SECONDS (click has no optional option values)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--wait" and (following is None or following.startswith("--")):
+            out.append(f"{DEFAULT_WAIT:g}")
+    return out

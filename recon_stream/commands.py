@@ -13,12 +13,16 @@ after the whole batch. A command already marked applied does nothing again.
   organization): ahead of routine rescans, never served from a stored lookup,
   within the shared budget. A second one while the first is pending adds nothing.
 
-A rescan of an IP the organization does not use goes to the DLQ
-(`unknown_target`): the budget is spent only on the organization's own IPs.
+An `accept` or `rescan` naming an IP the organization does not use goes to the DLQ
+(`unknown_target`): the budget is spent only on the organization's own IPs, and
+nobody accepts exposures on someone else's address. Every command's outcome is
+recorded by id (`applied`, `no_effect`, `rejected` with the reason), which is what
+`recon-stream accept|unaccept|rescan --wait` reports.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,6 +31,7 @@ from functools import partial
 from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
 from recon_stream.domain.commands import (
     AcceptCommand,
+    CommandOutcome,
     RescanCommand,
     UnacceptCommand,
     acceptance_of,
@@ -66,43 +71,93 @@ class CommandService:
         self._retrying = retrying
 
     async def handle(self, records: Sequence[RawRecord]) -> int:
-        """Validate and apply a batch, in order; returns how many commands were applied."""
-        applied = 0
+        """Validate and apply a batch, in order; returns how many commands took effect
+        or had nothing to do (`applied` or `no_effect`)."""
+        done = 0
         for record in records:
             command, rejected = _decode(record)
             if command is not None:
                 rejected = await self.apply(command, record)
-                applied += rejected is None
+                done += rejected is None
+            elif rejected is not None:
+                await self._record_invalid(record, rejected)
             if rejected is not None:
                 await self._retrying(
                     "dead-lettering", partial(self._dead_letters.publish, [rejected])
                 )
                 self._metrics.dlq.labels(rejected.reason.value).inc()
-        return applied
+        return done
 
     async def apply(self, command: Command, record: RawRecord | None = None) -> Rejected | None:
-        """Apply one command (once per id); a `Rejected` when it cannot apply."""
+        """Apply one command (once per id) and record its outcome; a `Rejected` when it
+        cannot apply (an IP the organization does not use)."""
         identity = command.identity
         if await self._retrying("reading the command log", partial(self._log.applied, identity)):
             self._metrics.commands.labels(command.command, "duplicate").inc()
             return None
+        problem = await self._unknown_target(command)
+        if problem is not None:
+            await self._mark(command, CommandOutcome.REJECTED, RejectReason.UNKNOWN_TARGET, problem)
+            if record is None:
+                raise ValueError(problem)
+            return Rejected(record, RejectReason.UNKNOWN_TARGET, problem)
         if isinstance(command, RescanCommand):
-            problem = await self._rescan(command)
-            if problem is not None:
-                self._metrics.commands.labels(command.command, "rejected").inc()
-                if record is None:
-                    raise ValueError(problem)
-                return Rejected(record, RejectReason.UNKNOWN_TARGET, problem)
+            outcome = await self._rescan(command)
         else:
-            await self._decide(command)
-        await self._retrying(
-            "marking a command applied",
-            partial(self._log.mark, identity, command.organization_id, command.command),
-        )
-        self._metrics.commands.labels(command.command, "applied").inc()
+            outcome = await self._decide(command)
+        await self._mark(command, outcome)
         return None
 
-    async def _decide(self, command: AcceptCommand | UnacceptCommand) -> None:
+    async def _mark(
+        self,
+        command: Command,
+        outcome: CommandOutcome,
+        reason: RejectReason | None = None,
+        detail: str | None = None,
+    ) -> None:
+        record = partial(
+            self._log.mark,
+            command.identity,
+            command.organization_id,
+            command.command,
+            outcome,
+            reason.value if reason is not None else None,
+            detail,
+        )
+        await self._retrying("recording a command's outcome", record)
+        self._metrics.commands.labels(command.command, outcome.value).inc()
+
+    async def _record_invalid(self, record: RawRecord, rejected: Rejected) -> None:
+        """A command that names its id but cannot be read is recorded rejected, so whoever
+        waits for it learns why."""
+        fields = _loose_fields(record.value)
+        command_id = fields.get("command_id")
+        if not isinstance(command_id, str) or not command_id:
+            return
+        mark = partial(
+            self._log.mark,
+            command_id,
+            str(fields.get("organization_id", "")),
+            str(fields.get("command", "")),
+            CommandOutcome.REJECTED,
+            rejected.reason.value,
+            rejected.detail,
+        )
+        await self._retrying("recording a command's outcome", mark)
+
+    async def _unknown_target(self, command: Command) -> str | None:
+        """Why the command names an IP the organization does not use, if it does."""
+        if isinstance(command, UnacceptCommand) or command.ip is None:
+            return None  # taking an acceptance back never needs the IP to be in use
+        org = command.organization_id
+        active = await self._retrying(
+            "reading the org's IPs", partial(self._orgs.reported_ips, org)
+        )
+        if command.ip in active:
+            return None
+        return f"{command.ip} is not an active IP of organization {org}"
+
+    async def _decide(self, command: AcceptCommand | UnacceptCommand) -> CommandOutcome:
         store, org = self._acceptances, command.organization_id
         if isinstance(command, AcceptCommand):
             await self._retrying(
@@ -110,30 +165,46 @@ class CommandService:
                 partial(store.accept, acceptance_of(command), command.identity),
             )
         else:
-            await self._retrying(
+            removed = await self._retrying(
                 "removing an acceptance",
                 partial(store.unaccept, org, command.ip, command.transport, command.port),
             )
+            if not removed:
+                return CommandOutcome.NO_EFFECT
         await self._outbox.reassess(org, command.ip, datetime.now(UTC))
+        return CommandOutcome.APPLIED
 
-    async def _rescan(self, command: RescanCommand) -> str | None:
+    async def _rescan(self, command: RescanCommand) -> CommandOutcome:
         org = command.organization_id
-        active = await self._retrying(
-            "reading the org's IPs", partial(self._orgs.reported_ips, org)
+        if command.ip is not None:
+            ips = [command.ip]
+        else:
+            active = await self._retrying(
+                "reading the org's IPs", partial(self._orgs.reported_ips, org)
+            )
+            ips = sorted(active)
+        waiting = await self._retrying(
+            "reading pending rescans", partial(self._queue.pending_manual, ips)
         )
-        if command.ip is not None and command.ip not in active:
-            return f"{command.ip} is not an active IP of organization {org}"
-        ips = [command.ip] if command.ip is not None else sorted(active)
+        if not ips or set(ips) <= waiting:
+            return CommandOutcome.NO_EFFECT  # already asked for, and not yet looked up
         now = datetime.now(UTC)
         requests = [
             ScanRequest(organization_id=org, ip=ip, reason=ScanReason.MANUAL, requested_at=now)
             for ip in ips
         ]
-        if requests:
-            await self._retrying("queueing rescans", partial(self._queue.enqueue, requests))
-            for _ in requests:
-                self._metrics.scan_requests_received.labels(ScanReason.MANUAL.value).inc()
-        return None
+        await self._retrying("queueing rescans", partial(self._queue.enqueue, requests))
+        for _ in requests:
+            self._metrics.scan_requests_received.labels(ScanReason.MANUAL.value).inc()
+        return CommandOutcome.APPLIED
+
+
+def _loose_fields(value: bytes | None) -> dict[str, object]:
+    try:
+        fields = json.loads(value or b"")
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def _decode(record: RawRecord) -> tuple[Command | None, Rejected | None]:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from recon_stream.adapters import mongo
+from recon_stream.adapters.acceptances import Acceptances
 from recon_stream.adapters.exposures import MongoSnapshots
 from recon_stream.adapters.history import History
 from recon_stream.domain.risk import assess
@@ -171,6 +172,8 @@ HISTORY_COLUMNS = (
     "changed_fields",
     "severity",
     "accepted",
+    "requested_by",
+    "acceptance_reason",
     "service",
     "event_id",
 )
@@ -202,6 +205,8 @@ async def load_history(
             "changed_fields": list(doc.get("changed_fields", [])),
             "severity": doc.get("severity", ""),
             "accepted": bool(doc.get("accepted", False)),
+            "requested_by": doc.get("requested_by") or "",
+            "acceptance_reason": doc.get("acceptance_reason") or "",
             "service": (doc.get("service") or {}).get("name") or "",
             "event_id": doc["event_id"],
         }
@@ -221,7 +226,19 @@ def render_history(entries: list[dict[str, Any]], output: str) -> str:
         return buffer.getvalue()
     if not entries:
         return "no history\n"
-    header = ["TIME", "IP", "PORT", "CHANGE", "REASON", "FIELDS", "SEVERITY", "ACCEPTED", "EVENT"]
+    header = [
+        "TIME",
+        "IP",
+        "PORT",
+        "CHANGE",
+        "REASON",
+        "FIELDS",
+        "SEVERITY",
+        "ACCEPTED",
+        "BY",
+        "WHY",
+        "EVENT",
+    ]
     table = [
         [
             e["time"],
@@ -232,9 +249,72 @@ def render_history(entries: list[dict[str, Any]], output: str) -> str:
             ",".join(e["changed_fields"]),
             e["severity"],
             "yes" if e["accepted"] else "no",
+            e["requested_by"],
+            e["acceptance_reason"],
             e["event_id"],
         ]
         for e in entries
+    ]
+    return _aligned(header, table)
+
+
+ACCEPTANCE_COLUMNS = (
+    "ip",
+    "transport",
+    "port",
+    "reason",
+    "requested_by",
+    "accepted_at",
+    "expires_at",
+)
+
+
+async def load_acceptances(settings: Settings, organization_id: str) -> list[dict[str, Any]]:
+    """The org's acceptances in force now (org-wide ones, for ports not open, included)."""
+    client = mongo.connect(settings)
+    try:
+        kept = await Acceptances(client[settings.mongodb_database]).acceptances(organization_id)
+    finally:
+        await client.close()
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "ip": a.ip or "*",
+            "transport": a.transport,
+            "port": a.port,
+            "reason": a.reason,
+            "requested_by": a.requested_by,
+            "accepted_at": _time(a.accepted_at),
+            "expires_at": _time(a.expires_at) if a.expires_at else "",
+        }
+        for a in kept
+        if a.active(now)
+    ]
+    return sorted(rows, key=lambda r: (r["ip"] != "*", r["ip"], r["port"], r["transport"]))
+
+
+def render_acceptances(rows: list[dict[str, Any]], output: str) -> str:
+    if output == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=ACCEPTANCE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if not rows:
+        return "no acceptances in force\n"
+    header = ["IP", "PORT", "REASON", "BY", "ACCEPTED AT", "EXPIRES"]
+    table = [
+        [
+            r["ip"] if r["ip"] != "*" else "* (every IP)",
+            f"{r['transport']}/{r['port']}",
+            r["reason"],
+            r["requested_by"],
+            r["accepted_at"],
+            r["expires_at"] or "never",
+        ]
+        for r in rows
     ]
     return _aligned(header, table)
 

@@ -44,6 +44,8 @@ class SnapshotUpdater:
     feeds: VulnContextSource
     policy: RiskPolicy
     stale_after: timedelta = timedelta(days=30)
+    source: str = "recon-stream"
+    """The events' CloudEvents `source` (RECON_EVENT_SOURCE)."""
     clock: Callable[[], datetime] = field(default=_now)
 
     async def apply(self, org: OrgContext, scan: HostScan) -> Outbox:
@@ -80,7 +82,8 @@ class SnapshotUpdater:
                 else []
             )
             context = await self.feeds.lookup(plan.cves)
-            update = decide(plan, acceptances, Assessor(self.policy, context, self.stale_after))
+            judge = Assessor(self.policy, context, self.stale_after)
+            update = decide(plan, acceptances, judge, source=self.source)
             if update is None:
                 return Outbox.empty(organization_id, ip)
             if await self.snapshots.swap(update):

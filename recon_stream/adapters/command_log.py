@@ -1,7 +1,9 @@
-"""`applied_commands`: the ids of commands already applied, so a redelivery does nothing.
+"""`applied_commands`: the outcome of each command by id, so a redelivery does nothing and
+`--wait` can tell the operator what happened.
 
-One document per command (`_id` = its id, or the digest of its content), written
-after its effect is stored; kept 30 days (a TTL index), far beyond how long Kafka
+One document per command (`_id` = its id, or the digest of its content): `outcome`
+(`applied`, `no_effect`, `rejected`), the DLQ `reason` and `detail` of a rejected one,
+written after its effect is stored; kept 30 days (a TTL index), far beyond how long Kafka
 could redeliver it.
 """
 
@@ -16,8 +18,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from recon_stream.adapters.collections import APPLIED_COMMANDS
+from recon_stream.domain.commands import CommandOutcome, RecordedOutcome
 
 KEEP_SECONDS = 30 * 24 * 3600
+MAX_DETAIL = 500
 
 
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> list[str]:
@@ -33,9 +37,19 @@ class CommandLog:
         self._collection: AsyncCollection[dict[str, Any]] = db[APPLIED_COMMANDS]
 
     async def applied(self, command_id: str) -> bool:
+        """True once the command has an outcome (applied, no effect or rejected)."""
         return await self._collection.find_one({"_id": command_id}, {"_id": 1}) is not None
 
-    async def mark(self, command_id: str, organization_id: str, command: str) -> None:
+    async def mark(
+        self,
+        command_id: str,
+        organization_id: str,
+        command: str,
+        outcome: CommandOutcome = CommandOutcome.APPLIED,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Record the command's outcome (the first one recorded stays)."""
         # Applied twice after a crash: the same effect, already on record.
         with contextlib.suppress(DuplicateKeyError):
             await self._collection.insert_one(
@@ -43,6 +57,20 @@ class CommandLog:
                     "_id": command_id,
                     "organization_id": organization_id,
                     "command": command,
+                    "outcome": outcome.value,
+                    "reason": reason,
+                    "detail": detail[:MAX_DETAIL] if detail else None,
                     "applied_at": datetime.now(UTC),
                 }
             )
+
+    async def outcome(self, command_id: str) -> RecordedOutcome | None:
+        """The command's outcome, once it has one (`recon-stream ... --wait`)."""
+        doc = await self._collection.find_one({"_id": command_id})
+        if doc is None:
+            return None
+        return RecordedOutcome(
+            CommandOutcome(doc.get("outcome", CommandOutcome.APPLIED.value)),
+            doc.get("reason"),
+            doc.get("detail"),
+        )

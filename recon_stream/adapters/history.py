@@ -63,6 +63,11 @@ class History:
 
 def _history_doc(event: ExposureEvent) -> Document:
     data = event.data
+    # Who accepted and why: the acceptance in force, or, when it was taken back, expired
+    # or lapsed, the one before; kept here so the decision outlives the acceptance.
+    decided = data.acceptance or (
+        data.previous_acceptance if "accepted" in data.changed_fields else None
+    )
     return {
         "organization_id": data.organization_id,
         "ip": data.ip,
@@ -74,6 +79,8 @@ def _history_doc(event: ExposureEvent) -> Document:
         "changed_fields": list(data.changed_fields),
         "severity": data.severity.value,
         "accepted": data.accepted,
+        "requested_by": decided.requested_by if decided is not None else None,
+        "acceptance_reason": decided.reason if decided is not None else None,
         "event_id": event.id,
         "service": data.service.model_dump(mode="json"),
     }

@@ -15,8 +15,10 @@ delivered twice is one command.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -118,6 +120,24 @@ class CommandMessage(RootModel[Command]):
 
 
 _ADAPTER: TypeAdapter[AcceptCommand | UnacceptCommand | RescanCommand] = TypeAdapter(Command)
+
+
+class CommandOutcome(enum.StrEnum):
+    """What a command did (recorded by id; `recon-stream ... --wait` prints it)."""
+
+    APPLIED = "applied"
+    NO_EFFECT = "no_effect"
+    """Nothing to do: an `unaccept` that matched no acceptance, a `rescan` already pending."""
+    REJECTED = "rejected"
+    """It went to the DLQ (the reason is recorded with it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedOutcome:
+    outcome: CommandOutcome
+    reason: str | None = None
+    """For `rejected`: the DLQ reason (`unknown_target`, `schema_violation`, ...)."""
+    detail: str | None = None
 
 
 def parse_command(raw: bytes | None) -> AcceptCommand | UnacceptCommand | RescanCommand:

@@ -11,16 +11,24 @@ topic (key `organization_id/ip/transport/port`, `ExposureState`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.identifiers import Identifier, IpText
@@ -55,6 +63,8 @@ class ChangeReason(enum.StrEnum):
     """The organization took its acceptance back."""
     ACCEPTANCE_EXPIRED = "acceptance_expired"
     """The acceptance reached its `expires_at`."""
+    ACCEPTANCE_LAPSED = "acceptance_lapsed"
+    """The service on the port changed module (https became rdp): what was accepted is gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,10 @@ class Change:
     severity_changed: bool = False
     """For `changed`: the severity differs from the one stored (a new policy, a new
     KEV listing or EPSS score)."""
+    previous_severity: Severity | None = None
+    """For a severity change: the severity stored before."""
+    previous_acceptance: AcceptanceInfo | None = None
+    """For an acceptance change: the acceptance in force before (None if there was none)."""
 
 
 @dataclass(frozen=True)
@@ -174,11 +188,13 @@ def acceptance_changes(
     was: Mapping[ExposureKey, AcceptanceInfo | None],
     now: Mapping[ExposureKey, AcceptanceInfo | None],
     at: datetime,
+    lapsed: Collection[ExposureKey] = (),
 ) -> list[Change]:
     """`changes` plus the exposures, open before and after, whose acceptance changed.
 
     An exposure that also changed in substance gets one `changed` naming both; the
-    reason is the acceptance's: `accepted`, `unaccepted` or `acceptance_expired`.
+    reason is the acceptance's: `accepted`, `unaccepted`, `acceptance_expired`, or
+    `acceptance_lapsed` for the keys in `lapsed` (the service changed module).
     """
     by_key = {change.key: change for change in changes}
     for key in sorted(after, key=_order):
@@ -190,11 +206,19 @@ def acceptance_changes(
             reason = ChangeReason.ACCEPTED
         elif before is not None and before.expires_at is not None and before.expires_at <= at:
             reason = ChangeReason.ACCEPTANCE_EXPIRED
+        elif key in lapsed:
+            reason = ChangeReason.ACCEPTANCE_LAPSED
         else:
             reason = ChangeReason.UNACCEPTED
         previous = change.previous if change is not None else after[key]
         by_key[key] = Change(
-            ChangeKind.CHANGED, key, after[key], previous, reason, acceptance_changed=True
+            ChangeKind.CHANGED,
+            key,
+            after[key],
+            previous,
+            reason,
+            acceptance_changed=True,
+            previous_acceptance=before,
         )
     return sorted(by_key.values(), key=lambda c: _order(c.key))
 
@@ -218,7 +242,7 @@ def severity_changes(
             by_key[key] = Change(ChangeKind.CHANGED, key, after[key], after[key])
         elif change.kind is not ChangeKind.CHANGED:
             continue
-        by_key[key] = replace(by_key[key], severity_changed=True)
+        by_key[key] = replace(by_key[key], severity_changed=True, previous_severity=before)
     return sorted(by_key.values(), key=lambda c: _order(c.key))
 
 
@@ -302,8 +326,9 @@ class ExposureState(BaseModel):
     """One exposure as it stands: the value of the state topic (`recon.exposure-state.v1`).
 
     The same fields as an event's `data`, without `change`, `previous`,
-    `previous_vulns` and `changed_fields`. Key `organization_id/ip/transport/port`;
-    a tombstone (null value) when the exposure closes.
+    `previous_vulns`, `previous_severity`, `previous_acceptance` and `changed_fields`.
+    Key `organization_id/ip/transport/port` (also `exposure_id`); a tombstone (null
+    value) when the exposure closes.
     """
 
     model_config = ConfigDict(
@@ -313,6 +338,12 @@ class ExposureState(BaseModel):
         json_schema_extra={"$id": "https://recon-stream.dev/schemas/exposure-state.v1.json"},
     )
 
+    exposure_id: str = Field(
+        description=(
+            "organization_id/ip/transport/port: the state topic's key and OCSF's "
+            "finding_info.uid, the same for the exposure's whole life."
+        )
+    )
     organization_id: Identifier
     ip: IpText
     port: Port
@@ -320,7 +351,8 @@ class ExposureState(BaseModel):
     reason: ChangeReason | None = Field(
         description=(
             "Why it closed (port_closed, ip_retired) or why its acceptance changed "
-            "(accepted, unaccepted, acceptance_expired); null otherwise and in state rows."
+            "(accepted, unaccepted, acceptance_expired, acceptance_lapsed); null otherwise "
+            "and in state rows."
         )
     )
     service: ServiceInfo = Field(description="The service now; the last one seen when closed.")
@@ -357,6 +389,17 @@ class ExposureState(BaseModel):
     sample: bool = Field(description="Built from bundled sample data, not real Shodan results.")
     provider: ProviderName
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keyed_in_older_outboxes(cls, value: object) -> object:
+        # Rows and events written to an outbox before `exposure_id` existed still relay.
+        if isinstance(value, dict) and "exposure_id" not in value:
+            with contextlib.suppress(KeyError):
+                value["exposure_id"] = state_key(
+                    value["organization_id"], value["ip"], value["transport"], value["port"]
+                )
+        return value
+
 
 class ExposureData(ExposureState):
     """The `data` of an exposure event: the exposure, and what changed."""
@@ -369,10 +412,28 @@ class ExposureData(ExposureState):
     previous: ServiceInfo | None = Field(description="The service before, for `changed`.")
     changed_fields: tuple[ChangedField, ...] = Field(
         description=(
-            "For `changed`: which of name, product, version, cpe, vulns and accepted differ."
+            "For `changed`: which of name, product, version, cpe, vulns, accepted, severity differ."
         )
     )
     previous_vulns: tuple[str, ...] | None = Field(description="For `changed`.")
+    previous_severity: Severity | None = Field(
+        description="The severity before, when `severity` is in `changed_fields`; else null."
+    )
+    previous_acceptance: AcceptanceInfo | None = Field(
+        description=(
+            "The acceptance in force before, when `accepted` is in `changed_fields` "
+            "(who accepted and why, for an acceptance taken back, expired or lapsed)."
+        )
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_older_outboxes(cls, value: object) -> object:
+        # Events written to an outbox before these fields existed still relay.
+        if isinstance(value, dict) and "change" in value:
+            value.setdefault("previous_severity", None)
+            value.setdefault("previous_acceptance", None)
+        return value
 
 
 def state_key(organization_id: str, ip: str, transport: str, port: int) -> str:
@@ -437,6 +498,7 @@ def _row(
         for cve in sorted(set(service.vulns))
     )
     return {
+        "exposure_id": state_key(organization_id, ip, service.transport, service.port),
         "organization_id": organization_id,
         "ip": ip,
         "port": service.port,
@@ -583,6 +645,8 @@ def build_events(
             previous=ServiceInfo.of(previous) if previous is not None else None,
             changed_fields=fields,
             previous_vulns=tuple(sorted(set(previous.vulns))) if previous is not None else None,
+            previous_severity=change.previous_severity if change.severity_changed else None,
+            previous_acceptance=change.previous_acceptance if change.acceptance_changed else None,
         )
         events.append(
             ExposureEvent(

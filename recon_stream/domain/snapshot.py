@@ -67,6 +67,9 @@ class OpenExposure:
     """As last assessed; None in snapshots written before severities were stored."""
     stale: bool = False
     acceptance: AcceptanceInfo | None = None
+    lapsed: AcceptanceInfo | None = None
+    """An acceptance that lapsed on this exposure when its service changed module: it
+    stays lapsed (a new `accept` is a new acceptance) until the port closes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,17 +195,23 @@ def plan_reassessment(before: Snapshot, at: datetime) -> Plan | None:
     return Plan("reassessment", before, before.open_services(), _stored_basis(before, at), [], at)
 
 
-def decide(plan: Plan, acceptances: Sequence[Acceptance], assessor: Assessor) -> Update | None:
+def decide(
+    plan: Plan,
+    acceptances: Sequence[Acceptance],
+    assessor: Assessor,
+    *,
+    source: str = "recon-stream",
+) -> Update | None:
     """The snapshot after `plan` under `acceptances` (those of the IP and the
-    organization-wide ones) and `assessor`, with its events and state rows; None when
-    a retirement or re-assessment changes nothing."""
+    organization-wide ones) and `assessor`, with its events (CloudEvents `source`) and
+    state rows; None when a retirement or re-assessment changes nothing."""
     before, after, basis, at = plan.before, plan.after, plan.basis, plan.at
     organization_id, ip = before.organization_id, before.ip
     lookup = plan.kind == "lookup"
     stored = before.services
     was = {key: entry.acceptance for key, entry in stored.items()}
-    now_accepted = {key: acceptance_for(list(acceptances), ip, key[0], key[1], at) for key in after}
-    changes = acceptance_changes(plan.changes, after, was, now_accepted, at)
+    now_accepted, lapsed = _acceptances_now(stored, after, acceptances, ip, at)
+    changes = acceptance_changes(plan.changes, after, was, now_accepted, at, lapsed.keys())
     org = plan.org
     agents = org.candidate_agents if org else before.candidate_agents
     sites = org.site_ids if org else before.site_ids
@@ -248,6 +257,7 @@ def decide(plan: Plan, acceptances: Sequence[Acceptance], assessor: Assessor) ->
         first_seen_by_key={key: entry.first_seen for key, entry in stored.items()},
         last_seen_by_key={key: entry.last_seen for key, entry in stored.items()},
         occurred_at=None if lookup else at,
+        source=source,
         assessor=assessor,
     )
     version = before.version + 1
@@ -262,10 +272,42 @@ def decide(plan: Plan, acceptances: Sequence[Acceptance], assessor: Assessor) ->
             rows[key].severity,
             rows[key].stale,
             sighting.acceptance,
+            lapsed.get(key),
         )
         for key, sighting in sightings.items()
     }
     return Update(before, _after(plan, services, version), events, state)
+
+
+def _acceptances_now(
+    stored: Mapping[ExposureKey, OpenExposure],
+    after: Mapping[ExposureKey, Service],
+    acceptances: Sequence[Acceptance],
+    ip: str,
+    at: datetime,
+) -> tuple[dict[ExposureKey, AcceptanceInfo | None], dict[ExposureKey, AcceptanceInfo]]:
+    """The acceptance in force on each open exposure, and the acceptances that lapsed
+    (now, or before and still on record) by exposure.
+
+    An acceptance is of the service seen when it applied: when the port's module changes
+    (https becomes rdp), the acceptance that covered it lapses and stays lapsed.
+    """
+    now: dict[ExposureKey, AcceptanceInfo | None] = {}
+    lapsed: dict[ExposureKey, AcceptanceInfo] = {}
+    for key, service in after.items():
+        found = acceptance_for(list(acceptances), ip, key[0], key[1], at)
+        entry = stored.get(key)
+        if found is not None and entry is not None and _lapses(entry, found, service):
+            lapsed[key], found = found, None
+        now[key] = found
+    return now, lapsed
+
+
+def _lapses(entry: OpenExposure, found: AcceptanceInfo, service: Service) -> bool:
+    if entry.lapsed == found:
+        return True  # lapsed before: it stays lapsed
+    before, now = entry.service.module, service.module
+    return entry.acceptance == found and None not in (before, now) and before != now
 
 
 def _after(plan: Plan, services: dict[ExposureKey, OpenExposure], version: int) -> Snapshot:

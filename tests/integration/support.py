@@ -247,3 +247,30 @@ async def events_on(settings: Settings, n: int, timeout: float = 60.0) -> list[d
         return [json.loads(r.value) for r in records] if len(records) >= n else None
 
     return await eventually(enough, timeout=timeout, interval=0.5)  # type: ignore[no-any-return]
+
+
+def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Any:
+    """`recon-stream ARGS` as users run it: a subprocess with RECON_* variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
+    base.update(
+        {
+            "RECON_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "RECON_MONGODB_URI": settings.mongodb_uri.get_secret_value(),
+            "RECON_MONGODB_DATABASE": settings.mongodb_database,
+            "RECON_TOPIC_HEARTBEATS": settings.topic_heartbeats,
+            "RECON_TOPIC_SCAN_REQUESTS": settings.topic_scan_requests,
+            "RECON_TOPIC_EXPOSURES": settings.topic_exposures,
+            "RECON_TOPIC_DLQ": settings.topic_dlq + "-cli",
+            "RECON_TOPIC_COMMANDS": settings.topic_commands,
+            "RECON_KAFKA_TOPIC_PARTITIONS": "2",
+        }
+    )
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "recon_stream", *args],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

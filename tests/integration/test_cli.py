@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -14,32 +11,7 @@ from typing import Any
 from recon_stream.settings import Settings
 
 from .support import eventually, heartbeat, produce, read_all, running
-
-
-def _cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Any:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
-    base.update(
-        {
-            "RECON_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-            "RECON_MONGODB_URI": settings.mongodb_uri.get_secret_value(),
-            "RECON_MONGODB_DATABASE": settings.mongodb_database,
-            "RECON_TOPIC_HEARTBEATS": settings.topic_heartbeats,
-            "RECON_TOPIC_SCAN_REQUESTS": settings.topic_scan_requests,
-            "RECON_TOPIC_EXPOSURES": settings.topic_exposures,
-            "RECON_TOPIC_DLQ": settings.topic_dlq + "-cli",
-            "RECON_TOPIC_COMMANDS": settings.topic_commands,
-            "RECON_KAFKA_TOPIC_PARTITIONS": "2",
-        }
-    )
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "recon_stream", *args],
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from .support import run_cli as _cli
 
 
 async def test_init_is_idempotent(settings: Settings, db: Any) -> None:

@@ -3,6 +3,7 @@ end to end on Tansu, MongoDB and the Shodan emulator through the real `shodan` c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from .support import (
     host,
     produce,
     read_all,
+    run_cli,
     running,
     sample,
 )
@@ -234,11 +236,16 @@ async def test_rescan_makes_one_fresh_lookup_even_when_sent_twice_and_covers_eve
             ("closed", 80),
             ("opened", 443),
         }
-        await eventually(
-            lambda: _async(
-                sample(worker, "recon_commands_total", command="rescan", outcome="applied") == 2
+
+        # The second is `no_effect` when the first is still waiting in the queue.
+        def outcomes() -> tuple[float, float]:
+            return (
+                sample(worker, "recon_commands_total", command="rescan", outcome="applied"),
+                sample(worker, "recon_commands_total", command="rescan", outcome="no_effect"),
             )
-        )
+
+        await eventually(lambda: _async(sum(outcomes()) == 2))
+        assert outcomes()[0] >= 1
         assert host_requests(shodan_emulator, ips[0]) == 2
         # Every active IP of the organization.
         await send(scan_settings, command("rescan"))
@@ -320,3 +327,60 @@ async def test_history_and_the_state_topic_match_events_and_the_table(
         assert value["last_queried"].replace("+00:00", "Z")[:19] == row["last_queried"][:19]
         assert "change" not in value
         assert "changed_fields" not in value
+
+
+async def test_the_cli_waits_for_each_commands_outcome_and_history_keeps_who_and_why(
+    scan_settings: Settings, shodan_emulator: ShodanEmulator
+) -> None:
+    ip = "45.33.40.21"
+    shodan_emulator.set_host(ip, host(ip, banner(5900, "vnc")))
+    await produce(
+        scan_settings.kafka_bootstrap_servers,
+        scan_settings.topic_heartbeats,
+        [heartbeat("acme", ip, "a1", NOW)],
+    )
+
+    async def cli(*args: str) -> Any:
+        # In a thread: the workers run on this test's event loop.
+        return await asyncio.to_thread(run_cli, scan_settings, *args)
+
+    async with running(scan_settings, ("ingest", "scanner")):
+        await events_on(scan_settings, 1)
+        accepted = await cli(
+            *("accept", "--org", "acme", "--ip", ip, "--port", "5900"),
+            *("--reason", "vendor support window", "--by", "tech@msp", "--wait"),
+        )
+        assert accepted.returncode == 0, accepted.stderr
+        assert accepted.stdout.splitlines()[-1] == "applied"
+        foreign = await cli(
+            *("accept", "--org", "acme", "--ip", "45.33.40.99", "--port", "22"),
+            *("--reason", "not ours", "--by", "tech@msp", "--wait", "60"),
+        )
+        assert foreign.returncode == 1
+        assert foreign.stdout.splitlines()[-1].startswith("rejected (unknown_target:")
+        nothing = await cli("unaccept", "--org", "acme", "--port", "22", "--by", "t", "--wait")
+        assert nothing.returncode == 0, nothing.stderr
+        assert nothing.stdout.splitlines()[-1] == "no_effect"
+        listed = await cli("acceptances", "--org", "acme", "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        (kept,) = json.loads(listed.stdout)
+        assert (kept["ip"], kept["port"], kept["requested_by"]) == (ip, 5900, "tech@msp")
+        taken_back = await cli(
+            *("unaccept", "--org", "acme", "--ip", ip, "--port", "5900", "--by", "ciso"),
+            "--wait",
+        )
+        assert taken_back.stdout.splitlines()[-1] == "applied"
+        events = await events_on(scan_settings, 3)
+        gone = await cli("acceptances", "--org", "acme")
+        assert gone.stdout == "no acceptances in force\n"
+    dead = await read_all(scan_settings.kafka_bootstrap_servers, scan_settings.topic_dlq, expect=1)
+    assert {k: v.decode() for k, v in dead[0].headers}["x-recon-dlq-reason"] == "unknown_target"
+    assert events[2]["data"]["reason"] == "unaccepted"
+    assert events[2]["data"]["previous_acceptance"]["reason"] == "vendor support window"
+    # The acceptance is gone; the decision is still on record, with who and why.
+    history = await load_history(scan_settings, "acme", ip=ip)
+    assert [(h["reason"], h["requested_by"], h["acceptance_reason"]) for h in history] == [
+        ("unaccepted", "tech@msp", "vendor support window"),
+        ("accepted", "tech@msp", "vendor support window"),
+        ("", "", ""),
+    ]

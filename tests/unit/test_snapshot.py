@@ -281,3 +281,75 @@ def test_the_outbox_carries_the_events_and_rows_of_the_update() -> None:
     assert outbox.events == update.events
     assert outbox.state == update.state
     assert all(isinstance(e, ExposureEvent) for e in outbox.events)
+
+
+def test_every_event_and_row_names_its_exposure_and_the_deployment() -> None:
+    plan = plan_lookup(EMPTY, ORG, lookup(RDP), T0)
+    assert plan is not None
+    update = decide(plan, [], BUILT_IN, source="recon-stream/eu-prod")
+    assert update is not None
+    (event,) = update.events
+    assert event.source == "recon-stream/eu-prod"
+    assert event.data.exposure_id == f"acme/{IP}/tcp/3389"
+    assert [row.value.exposure_id for row in update.state if row.value] == [
+        row.key for row in update.state
+    ]
+
+
+def test_a_severity_change_says_what_the_severity_was() -> None:
+    first = after_lookup(EMPTY, lookup(SSH))
+    strict = Assessor(
+        parse_policy(
+            "services:\n  - {name: SSH, severity: critical, modules: [ssh]}\n", "s", DEFAULT_POLICY
+        )
+    )
+    update = after_lookup(first.after, lookup(SSH, at=T0 + timedelta(days=1)), assessor=strict)
+    (event,) = update.events
+    assert (event.data.previous_severity, event.data.severity) == (
+        Severity.MEDIUM,
+        Severity.CRITICAL,
+    )
+    assert first.events[0].data.previous_severity is None
+
+
+def test_an_acceptance_taken_back_says_which_one_it_was() -> None:
+    first = after_lookup(EMPTY, lookup(RDP), [acceptance(3389)])
+    taken_back = reassess(first.after, [], T0 + timedelta(hours=1))
+    assert taken_back is not None
+    (event,) = taken_back.events
+    assert event.data.previous_acceptance is not None
+    assert event.data.previous_acceptance.reason == "jump host"
+    assert event.data.acceptance is None
+
+
+def test_an_acceptance_lapses_when_the_service_changes_module_and_stays_lapsed() -> None:
+    web_on_443 = Service(port=443, module="https", product="nginx")
+    accepted = acceptance(443)
+    first = after_lookup(EMPTY, lookup(web_on_443), [accepted])
+    assert first.events[0].data.accepted
+    rdp_on_443 = Service(port=443, module="rdp")
+    lapsed = after_lookup(first.after, lookup(rdp_on_443, at=T0 + timedelta(days=1)), [accepted])
+    assert changes(lapsed) == [
+        ("changed", 443, "name,product,accepted,severity", "acceptance_lapsed")
+    ]
+    (event,) = lapsed.events
+    assert not event.data.accepted
+    assert event.data.previous_acceptance is not None
+    # The next lookup of the same service does not accept it again...
+    later = after_lookup(lapsed.after, lookup(rdp_on_443, at=T0 + timedelta(days=2)), [accepted])
+    assert later.events == []
+    assert later.after.services[("tcp", 443)].acceptance is None
+    # ...but a new acceptance (a new decision, a new time) does.
+    renewed = dataclasses.replace(accepted, accepted_at=T0 + timedelta(days=3))
+    again = reassess(later.after, [renewed], T0 + timedelta(days=3))
+    assert again is not None
+    assert changes(again) == [("changed", 443, "accepted", "accepted")]
+
+
+def test_a_product_change_keeps_the_acceptance() -> None:
+    first = after_lookup(EMPTY, lookup(WEB), [acceptance(443)])
+    newer = WEB.model_copy(update={"version": "1.25.3"})
+    update = after_lookup(first.after, lookup(newer, at=T0 + timedelta(days=1)), [acceptance(443)])
+    (event,) = update.events
+    assert event.data.accepted
+    assert "accepted" not in event.data.changed_fields

@@ -347,3 +347,33 @@ async def test_a_conflicting_writer_makes_the_update_decide_again() -> None:
     assert [e.data.port for e in again.events] == [443]
     assert {e.id for e in again.events}.isdisjoint(e.id for e in first.events)
     assert parts.snapshots.snapshots[("acme", IP)].version == 5  # 1 + 3 rival writes + ours
+
+
+async def test_every_commands_outcome_is_recorded_by_id() -> None:
+    parts = Parts()
+    await open_rdp(parts)
+    await parts.queue.enqueue([request("acme", IP, ScanReason.MANUAL, now())])
+    service = commands(parts)
+    await service.handle(
+        [
+            command("accept", ip=IP, port=3389, reason="jump host", command_id="applied"),
+            command("accept", ip=OTHER, port=22, reason="not ours", command_id="foreign"),
+            command("unaccept", port=22, command_id="nothing"),
+            command("rescan", ip=IP, command_id="pending"),
+            FakeRecord(b'{"command": "accept", "command_id": "broken", "organization_id": "acme"}'),
+        ]
+    )
+    outcomes = {
+        key: (value[0].value, value[1]) for key, value in parts.command_log.outcomes.items()
+    }
+    assert outcomes == {
+        "applied": ("applied", None),
+        "foreign": ("rejected", "unknown_target"),
+        "nothing": ("no_effect", None),
+        "pending": ("no_effect", None),
+        "broken": ("rejected", "schema_violation"),
+    }
+    assert [r.reason for r in parts.dead_letters.rejected] == [
+        RejectReason.UNKNOWN_TARGET,
+        RejectReason.SCHEMA,
+    ]
