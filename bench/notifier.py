@@ -220,13 +220,14 @@ def main() -> None:
     parser.add_argument("--dead-timeout", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (d)")
     parser.add_argument("--rejections-only", action="store_true", help="run (d) only")
+    parser.add_argument("--verbose", action="store_true", help="log warnings to stderr")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 events")
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
     parser.add_argument("--mongodb", help="URI (default: embedded MongoDB)")
     args = parser.parse_args()
     if args.quick:
         args.events = min(args.events, 300)
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, stream=sys.stderr)
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON only
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))

@@ -283,13 +283,35 @@ class DestinationNotifier:
     async def _deliver_partition(
         self, tp: TopicPartition, records: Sequence[Record], done: dict[TopicPartition, int]
     ) -> None:
-        for record in records:
-            self._waiting_since[tp] = record.timestamp / 1000
-            await self._deliver_one(record)
-            done[tp] = record.offset + 1
-        self._waiting_since.pop(tp, None)
+        # Parking goes on in the background while the next events are sent (a Kafka
+        # write each); the partition's offset moves past a parked event only once Kafka
+        # has it, so a park not finished when this ends holds the commit at that event.
+        parks: list[tuple[Record, asyncio.Task[None]]] = []
+        try:
+            for record in records:
+                self._waiting_since[tp] = record.timestamp / 1000
+                park = await self._deliver_one(record)
+                if park is not None:
+                    parks.append((record, park))
+                done[tp] = record.offset + 1
+            for record, park in parks:
+                # Still undelivered (not yet in the DLQ) for the stuck-destination gauge.
+                self._waiting_since[tp] = record.timestamp / 1000
+                await park
+            self._waiting_since.pop(tp, None)
+        finally:
+            unparked = [
+                record.offset
+                for record, park in parks
+                if not park.done() or park.cancelled() or park.exception() is not None
+            ]
+            for _, park in parks:
+                park.cancel()
+            if unparked:
+                done[tp] = min(done.get(tp, unparked[0]), min(unparked))
 
-    async def _deliver_one(self, record: Record) -> None:
+    async def _deliver_one(self, record: Record) -> asyncio.Task[None] | None:
+        """Send one event until it is taken (None) or refused for good (its parking)."""
         name = self.destination.name
         raw = record.value or b""
         try:
@@ -297,10 +319,10 @@ class DestinationNotifier:
         except ValidationError:
             log.error("notifier %s: offset %d is not an exposure event", name, record.offset)
             self._metrics.notifier_filtered.labels(name, "invalid").inc()
-            return
+            return None
         if not wants(self.destination, event):
             self._metrics.notifier_filtered.labels(name, "filter").inc()
-            return
+            return None
         body, content_type = body_of(
             self.destination.format, event, raw, product_version=self._version
         )
@@ -313,10 +335,9 @@ class DestinationNotifier:
             failure = await self._client.post(body, headers)
             if failure is None:
                 self._delivered.inc()
-                return
+                return None
             if failure.permanent:
-                await self._park(record, event.id, failure)
-                return
+                return asyncio.create_task(self._park(record, event.id, failure))
             self._metrics.notifier_failed_attempts.labels(name, failure.reason).inc()
             if attempt == 0 or attempt % 10 == 0:
                 log.warning(
