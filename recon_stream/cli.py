@@ -36,6 +36,18 @@ DEFAULT_WAIT = 60.0
 """Seconds `--wait` alone waits for a command's outcome."""
 
 
+Wait = Annotated[
+    float | None,
+    typer.Option(
+        "--wait",
+        metavar="[SECONDS]",
+        help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
+        "no_effect, 1 if rejected or not applied in time",
+    ),
+]
+"""`--wait [SECONDS]`: wait for the command's outcome."""
+
+
 class Format(enum.StrEnum):
     table = "table"
     json = "json"
@@ -223,15 +235,7 @@ def accept(
         str | None, typer.Option("--until", help="expiry, RFC 3339; default: none")
     ] = None,
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
-    wait: Annotated[
-        float | None,
-        typer.Option(
-            "--wait",
-            metavar="[SECONDS]",
-            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
-            "no_effect, 1 if rejected or not applied in time",
-        ),
-    ] = None,
+    wait: Wait = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Accept an exposure as intended (publishes an `accept` command)."""
@@ -260,15 +264,7 @@ def unaccept(
     ip: Annotated[str | None, typer.Option("--ip", help="default: the org-wide one")] = None,
     transport: Annotated[str, typer.Option("--transport", help="tcp or udp")] = "tcp",
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
-    wait: Annotated[
-        float | None,
-        typer.Option(
-            "--wait",
-            metavar="[SECONDS]",
-            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
-            "no_effect, 1 if rejected or not applied in time",
-        ),
-    ] = None,
+    wait: Wait = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Take an acceptance back (publishes an `unaccept` command)."""
@@ -293,15 +289,7 @@ def rescan(
     ip: Annotated[str | None, typer.Option("--ip", help="default: every active IP")] = None,
     by: Annotated[str, typer.Option("--by", help="who asks")] = "recon-stream cli",
     command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
-    wait: Annotated[
-        float | None,
-        typer.Option(
-            "--wait",
-            metavar="[SECONDS]",
-            help=f"wait for the outcome (default {DEFAULT_WAIT:.0f} s); exit 0 if applied or "
-            "no_effect, 1 if rejected or not applied in time",
-        ),
-    ] = None,
+    wait: Wait = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Ask for a new provider lookup of the IP (or every active IP), ahead of routine
