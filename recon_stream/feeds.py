@@ -18,15 +18,16 @@ and the next one re-assesses again (idempotent: an unchanged severity emits noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from recon_stream.domain.vulns import Feed, FeedError, FeedStatus
+from recon_stream.domain.vulns import Feed, FeedError, FeedStatus, VulnContext
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
-from recon_stream.ports import FeedCopies, SnapshotsByVuln
+from recon_stream.ports import FeedCopies, SnapshotsByVuln, VulnContextSource
 
 RERATE_CVES = 1000
 """Marked CVEs re-assessed per round (one `carrying` query each)."""
@@ -95,11 +96,16 @@ class FeedRefresher:
     async def _reassess_carrying(self, cves: list[str], now: datetime) -> int:
         pairs: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=4 * self._parallel)
         done = 0
+        # Every snapshot of the pass asks the feeds about the same few CVEs: read each once.
+        updater = self._outbox.updater
+        outbox = dataclasses.replace(
+            self._outbox, updater=dataclasses.replace(updater, feeds=_Remembered(updater.feeds))
+        )
 
         async def work() -> None:
             nonlocal done
             while (pair := await pairs.get()) is not None:
-                await self._outbox.reassess(pair[0], pair[1], now)
+                await outbox.reassess(pair[0], pair[1], now)
                 self._metrics.vuln_reassessments.inc()
                 done += 1
 
@@ -144,6 +150,23 @@ class FeedRefresher:
                 except Exception:
                     log.exception("refreshing the vulnerability feeds failed; will try again")
             await asyncio.sleep(tick)
+
+
+class _Remembered:
+    """The feeds' context for one re-rating pass, read once per CVE. The copy does not
+    change during a pass: the leader refreshes between passes. (Should a new leader
+    refresh meanwhile, its change is marked and re-rated in its own pass.)"""
+
+    def __init__(self, source: VulnContextSource) -> None:
+        self._source = source
+        self._known: dict[str, VulnContext | None] = {}
+
+    async def lookup(self, cves: Iterable[str]) -> dict[str, VulnContext]:
+        wanted = set(cves)
+        if missing := wanted - self._known.keys():
+            found = await self._source.lookup(missing)
+            self._known.update((cve, found.get(cve)) for cve in missing)
+        return {cve: known for cve in wanted if (known := self._known[cve]) is not None}
 
 
 def _failing(error: str, loaded_at: datetime | None) -> str:

@@ -136,15 +136,15 @@ async def test_a_failing_re_assessment_leaves_the_cves_marked_for_the_next_leade
     feeds = refresher(parts, copies)
     await feeds.refresh_due()
 
-    async def crash(organization_id: str, ip: str, at: datetime) -> None:
+    async def crash(update: object) -> bool:
         raise RuntimeError("the leader died")
 
-    object.__setattr__(parts.outbox, "reassess", crash)
+    parts.snapshots.swap = crash  # type: ignore[method-assign]
     with pytest.raises(ExceptionGroup):
         await feeds.rerate()
     assert copies.rerate == {CVE}
     assert severity_changes(parts) == []
-    object.__delattr__(parts.outbox, "reassess")
+    del parts.snapshots.swap
     # The next leader (a new refresher on the same store) finishes it.
     assert await refresher(parts, copies).rerate() == 1
     assert [c[2] for c in severity_changes(parts)] == ["critical"]
