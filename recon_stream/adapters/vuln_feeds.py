@@ -131,9 +131,11 @@ class VulnFeeds:
         return await asyncio.to_thread(_read_file, source)
 
     async def marked(self, limit: int) -> list[str]:
-        """Up to `limit` CVEs whose change is not re-assessed yet, in id order."""
-        cursor = self._context.find({"rerate": True}, {"_id": 1}, sort=[("_id", ASCENDING)])
-        return [doc["_id"] async for doc in cursor.limit(limit)]
+        """Up to `limit` CVEs whose change is not re-assessed yet, sorted (no sort in the
+        query: after a first EPSS load every CVE is marked, and the `rerate` index alone
+        serves the query)."""
+        cursor = self._context.find({"rerate": True}, {"_id": 1}, limit=limit)
+        return sorted([doc["_id"] async for doc in cursor])
 
     async def unmark(self, cves: Iterable[str]) -> None:
         """The exposures carrying `cves` were re-assessed."""
