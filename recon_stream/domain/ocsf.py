@@ -193,6 +193,7 @@ def _unmapped(event: ExposureEvent) -> dict[str, Any]:
         "changed_fields": list(d.changed_fields),
         "previous": d.previous.model_dump(mode="json") if d.previous is not None else None,
         "previous_vulns": list(d.previous_vulns) if d.previous_vulns is not None else None,
+        "previous_severity": d.previous_severity.value if d.previous_severity else None,
         "accepted_risk": d.accepted,
         "acceptance": acceptance,
         "risk_reasons": list(d.risk_reasons),

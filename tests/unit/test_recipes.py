@@ -59,6 +59,10 @@ def test_each_change_type_is_shown_and_each_ocsf_example_is_valid_ocsf() -> None
     assert assert_valid(findings) == len(CHANGES)
     assert [f["status_id"] for f in findings] == [1, 1, 1, 3, 4]
     assert findings[0]["unmapped"]["cvss"] == [{"cve": "CVE-2019-0708", "score": 9.8}]
+    # A re-rating says what the severity was, on both topics.
+    assert events["changed-severity"]["previous_severity"] == "high"
+    assert findings[2]["unmapped"]["previous_severity"] == "high"
+    assert findings[0]["unmapped"]["previous_severity"] is None
 
 
 def test_splunk_raw_props_take_the_findings_own_time() -> None:
