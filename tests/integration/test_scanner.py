@@ -442,7 +442,7 @@ async def test_new_ips_go_before_a_large_rescan_backlog(db: Any) -> None:
     assert not claimed[0].forced
     assert claimed[3] is not None
     assert claimed[3].forced
-    assert (await queue.depth()) == {0: 3, 1: 300}
+    assert (await queue.depth()) == {0: 3, 2: 300}  # 0 new, 1 manual, 2 routine rescan
 
 
 async def test_the_exposures_command_shows_the_dashboard_table(
