@@ -8,7 +8,9 @@ in `/readyz`'s states; it never blocks scanning (lookups read whatever copy ther
 
 Re-rating: a refresh marks the CVEs whose KEV listing or EPSS score it changed (a
 first load: every CVE it lists; see `adapters.vuln_feeds`). After the refreshes of
-every tick, the leader re-assesses, from its stored snapshot and without a lookup,
+every tick (`SETTLE_SECONDS` after a refresh that changed something, for lookups
+in flight to store what they decided), the leader re-assesses, from its stored
+snapshot and without a lookup,
 every open exposure carrying a marked CVE (`OutboxPublisher.reassess`, `parallel` at
 a time), which emits `changed[severity]` where a severity changed, then unmarks
 those CVEs. The marks are the crash safety: a leader that dies half-way leaves them,
@@ -31,6 +33,11 @@ from recon_stream.ports import FeedCopies, SnapshotsByVuln, VulnContextSource
 
 RERATE_CVES = 1000
 """Marked CVEs re-assessed per round (one `carrying` query each)."""
+SETTLE_SECONDS = 5.0
+"""After a refresh, how long the re-rating waits for lookups in flight: a lookup that
+read the feeds just before the new copy was written stores its snapshot a round trip
+later; one whose store conflicts with ours decides again on the new copy. Waiting
+lets the `carrying` query see what such lookups stored."""
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +150,8 @@ class FeedRefresher:
         while True:
             if leading():
                 try:
-                    await self.refresh_due()
+                    if await self.refresh_due() and await self._feeds.marked(1):
+                        await asyncio.sleep(SETTLE_SECONDS)
                     await self.rerate()
                 except asyncio.CancelledError:
                     raise
