@@ -652,6 +652,33 @@ def _build_shared(
     )
 
 
+async def stop_tasks(tasks: Sequence[asyncio.Task[None]], patience: float) -> None:
+    """Cancel `tasks` and wait for them, at most `patience` seconds a round.
+
+    A task still running after the first round is cancelled again: a second
+    cancellation breaks through what the first one let finish (a shielded commit, a
+    close that waits on the broker), so shutdown never hangs on one task.
+    """
+    for task in tasks:
+        task.cancel()
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(2):
+        if not pending:
+            break
+        _, pending = await asyncio.wait(pending, timeout=patience)
+        if pending:
+            log.warning(
+                "%d background task(s) still stopping after %.0f s; cancelling again",
+                len(pending),
+                patience,
+            )
+            for task in pending:
+                task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("a background task ended with %s while stopping", type(error).__name__)
+
+
 def _manage_lifecycle(shared: Shared, *, close_provider: TracerProvider | None) -> None:
     """Status server up first; background tasks and sampling after startup; the roles'
     closers, then the shared resources, after shutdown."""
@@ -681,11 +708,7 @@ def _manage_lifecycle(shared: Shared, *, close_provider: TracerProvider | None) 
 
     @app.on_shutdown
     async def stop_background() -> None:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(background, settings.graceful_timeout_seconds)
 
     @app.after_shutdown
     async def close_resources() -> None:
