@@ -162,6 +162,35 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a Shodan observation older than this is marked stale"
     )
 
+    # Freshness: on-demand Shodan scans for rescans, TCP verification
+    shodan_scan_credits_per_day: int = Field(
+        0,
+        ge=0,
+        description="on-demand scans (1 credit per IP) a `rescan` may submit per UTC day, "
+        "across replicas; 0: never (a rescan is a fresh lookup of Shodan's last crawl)",
+    )
+    shodan_scan_poll_seconds: float = Field(
+        60.0, gt=0, description="how often a submitted scan's status is asked for"
+    )
+    shodan_scan_timeout_seconds: float = Field(
+        21600.0, gt=0, description="a scan not DONE after this falls back to the plain lookup"
+    )
+    verify_tcp: bool = Field(
+        False,
+        description="master switch of TCP verification (organizations opt in one by one "
+        "with the `verification` command)",
+    )
+    verify_rate: float = Field(
+        20.0, gt=0, le=1000, description="TCP connection attempts per second, across replicas"
+    )
+    verify_timeout_seconds: float = Field(3.0, gt=0, le=60)
+    verify_confirm_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="two checks at least this far apart must agree before a check closes "
+        "an exposure",
+    )
+
     # Commands (accept, unaccept, rescan) and history
     commands_group_id: str = "recon-commands"
     history_retention_seconds: float = Field(
