@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
@@ -30,8 +30,9 @@ from recon_stream.adapters.collections import EXPOSURES
 from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.exposures import ExposureEvent, ExposureKey, ExposureState
 from recon_stream.domain.risk import Severity
-from recon_stream.domain.scans import Service
+from recon_stream.domain.scans import ScanRecord, Service
 from recon_stream.domain.snapshot import OpenExposure, Outbox, Snapshot, StateRow, Update
+from recon_stream.domain.verification import VerificationInfo
 
 Document = dict[str, Any]
 
@@ -116,6 +117,118 @@ class MongoSnapshots:
         )
         async for doc in cursor:
             yield doc["organization_id"], doc["ip"]
+
+    async def carrying_snapshots(self, cves: Collection[str]) -> AsyncIterator[Snapshot]:
+        """The snapshots `carrying` names, read whole from the same query (outboxes left
+        out), each as `load` would return it."""
+        if not cves:
+            return
+        cursor = self._collection.find(
+            {"services.service.vulns": {"$in": sorted(cves)}, "status": "active"},
+            {"_id": 0, "pending": 0, "pending_state": 0},
+            batch_size=1000,
+        )
+        async for doc in cursor:
+            yield snapshot_of(doc["organization_id"], doc["ip"], doc)
+
+    async def swap_many(self, updates: Sequence[Update]) -> list[bool]:
+        """`swap` for many updates: one read of their pending state rows, one unordered
+        bulk write of updates each conditioned on its version. False for an update whose
+        snapshot is at another version (not written), and for one written whose outbox
+        no longer reads as it wrote it (changed since: its outbox is the relay's)."""
+        done = [False] * len(updates)
+        stored: list[int] = []
+        for n, update in enumerate(updates):
+            if update.before.stored:
+                stored.append(n)
+            else:
+                done[n] = await self.swap(update)  # a creation: the insert of `swap`
+        if not stored:
+            return done
+
+        def guard(update: Update) -> Document:
+            before = update.before
+            return {"organization_id": before.organization_id, "ip": before.ip}
+
+        # A state row replaces any still pending for the same key (as in `swap`); the
+        # version in every write guards the read-modify-write.
+        kept: dict[tuple[str, str], list[Document]] = {}
+        versions = [{**guard(updates[n]), "version": updates[n].before.version} for n in stored]
+        async for doc in self._collection.find(
+            {"$or": versions}, {"_id": 0, "organization_id": 1, "ip": 1, "pending_state": 1}
+        ):
+            kept[(doc["organization_id"], doc["ip"])] = doc.get("pending_state", [])
+        writes: list[tuple[int, list[Document], list[Document]]] = []
+        operations: list[UpdateOne] = []
+        now = datetime.now(UTC)
+        for n in stored:
+            update = updates[n]
+            key = (update.before.organization_id, update.before.ip)
+            if key not in kept:
+                continue  # at another version already: a conflict
+            written = {row.key for row in update.state}
+            pending = [e.model_dump(mode="json") for e in update.events]
+            rows = [_state_doc(row) for row in update.state]
+            state = [e for e in kept[key] if e["key"] not in written] + rows
+            operations.append(
+                UpdateOne(
+                    {**guard(update), "version": update.before.version},
+                    {
+                        "$set": {
+                            **_fields_of(update.after),
+                            "outbox_at": now,
+                            "pending_state": state,
+                        },
+                        "$inc": {"version": 1},
+                        "$push": {"pending": {"$each": pending}},
+                    },
+                )
+            )
+            writes.append((n, pending, rows))
+        if not operations:
+            return done
+        result = await self._collection.bulk_write(operations, ordered=False)
+        if result.matched_count == len(operations):
+            for n, _, _ in writes:
+                done[n] = True
+            return done
+        # Some write matched nothing (another writer between the read and the write);
+        # the bulk result does not say which: those whose outbox reads as written are ours.
+        found: dict[tuple[str, str], Document] = {}
+        async for doc in self._collection.find(
+            {"$or": [guard(updates[n]) for n, _, _ in writes]},
+            {
+                "_id": 0,
+                "organization_id": 1,
+                "ip": 1,
+                "version": 1,
+                "pending": 1,
+                "pending_state": 1,
+            },
+        ):
+            found[(doc["organization_id"], doc["ip"])] = doc
+        for n, pending, rows in writes:
+            before = updates[n].before
+            doc = found.get((before.organization_id, before.ip))
+            done[n] = doc is not None and _holds(doc, before.version + 1, pending, rows)
+        return done
+
+    async def published_many(self, outboxes: Sequence[Outbox]) -> None:
+        """`published` for each outbox, in one unordered bulk write."""
+        operations = []
+        for outbox in outboxes:
+            pull: Document = {"pending": {"id": {"$in": [e.id for e in outbox.events]}}}
+            if outbox.state:
+                pull["pending_state"] = {
+                    "$or": [{"key": row.key, "version": row.version} for row in outbox.state]
+                }
+            operations.append(
+                UpdateOne(
+                    {"organization_id": outbox.organization_id, "ip": outbox.ip}, {"$pull": pull}
+                )
+            )
+        if operations:
+            await self._collection.bulk_write(operations, ordered=False)
 
     # -- the outboxes -----------------------------------------------------------------
 
@@ -242,6 +355,12 @@ def snapshot_of(organization_id: str, ip: str, doc: Document | None) -> Snapshot
             bool(entry.get("stale", False)),
             AcceptanceInfo.model_validate(entry["acceptance"]) if entry.get("acceptance") else None,
             AcceptanceInfo.model_validate(entry["lapsed"]) if entry.get("lapsed") else None,
+            (
+                VerificationInfo.model_validate(entry["verification"])
+                if entry.get("verification")
+                else None
+            ),
+            entry.get("failing_since"),
         )
         for entry in doc.get("services", [])
     }
@@ -259,6 +378,8 @@ def snapshot_of(organization_id: str, ip: str, doc: Document | None) -> Snapshot
         site_ids=tuple(doc.get("site_ids", [])),
         retired_at=doc.get("retired_at"),
         services=services,
+        scan=ScanRecord.model_validate(doc["scan"]) if doc.get("scan") else None,
+        check_closed={_key_of(entry): entry["at"] for entry in doc.get("check_closed", [])},
     )
 
 
@@ -275,6 +396,8 @@ def _fields_of(snapshot: Snapshot) -> Document:
     }
     # Fields a snapshot never had stay absent, as they were.
     fields = {name: value for name, value in fields.items() if value is not None}
+    # Replaced by every lookup: a lookup without a scan clears the last one's.
+    fields["scan"] = snapshot.scan.model_dump(mode="python") if snapshot.scan else None
     fields["services"] = [
         {
             "transport": key[0],
@@ -288,8 +411,17 @@ def _fields_of(snapshot: Snapshot) -> Document:
                 entry.acceptance.model_dump(mode="python") if entry.acceptance is not None else None
             ),
             "lapsed": entry.lapsed.model_dump(mode="python") if entry.lapsed is not None else None,
+            "verification": (
+                entry.verification.model_dump(mode="python")
+                if entry.verification is not None
+                else None
+            ),
+            "failing_since": entry.failing_since,
         }
         for key, entry in snapshot.services.items()
+    ]
+    fields["check_closed"] = [
+        {"transport": key[0], "port": key[1], "at": at} for key, at in snapshot.check_closed.items()
     ]
     return fields
 
@@ -313,4 +445,16 @@ def _state_row(entry: Document) -> StateRow:
         entry["key"],
         ExposureState.model_validate(value) if value is not None else None,
         int(entry["version"]),
+    )
+
+
+def _holds(doc: Document, version: int, pending: list[Document], rows: list[Document]) -> bool:
+    """Whether a snapshot document is at `version` with these events and state rows in
+    its outboxes, exactly as written."""
+    if int(doc.get("version", 0)) != version:
+        return False
+    events = {e["id"]: e for e in doc.get("pending", [])}
+    state = {(e["key"], e["version"]): e for e in doc.get("pending_state", [])}
+    return all(events.get(e["id"]) == e for e in pending) and all(
+        state.get((r["key"], r["version"])) == r for r in rows
     )

@@ -33,7 +33,8 @@ from pydantic import (
 from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.identifiers import Identifier, IpText
 from recon_stream.domain.risk import RiskPolicy, Severity, assess
-from recon_stream.domain.scans import HostScan, ProviderName, Service, Transport
+from recon_stream.domain.scans import HostScan, ProviderName, ScanRecord, Service, Transport
+from recon_stream.domain.verification import VerificationInfo
 from recon_stream.domain.vulns import VulnContext
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -65,6 +66,10 @@ class ChangeReason(enum.StrEnum):
     """The acceptance reached its `expires_at`."""
     ACCEPTANCE_LAPSED = "acceptance_lapsed"
     """The service on the port changed module (https became rdp): what was accepted is gone."""
+    VERIFIED_CLOSED = "verified_closed"
+    """Two TCP checks, RECON_VERIFY_CONFIRM_SECONDS apart, were refused (a reset)."""
+    VERIFIED_UNREACHABLE = "verified_unreachable"
+    """Two TCP checks went unanswered while another port of the IP answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,8 @@ class Change:
     """For a severity change: the severity stored before."""
     previous_acceptance: AcceptanceInfo | None = None
     """For an acceptance change: the acceptance in force before (None if there was none)."""
+    verification_changed: bool = False
+    """For `changed`: a TCP check found the port in another state than the last one."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,9 @@ class Assessor:
 # Named as in the event's `service` shape (`name` is the Shodan module).
 IdentityField = Literal["name", "product", "version", "cpe", "vulns"]
 _IDENTITY_FIELDS: tuple[IdentityField, ...] = ("name", "product", "version", "cpe", "vulns")
-ChangedField = Literal["name", "product", "version", "cpe", "vulns", "accepted", "severity"]
+ChangedField = Literal[
+    "name", "product", "version", "cpe", "vulns", "accepted", "severity", "verification"
+]
 
 
 def _identity(service: Service) -> tuple[object, ...]:
@@ -388,11 +397,27 @@ class ExposureState(BaseModel):
     )
     sample: bool = Field(description="Built from bundled sample data, not real Shodan results.")
     provider: ProviderName
+    scan: ScanRecord | None = Field(
+        description=(
+            "The on-demand Shodan scan the last lookup waited for (a rescan's): its id, "
+            "when it was submitted and its status then; null when none was made."
+        )
+    )
+    verification: VerificationInfo | None = Field(
+        description=(
+            "The last TCP check of the port from recon-stream's own network (state open, "
+            "closed or no_answer; when; method tcp_connect); null when never checked "
+            "(verification off for the organization, or UDP)."
+        )
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _keyed_in_older_outboxes(cls, value: object) -> object:
-        # Rows and events written to an outbox before `exposure_id` existed still relay.
+        # Rows and events written to an outbox before these fields existed still relay.
+        if isinstance(value, dict):
+            value.setdefault("scan", None)
+            value.setdefault("verification", None)
         if isinstance(value, dict) and "exposure_id" not in value:
             with contextlib.suppress(KeyError):
                 value["exposure_id"] = state_key(
@@ -412,7 +437,8 @@ class ExposureData(ExposureState):
     previous: ServiceInfo | None = Field(description="The service before, for `changed`.")
     changed_fields: tuple[ChangedField, ...] = Field(
         description=(
-            "For `changed`: which of name, product, version, cpe, vulns, accepted, severity differ."
+            "For `changed`: which of name, product, version, cpe, vulns, accepted, severity, "
+            "verification differ."
         )
     )
     previous_vulns: tuple[str, ...] | None = Field(description="For `changed`.")
@@ -449,6 +475,7 @@ class Sighting:
     first_seen: datetime
     last_seen: datetime
     acceptance: AcceptanceInfo | None = None
+    verification: VerificationInfo | None = None
 
 
 def build_state(
@@ -522,6 +549,8 @@ def _row(
         "acceptance": sighting.acceptance,
         "sample": scan.sample,
         "provider": scan.provider,
+        "scan": scan.scan,
+        "verification": sighting.verification,
     }
 
 
@@ -591,6 +620,7 @@ def build_events(
     acceptance_by_key: Mapping[ExposureKey, AcceptanceInfo | None],
     first_seen_by_key: Mapping[ExposureKey, datetime],
     last_seen_by_key: Mapping[ExposureKey, datetime] | None = None,
+    verification_by_key: Mapping[ExposureKey, VerificationInfo | None] | None = None,
     occurred_at: datetime | None = None,
     source: str = "recon-stream",
     assessor: Assessor,
@@ -604,12 +634,14 @@ def build_events(
     `last_seen_by_key` holds when each port was last seen open; closed events
     report it (falling back to Shodan's own timestamp for the port, then the
     lookup time), acceptance-only changes keep it, the others report the lookup
-    time. `occurred_at` (the event `time`) defaults to the lookup time; pass the
+    time. `verification_by_key` holds each exposure's last TCP check, if any.
+    `occurred_at` (the event `time`) defaults to the lookup time; pass the
     retirement or decision time for changes that are not a lookup's.
     """
     queried_at = _utc(scan.queried_at)
     time = _utc(occurred_at) if occurred_at is not None else queried_at
     last_seen_by_key = last_seen_by_key or {}
+    verification_by_key = verification_by_key or {}
     judge = assessor
     agents = tuple(sorted(set(candidate_agents)))
     sites = tuple(sorted(set(site_ids)))
@@ -620,7 +652,9 @@ def build_events(
         shodan_seen = _utc(service.shodan_timestamp) if service.shodan_timestamp else None
         if change.kind is ChangeKind.CLOSED:
             last_seen = _utc(last_seen_by_key.get(change.key) or shodan_seen or queried_at)
-        elif (change.acceptance_changed or change.severity_changed) and change.previous == service:
+        elif (
+            change.acceptance_changed or change.severity_changed or change.verification_changed
+        ) and change.previous == service:
             last_seen = _utc(last_seen_by_key.get(change.key, queried_at))
         else:
             last_seen = queried_at
@@ -629,6 +663,7 @@ def build_events(
             first_seen_by_key.get(change.key, queried_at),
             last_seen,
             acceptance_by_key.get(change.key),
+            verification_by_key.get(change.key),
         )
         previous = change.previous
         fields: tuple[ChangedField, ...] = ()
@@ -638,6 +673,8 @@ def build_events(
             fields = (*fields, "accepted")
         if change.severity_changed:
             fields = (*fields, "severity")
+        if change.verification_changed:
+            fields = (*fields, "verification")
         data = ExposureData(
             **_row(organization_id, ip, scan, sighting, agents, sites, judge),
             change=change.kind,

@@ -208,6 +208,28 @@ def _unmapped(event: ExposureEvent) -> dict[str, Any]:
         "last_queried_time": ms(d.last_queried),
         "provider": d.provider,
         "sample": d.sample,
+        # OCSF 1.8's `evidences` (Evidence Artifacts) describe what a detection observed on
+        # a host (processes, files, connections *of* the device); our check is a probe *to*
+        # the device from outside, for which no attribute of Detection Finding fits: kept
+        # here, with OCSF's epoch-millisecond times.
+        "verification": (
+            {
+                "state": d.verification.state.value,
+                "checked_time": ms(d.verification.checked_at),
+                "method": d.verification.method,
+            }
+            if d.verification is not None
+            else None
+        ),
+        "scan": (
+            {
+                "uid": d.scan.id,
+                "submitted_time": ms(d.scan.submitted_at),
+                "status": d.scan.status.value,
+            }
+            if d.scan is not None
+            else None
+        ),
         "cloudevents": {"type": event.type, "source": event.source, "subject": event.subject},
     }
 

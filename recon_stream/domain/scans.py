@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Literal
 
@@ -37,6 +38,36 @@ class Service(BaseModel):
         return (self.transport, self.port)
 
 
+class ScanStatus(enum.StrEnum):
+    """Where an on-demand Shodan scan stood when its lookup was made.
+
+    Shodan's own statuses (`SUBMITTING`, `QUEUE`, `PROCESSING`, `DONE`), lower-cased,
+    and `timed_out`: not DONE after RECON_SHODAN_SCAN_TIMEOUT_SECONDS (the lookup was
+    made anyway)."""
+
+    SUBMITTING = "submitting"
+    QUEUE = "queue"
+    PROCESSING = "processing"
+    DONE = "done"
+    TIMED_OUT = "timed_out"
+
+    @classmethod
+    def of(cls, shodan_status: object) -> ScanStatus:
+        """Shodan's status text; anything unknown is taken as still in progress."""
+        text = str(shodan_status).strip().lower()
+        return cls(text) if text in cls._value2member_map_ else cls.PROCESSING
+
+
+class ScanRecord(BaseModel):
+    """An on-demand Shodan scan a rescan submitted before its lookup (`data.scan`)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str = Field(description="Shodan's scan id.")
+    submitted_at: datetime = Field(description="When recon-stream submitted it (UTC).")
+    status: ScanStatus = Field(description="Its status when the lookup was made.")
+
+
 class HostScan(BaseModel):
     """A provider's answer for one IP. `services` is empty when nothing is known
     (Shodan's 404 "No information available for that IP.")."""
@@ -61,3 +92,5 @@ class HostScan(BaseModel):
     last_update: datetime | None = None
     sample: bool = False
     """True for bundled sample data (never real Shodan results)."""
+    scan: ScanRecord | None = None
+    """The on-demand scan this lookup waited for (a rescan's), if any."""

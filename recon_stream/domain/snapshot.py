@@ -23,13 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
 from recon_stream.domain.exposures import (
     Assessor,
     Change,
+    ChangeKind,
+    ChangeReason,
     ExposureEvent,
     ExposureKey,
     ExposureState,
@@ -44,7 +46,8 @@ from recon_stream.domain.exposures import (
     state_key,
 )
 from recon_stream.domain.risk import Severity
-from recon_stream.domain.scans import HostScan, ProviderName, Service
+from recon_stream.domain.scans import HostScan, ProviderName, ScanRecord, Service
+from recon_stream.domain.verification import Check, CheckState, VerificationInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,11 @@ class OpenExposure:
     lapsed: AcceptanceInfo | None = None
     """An acceptance that lapsed on this exposure when its service changed module: it
     stays lapsed (a new `accept` is a new acceptance) until the port closes."""
+    verification: VerificationInfo | None = None
+    """The last TCP check of the port, if any."""
+    failing_since: datetime | None = None
+    """When the current run of checks in the last check's state (closed or no_answer)
+    began: two such checks RECON_VERIFY_CONFIRM_SECONDS apart close the exposure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,11 @@ class Snapshot:
     site_ids: tuple[str, ...] = ()
     retired_at: datetime | None = None
     services: Mapping[ExposureKey, OpenExposure] = field(default_factory=dict)
+    scan: ScanRecord | None = None
+    """The on-demand scan the last lookup waited for, if any."""
+    check_closed: Mapping[ExposureKey, datetime] = field(default_factory=dict)
+    """Ports a TCP check closed, with when: a provider record of the port no newer
+    than that never reopens it (only a newer observation does)."""
 
     @property
     def retired(self) -> bool:
@@ -123,7 +136,7 @@ class Outbox:
         return cls(organization_id, ip, [], [])
 
 
-PlanKind = Literal["lookup", "retirement", "reassessment"]
+PlanKind = Literal["lookup", "retirement", "reassessment", "verification"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +155,13 @@ class Plan:
     """When: acceptance expiry is judged at this time."""
     org: OrgContext | None = None
     """The organization's agents and sites now (lookups only)."""
+    checks: Mapping[ExposureKey, tuple[VerificationInfo, datetime | None]] = field(
+        default_factory=dict
+    )
+    """Verification only: each checked exposure's new check and the start of its
+    failing run (None when the check answered open)."""
+    check_closed: Mapping[ExposureKey, datetime] = field(default_factory=dict)
+    """Ports this plan closes on the strength of checks, with the closing check's time."""
 
     @property
     def cves(self) -> frozenset[str]:
@@ -171,12 +191,95 @@ class Update:
 
 def plan_lookup(before: Snapshot, org: OrgContext, scan: HostScan, now: datetime) -> Plan | None:
     """A lookup of the IP, for `org`; None when the snapshot is as new or newer
-    (idempotent: a redelivered or reused lookup changes nothing)."""
+    (idempotent: a redelivered or reused lookup changes nothing).
+
+    A port a TCP check closed stays closed while the provider's observation of it is
+    no newer than that check (Shodan's record lags for days); a newer one reopens it.
+    """
     if before.last_queried is not None and _aware(before.last_queried) >= _aware(scan.queried_at):
         return None
     at = max(_aware(now), _aware(scan.queried_at))
+    held = {
+        key
+        for key, service in snapshot_of(scan).items()
+        if key in before.check_closed
+        and (
+            service.shodan_timestamp is None
+            or _aware(service.shodan_timestamp) <= _aware(before.check_closed[key])
+        )
+    }
+    if held:
+        kept = tuple(service for service in scan.services if service.key not in held)
+        scan = scan.model_copy(update={"services": kept})
     changes = diff(before.open_services(), scan)
-    return Plan("lookup", before, snapshot_of(scan), scan, changes, at, org)
+    still = {key: before.check_closed[key] for key in held}
+    return Plan("lookup", before, snapshot_of(scan), scan, changes, at, org, check_closed=still)
+
+
+def plan_verification(
+    before: Snapshot, checks: Sequence[Check], confirm: timedelta, at: datetime
+) -> Plan | None:
+    """A round of TCP checks of the IP's open TCP ports (one per port at most).
+
+    A check in another state than the last one is a `changed[verification]`. Two
+    refusals at least `confirm` apart close the exposure (`verified_closed`); two
+    unanswered checks that far apart close it (`verified_unreachable`) only when
+    another port of the IP answered (open or refused) in this round: when every port
+    stops answering at once, the host, its address or our own path is the likelier
+    cause, and nothing closes. UDP exposures are never checked.
+    """
+    if not before.stored or before.retired or not before.services:
+        return None
+    open_now = before.open_services()
+    round_ = {
+        ("tcp", check.port): check
+        for check in checks
+        if check.ip == before.ip and ("tcp", check.port) in open_now
+    }
+    if not round_:
+        return None
+    answered = {key for key, check in round_.items() if check.state is not CheckState.NO_ANSWER}
+    checked: dict[ExposureKey, tuple[VerificationInfo, datetime | None]] = {}
+    closing: dict[ExposureKey, ChangeReason] = {}
+    changes: list[Change] = []
+    for key, check in sorted(round_.items()):
+        entry = before.services[key]
+        info = VerificationInfo.of(check)
+        last = entry.verification
+        since: datetime | None = None
+        if check.state is not CheckState.OPEN:
+            same_run = last is not None and last.state is check.state and entry.failing_since
+            since = entry.failing_since if same_run else check.checked_at
+        checked[key] = (info, since)
+        confirmed = since is not None and _aware(check.checked_at) - _aware(since) >= confirm
+        if confirmed and check.state is CheckState.CLOSED:
+            closing[key] = ChangeReason.VERIFIED_CLOSED
+        elif confirmed and answered - {key}:
+            closing[key] = ChangeReason.VERIFIED_UNREACHABLE
+        elif last is None or last.state is not check.state:
+            changes.append(
+                Change(
+                    ChangeKind.CHANGED,
+                    key,
+                    entry.service,
+                    previous=entry.service,
+                    verification_changed=True,
+                )
+            )
+    for key, reason in closing.items():
+        changes.append(Change(ChangeKind.CLOSED, key, before.services[key].service, reason=reason))
+    changes.sort(key=lambda change: (change.key[1], change.key[0]))
+    after = {key: service for key, service in open_now.items() if key not in closing}
+    return Plan(
+        "verification",
+        before,
+        after,
+        _stored_basis(before, at),
+        changes,
+        at,
+        checks=checked,
+        check_closed={key: round_[key].checked_at for key in closing},
+    )
 
 
 def plan_retirement(before: Snapshot, at: datetime) -> Plan | None:
@@ -215,12 +318,17 @@ def decide(
     org = plan.org
     agents = org.candidate_agents if org else before.candidate_agents
     sites = org.site_ids if org else before.site_ids
+    verified = {
+        key: plan.checks[key][0] if key in plan.checks else stored[key].verification
+        for key in stored
+    }
     sightings = {
         key: Sighting(
             service,
             stored[key].first_seen if key in stored else basis.queried_at,
             basis.queried_at if lookup else stored[key].last_seen,
             now_accepted.get(key),
+            verified.get(key),
         )
         for key, service in after.items()
     }
@@ -240,7 +348,7 @@ def decide(
         {key: entry.severity for key, entry in stored.items()},
         {key: row.severity for key, row in rows.items()},
     )
-    if not changes and not lookup:
+    if not changes and not lookup and not plan.checks:
         return None
     closed = stored.keys() - after.keys()
     for key in closed:
@@ -256,6 +364,7 @@ def decide(
         acceptance_by_key=now_accepted,
         first_seen_by_key={key: entry.first_seen for key, entry in stored.items()},
         last_seen_by_key={key: entry.last_seen for key, entry in stored.items()},
+        verification_by_key=verified,
         occurred_at=None if lookup else at,
         source=source,
         assessor=assessor,
@@ -264,6 +373,8 @@ def decide(
     state = [
         StateRow(state_key(organization_id, ip, *key), row, version) for key, row in rows.items()
     ] + [StateRow(state_key(organization_id, ip, *key), None, version) for key in sorted(closed)]
+    if not changes and not lookup:
+        state = []  # a check that agrees with the last one is kept, not announced
     services = {
         key: OpenExposure(
             sighting.service,
@@ -273,6 +384,12 @@ def decide(
             rows[key].stale,
             sighting.acceptance,
             lapsed.get(key),
+            sighting.verification,
+            plan.checks[key][1]
+            if key in plan.checks
+            else stored[key].failing_since
+            if key in stored
+            else None,
         )
         for key, sighting in sightings.items()
     }
@@ -312,8 +429,10 @@ def _lapses(entry: OpenExposure, found: AcceptanceInfo, service: Service) -> boo
 
 def _after(plan: Plan, services: dict[ExposureKey, OpenExposure], version: int) -> Snapshot:
     before = replace(plan.before, stored=True, version=version, services=services)
+    if plan.kind == "verification":
+        return replace(before, check_closed={**before.check_closed, **plan.check_closed})
     if plan.kind == "retirement":
-        return replace(before, status="retired", retired_at=plan.at)
+        return replace(before, status="retired", retired_at=plan.at, check_closed={})
     if plan.kind == "lookup" and plan.org is not None:
         scan = plan.basis
         return replace(
@@ -325,6 +444,8 @@ def _after(plan: Plan, services: dict[ExposureKey, OpenExposure], version: int) 
             hostnames=tuple(scan.hostnames),
             candidate_agents=tuple(plan.org.candidate_agents),
             site_ids=tuple(plan.org.site_ids),
+            scan=scan.scan,
+            check_closed=plan.check_closed,
         )
     return before
 
@@ -336,6 +457,7 @@ def _stored_basis(snapshot: Snapshot, at: datetime) -> HostScan:
         queried_at=snapshot.last_queried or at,
         hostnames=snapshot.hostnames,
         sample=snapshot.sample,
+        scan=snapshot.scan,
     )
 
 

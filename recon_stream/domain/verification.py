@@ -18,6 +18,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from recon_stream.domain.addresses import InvalidAddress, parse_address
 
@@ -77,3 +80,17 @@ def checkable(ip: str) -> str:
     if not parsed.is_public:
         raise NotCheckable(f"{parsed.text} is {parsed.cls.value}, not public: never checked")
     return parsed.text
+
+
+class VerificationInfo(BaseModel):
+    """The last check of an exposure, as events and state rows show it (`data.verification`)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    state: CheckState
+    checked_at: AwareDatetime
+    method: Literal["tcp_connect"] = Field(description="How: a TCP connect from our network.")
+
+    @classmethod
+    def of(cls, check: Check) -> VerificationInfo:
+        return cls(state=check.state, checked_at=check.checked_at, method=METHOD)
