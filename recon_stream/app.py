@@ -48,6 +48,7 @@ from recon_stream.adapters.ip_scans import IpScans
 from recon_stream.adapters.leadership import Lease
 from recon_stream.adapters.org_ips import MongoOrgIps
 from recon_stream.adapters.ratelimit import SharedRateLimiter
+from recon_stream.adapters.scan_credits import MongoScanCredits
 from recon_stream.adapters.scan_queue import PRIORITY, ScanQueue
 from recon_stream.adapters.shodan import build_provider
 from recon_stream.adapters.vuln_feeds import VulnFeeds
@@ -64,9 +65,10 @@ from recon_stream.metrics import Metrics
 from recon_stream.notifier import DestinationNotifier, load_destinations
 from recon_stream.outbox import OutboxPublisher
 from recon_stream.policy import effective_policy
+from recon_stream.providers import ScanningProvider, ShodanProvider
 from recon_stream.retry import Backoff, Retrier
 from recon_stream.roles import ROLES
-from recon_stream.scanner import KeyGate, ScannerService
+from recon_stream.scanner import KeyGate, OnDemandScans, ScannerService
 from recon_stream.scheduler import Scheduler
 from recon_stream.seen import SeenPairs
 from recon_stream.settings import Settings
@@ -323,6 +325,22 @@ def wire_ingest(shared: Shared, worker: Worker) -> None:
     worker.ingest = service
 
 
+def on_demand_scans(
+    db: AsyncDatabase[mongo.Document], settings: Settings, provider: ShodanProvider
+) -> OnDemandScans | None:
+    """Rescans' on-demand scans, when credits are configured and the provider scans
+    (Shodan's API, or the sample provider's simulation)."""
+    per_day = settings.shodan_scan_credits_per_day
+    if per_day <= 0 or not isinstance(provider, ScanningProvider):
+        return None
+    return OnDemandScans(
+        provider,
+        MongoScanCredits(db, per_day),
+        poll=settings.shodan_scan_poll_seconds,
+        timeout=settings.shodan_scan_timeout_seconds,
+    )
+
+
 def wire_scanner(shared: Shared, worker: Worker) -> None:
     """Scan requests into the durable queue; lookups within the shared budget; events out."""
     settings, metrics, stores = shared.settings, shared.metrics, shared.stores
@@ -337,6 +355,9 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
     limiter = SharedRateLimiter(
         shared.db[RATE_BUDGETS], "shodan", settings.shodan_rate, margin=settings.shodan_rate_margin
     )
+    scans = on_demand_scans(shared.db, settings, provider)
+    if scans is not None:
+        shared.status.add_state("shodan_scans", scans.state)
     scanner = ScannerService(
         stores.queue,
         provider,
@@ -351,6 +372,7 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
         reuse_age=settings.scan_reuse_seconds,
         lease=timedelta(seconds=settings.scan_claim_lease_seconds),
         tracer=shared.tracer,
+        scans=scans,
     )
     # Requests are only moved into the durable scan queue here; while the
     # key is rejected the handler waits and nothing is committed.
@@ -371,6 +393,8 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
         for priority in sorted(set(PRIORITY.values())):
             metrics.scan_backlog.labels(str(priority)).set(depth.get(priority, 0))
         metrics.outbox_pending.labels("exposure_events").set(await stores.snapshots.outbox_size())
+        if scans is not None:
+            await scans.sample(metrics)
         metrics.stale_exposures.set(await stores.snapshots.stale_count())
         observed = await stores.snapshots.critical_observations()
         metrics.critical_exposures.set(len(observed))

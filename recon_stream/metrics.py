@@ -122,6 +122,27 @@ class Metrics:
             "at most 1000).",
             registry=r,
         )
+        self.shodan_scans = Counter(
+            "recon_shodan_scans",
+            "On-demand Shodan scans for rescans, by outcome: submitted, done, timed_out, "
+            "stale_after_done (DONE, yet no port newer than the submit), budget_spent (the "
+            "day's RECON_SHODAN_SCAN_CREDITS_PER_DAY used up), no_credits, unauthorized, "
+            "recently_crawled, rate_limited, unknown_scan, refused, error. Every outcome "
+            "but submitted and done means the plain lookup was made instead.",
+            ["outcome"],
+            registry=r,
+        )
+        self.shodan_scan_credits_left = Gauge(
+            "recon_shodan_scan_credits_left",
+            "Scan credits Shodan said were left (`credits_left` of its last scan submit).",
+            registry=r,
+        )
+        self.shodan_scan_credits_used = Gauge(
+            "recon_shodan_scan_credits_used_today",
+            "On-demand scan credits spent this UTC day across replicas, of "
+            "RECON_SHODAN_SCAN_CREDITS_PER_DAY (sampled).",
+            registry=r,
+        )
         self.critical_observation_age = Gauge(
             "recon_critical_observation_age_seconds",
             "Age of Shodan's observation behind the open critical exposures: quantile 0.5, "

@@ -19,7 +19,7 @@ from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
-from recon_stream.domain.scans import HostScan
+from recon_stream.domain.scans import HostScan, ScanRecord
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
 from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
@@ -132,6 +132,24 @@ class ScanWork(ScanRequestQueue, Protocol):
 
     async def release(self, item: QueueItem) -> None: ...
 
+    async def scan_tried(self, item: QueueItem, scan: ScanRecord | None) -> QueueItem: ...
+
+    async def poll_later(
+        self, item: QueueItem, scan: ScanRecord, delay: float, now: datetime | None = None
+    ) -> None: ...
+
+
+class ScanCredits(Protocol):
+    """The daily budget of on-demand Shodan scans, shared by every replica."""
+
+    per_day: int
+
+    async def take(self, now: datetime | None = None) -> bool:
+        """Spend one of today's credits; False (nothing spent) when none is left."""
+        ...
+
+    async def used(self, now: datetime | None = None) -> int: ...
+
 
 # -- snapshots, acceptances, history ------------------------------------------------------
 
@@ -220,6 +238,35 @@ class SnapshotsByVuln(Protocol):
     def carrying(self, cves: Collection[str]) -> AsyncIterator[tuple[str, str]]:
         """The (organization, IP) of every active snapshot with an open exposure that
         carries one of `cves`, each once."""
+        ...
+
+
+class SnapshotBatches(SnapshotsByVuln, Protocol):
+    """Re-rating in batches (`exposures`): the snapshots carrying CVEs read whole, their
+    updates stored and their outboxes cleared many at a time."""
+
+    def carrying_snapshots(self, cves: Collection[str]) -> AsyncIterator[Snapshot]:
+        """Every active snapshot with an open exposure that carries one of `cves`, each
+        once, as `load` would return it."""
+        ...
+
+    async def swap_many(self, updates: Sequence[Update]) -> list[bool]:
+        """`swap` each update (in one round trip where the store can); for each, False
+        when another writer got there first (that one is not written)."""
+        ...
+
+    async def published_many(self, outboxes: Sequence[Outbox]) -> None:
+        """`published` for each outbox: pull its events and state rows."""
+        ...
+
+
+class AcceptanceBatches(Protocol):
+    """The acceptances of many (organization, IP) pairs at once, for re-rating."""
+
+    async def acceptances_of(
+        self, pairs: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[Acceptance]]:
+        """For each pair, what `acceptances(organization_id, ip)` returns."""
         ...
 
 

@@ -19,8 +19,12 @@ Errors, and what the scanner does with each:
     │                      succeed as sent, so retrying soon only burns budget; record the
     │                      error on the queued IP, count it, and ask again no sooner than
     │                      the rescan interval, while other IPs go on
-    └── NotSent            the request's send slot (`SendGate`) had passed when its
-                           thread got to it: nothing was sent; take a new slot at once
+    ├── NotSent            the request's send slot (`SendGate`) had passed when its
+    │                      thread got to it: nothing was sent; take a new slot at once
+    └── ScanRefused        an on-demand scan was refused or lost (no credits, 401/403,
+                           400, 404 unknown scan id, 429, "recently crawled"):
+                           `outcome` names it; the rescan falls back to its plain lookup
+                           at once and never submits again for that request
 
 The adapters (`recon_stream.adapters.shodan`) raise these; the scanner stage handles
 them. Error messages never contain the API key.
@@ -28,9 +32,10 @@ them. Error messages never contain the API key.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-from recon_stream.domain.scans import HostScan
+from recon_stream.domain.scans import HostScan, ScanStatus
 
 
 class ShodanError(Exception):
@@ -59,6 +64,22 @@ class Permanent(ShodanError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ScanRefused(ShodanError):
+    """Shodan would not scan (or lost the scan): `outcome` is the counted reason."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True, slots=True)
+class ScanTicket:
+    """Shodan's answer to a scan submit: the scan id and the credits left after it."""
+
+    id: str
+    credits_left: int | None = None
 
 
 class NotSent(ShodanError):
@@ -101,6 +122,21 @@ class ShodanProvider(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class ScanningProvider(ShodanProvider, Protocol):
+    """A provider that can also have Shodan scan an IP now (`POST /shodan/scan`)."""
+
+    async def submit_scan(self, ip: str, gate: SendGate | None = None) -> ScanTicket:
+        """Ask for a scan of `ip` (1 credit). Raises `ScanRefused`, `Transient`,
+        `NotSent`."""
+        ...
+
+    async def scan_status(self, scan_id: str, gate: SendGate | None = None) -> ScanStatus:
+        """Where the scan stands. Raises `ScanRefused` (404: unknown id), `Transient`,
+        `NotSent`."""
         ...
 
 

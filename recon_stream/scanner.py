@@ -13,6 +13,16 @@ Two halves, both on every scanner replica:
 A rejected API key closes the `KeyGate`: lookups and the Kafka handler wait
 (nothing is committed or dropped), readiness says why, and the key is checked
 again periodically.
+
+On-demand scans (`RECON_SHODAN_SCAN_CREDITS_PER_DAY` > 0): an IP someone asked to
+rescan (a `rescan` command) first spends one of the day's credits (`ScanCredits`,
+shared by every replica) on `POST /shodan/scan`, then waits in the queue between
+polls (`RECON_SHODAN_SCAN_POLL_SECONDS`, claimed by nobody meanwhile) until Shodan
+says DONE or `RECON_SHODAN_SCAN_TIMEOUT_SECONDS` pass; then its lookup is made, and
+its events carry the scan (`data.scan`). Every submit and poll is a request of the
+shared budget. A refusal of any kind (the day's credits spent, no credits, "recently
+crawled", 401/403/400/404/429, an error) is counted and the plain lookup is made at
+once; a request is never submitted twice.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -30,16 +41,18 @@ from recon_stream import tracing
 from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
 from recon_stream.domain.messages import InvalidMessage, parse_message
 from recon_stream.domain.scan_requests import MAX_SCAN_REQUEST_BYTES, ScanRequest
-from recon_stream.domain.scans import HostScan
+from recon_stream.domain.scans import HostScan, ScanRecord, ScanStatus
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
-from recon_stream.ports import LookupStore, OrgDirectory, ScanWork
+from recon_stream.ports import LookupStore, OrgDirectory, ScanCredits, ScanWork
 from recon_stream.providers import (
     NotSent,
     Permanent,
     RateBudget,
     RateLimited,
     ReservedSlot,
+    ScanningProvider,
+    ScanRefused,
     ShodanProvider,
     Transient,
     Unauthorized,
@@ -50,6 +63,8 @@ if TYPE_CHECKING:
     from recon_stream.adapters.scan_queue import QueueItem
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _validate_request = ScanRequest.__pydantic_validator__.validate_json
 
@@ -89,6 +104,32 @@ class KeyGate:
         return self.reason
 
 
+@dataclass
+class OnDemandScans:
+    """What rescans may spend on on-demand scans, and how they wait for them."""
+
+    provider: ScanningProvider
+    credits: ScanCredits
+    poll: float = 60.0
+    timeout: float = 21600.0
+    used_today: int = 0
+    """Sampled (`sample`), for readiness and the gauge."""
+    credits_left: int | None = None
+    """What Shodan last said (`credits_left` of a submit)."""
+
+    def state(self) -> str:
+        """Readiness state: the day's budget and what Shodan says is left."""
+        left = "unknown" if self.credits_left is None else str(self.credits_left)
+        return (
+            f"on-demand scans: {self.used_today} of {self.credits.per_day} credits used "
+            f"today (UTC); Shodan says {left} left"
+        )
+
+    async def sample(self, metrics: Metrics) -> None:
+        self.used_today = await self.credits.used()
+        metrics.shodan_scan_credits_used.set(self.used_today)
+
+
 class ScannerService:
     def __init__(
         self,
@@ -107,6 +148,7 @@ class ScannerService:
         lease: timedelta = timedelta(minutes=2),
         lookup_backoff: Backoff | None = None,
         tracer: Tracer | None = None,
+        scans: OnDemandScans | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
@@ -123,6 +165,7 @@ class ScannerService:
         self.gate = gate
         self._reuse_age = reuse_age
         self._lease = lease
+        self.scans = scans
 
     # -- the Kafka half ---------------------------------------------------------------
 
@@ -206,17 +249,108 @@ class ScannerService:
                 raise
 
     async def _process(self, item: QueueItem) -> None:
-        scan = await self._stored_if_fresh(item)
+        record: ScanRecord | None = None
+        if self.scans is not None and item.manual:
+            if not item.scan_tried:
+                item = await self._submit_scan(item, self.scans)
+            if item.scan is not None:
+                record = await self._poll_scan(item, item.scan, self.scans)
+                if record is None:
+                    return  # polled again later
+        scan = None if record is not None else await self._stored_if_fresh(item)
         if scan is None:
             scan = await self._look_up(item)
             if scan is None:
                 return  # given back to the queue for later
+            if record is not None:
+                scan = self._after_scan(scan, record)
             stored = scan
             await self._retrying("storing the lookup", lambda: self._ip_scans.put(stored))
         else:
             self._metrics.lookups_saved.inc()
         await self.fan_out(scan)
         await self._retrying("completing the scan", lambda: self._queue.complete(item))
+
+    # -- on-demand scans --------------------------------------------------------------
+
+    async def _submit_scan(self, item: QueueItem, scans: OnDemandScans) -> QueueItem:
+        """Spend a credit and submit a scan of the item's IP; on any refusal, record that
+        none is to be asked again and go on to the plain lookup."""
+        record: ScanRecord | None = None
+        if not await self._retrying("taking a scan credit", lambda: scans.credits.take()):
+            self._metrics.shodan_scans.labels("budget_spent").inc()
+            log.info("no on-demand scan: today's RECON_SHODAN_SCAN_CREDITS_PER_DAY are spent")
+        else:
+            submitted_at = datetime.now(UTC)
+            try:
+                ticket = await self._budgeted(
+                    lambda slot: scans.provider.submit_scan(item.ip, slot)
+                )
+            except ScanRefused as error:
+                self._metrics.shodan_scans.labels(error.outcome).inc()
+                log.warning("on-demand scan refused (%s); plain lookup instead", error)
+            except (Transient, RateLimited, Permanent, Unauthorized) as error:
+                self._metrics.shodan_scans.labels("error").inc()
+                log.warning("on-demand scan failed (%s); plain lookup instead", error)
+            else:
+                self._metrics.shodan_scans.labels("submitted").inc()
+                if ticket.credits_left is not None:
+                    scans.credits_left = ticket.credits_left
+                    self._metrics.shodan_scan_credits_left.set(ticket.credits_left)
+                record = ScanRecord(
+                    id=ticket.id, submitted_at=submitted_at, status=ScanStatus.SUBMITTING
+                )
+        chosen = record
+        return await self._retrying(
+            "recording the scan", lambda: self._queue.scan_tried(item, chosen)
+        )
+
+    async def _poll_scan(
+        self, item: QueueItem, record: ScanRecord, scans: OnDemandScans
+    ) -> ScanRecord | None:
+        """The scan as its lookup should record it, when the lookup is due (DONE, timed
+        out, or lost); None when the item was given back to poll again later."""
+        waited = (datetime.now(UTC) - record.submitted_at).total_seconds()
+        if waited >= scans.timeout:
+            self._metrics.shodan_scans.labels("timed_out").inc()
+            return record.model_copy(update={"status": ScanStatus.TIMED_OUT})
+        try:
+            status = await self._budgeted(lambda slot: scans.provider.scan_status(record.id, slot))
+        except ScanRefused as error:
+            self._metrics.shodan_scans.labels(error.outcome).inc()
+            log.warning("on-demand scan lost (%s); plain lookup instead", error)
+            return record
+        except (Transient, RateLimited, Permanent, Unauthorized) as error:
+            log.warning("polling an on-demand scan failed (%s); polled again later", error)
+            status = record.status
+        if status is ScanStatus.DONE:
+            self._metrics.shodan_scans.labels("done").inc()
+            return record.model_copy(update={"status": status})
+        polling = record.model_copy(update={"status": status})
+        delay = min(scans.poll, max(0.0, scans.timeout - waited))
+        await self._retrying(
+            "waiting for the scan", lambda: self._queue.poll_later(item, polling, delay)
+        )
+        return None
+
+    def _after_scan(self, scan: HostScan, record: ScanRecord) -> HostScan:
+        if record.status is ScanStatus.DONE:
+            newest = max(
+                (s.shodan_timestamp for s in scan.services if s.shodan_timestamp), default=None
+            )
+            if newest is None or _aware(newest) <= _aware(record.submitted_at):
+                # DONE means picked up, not crawled: users report old records hours later.
+                self._metrics.shodan_scans.labels("stale_after_done").inc()
+        return scan.model_copy(update={"scan": record})
+
+    async def _budgeted(self, call: Callable[[ReservedSlot], Awaitable[T]]) -> T:
+        """`call` with a slot of the shared budget (a new slot if it was missed)."""
+        while True:
+            slot = await self._limiter.reserve()
+            try:
+                return await call(slot)
+            except NotSent:
+                self._metrics.slots_missed.inc()
 
     async def _stored_if_fresh(self, item: QueueItem) -> HostScan | None:
         stored = await self._retrying(
@@ -320,11 +454,7 @@ class ScannerService:
 
     async def _check_key(self) -> None:
         # The check is a request too: it spends from the same budget.
-        while True:
-            try:
-                return await self._provider.check_key(await self._limiter.reserve())
-            except NotSent:
-                self._metrics.slots_missed.inc()
+        await self._budgeted(self._provider.check_key)
 
     async def run_key_checks(self, interval: float) -> None:
         """Check the key at start and, while it is rejected, every `interval` seconds."""
@@ -344,3 +474,7 @@ class ScannerService:
                 except Exception:
                     log.exception("checking the Shodan key failed")
             await asyncio.sleep(interval)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

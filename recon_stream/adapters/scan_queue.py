@@ -10,18 +10,22 @@ organization's new IPs, and the scheduler's routine rescans never hold up either
     {_id: ip, priority: 0 (new) | 1 (manual) | 2 (rescan), requested_at, orgs: [...],
      reasons: [...], seq, attempts, not_before, claim_until,
      traces: [{traceparent, tracestate}, ...],
-     last_error: {message, at}}    # why the last lookup failed, when it was recorded
+     last_error: {message, at},    # why the last lookup failed, when it was recorded
+     scan: {id, submitted_at, status},   # a manual rescan's on-demand scan, polled
+     scan_tried: true}             # a scan was asked for (or refused): never again
 
 `seq` grows with every request for the IP; a finished lookup deletes the item
 only if no request arrived meanwhile, otherwise releases it to run again.
 `traces` keeps the W3C trace context of the first few traced requests, so the
-lookup continues their traces (see `recon_stream.tracing`).
+lookup continues their traces (see `recon_stream.tracing`). While an on-demand scan
+runs, the item waits (`not_before`) between polls, claimed by nobody: a crash loses
+nothing, and whichever replica claims it next polls on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +35,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.collections import SCAN_QUEUE
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.domain.scans import ScanRecord
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PRIORITY = {ScanReason.NEW: 0, ScanReason.MANUAL: 1, ScanReason.RESCAN: 2}
@@ -56,6 +61,15 @@ class QueueItem:
     traces: tuple[dict[str, str], ...] = ()
     requested_at: datetime | None = None
     """When the oldest request the item holds was made."""
+    scan: ScanRecord | None = None
+    """The on-demand scan submitted for it, while it runs."""
+    scan_tried: bool = False
+    """A scan was submitted or refused for the requests it holds: none is asked again."""
+
+    @property
+    def manual(self) -> bool:
+        """Someone asked for this IP (a `rescan` command), not the schedule."""
+        return ScanReason.MANUAL.value in self.reasons
 
     @property
     def forced(self) -> bool:
@@ -136,6 +150,8 @@ class ScanQueue:
             claim_until=doc["claim_until"],
             traces=tuple(doc.get("traces", ())),
             requested_at=doc.get("requested_at"),
+            scan=ScanRecord.model_validate(doc["scan"]) if doc.get("scan") else None,
+            scan_tried=bool(doc.get("scan_tried", False)),
         )
 
     async def complete(self, item: QueueItem) -> bool:
@@ -150,9 +166,35 @@ class ScanQueue:
             {
                 "$set": {"claim_until": EPOCH, "attempts": 0, "reasons": [ScanReason.NEW.value]},
                 "$pullAll": {"orgs": list(item.orgs)},
+                "$unset": {"scan": "", "scan_tried": ""},
             },
         )
         return False
+
+    async def scan_tried(self, item: QueueItem, scan: ScanRecord | None) -> QueueItem:
+        """Record that a scan was asked for the item (`scan`), or refused (None)."""
+        fields: dict[str, Any] = {"scan_tried": True}
+        if scan is not None:
+            fields["scan"] = scan.model_dump(mode="python")
+        await self._collection.update_one({"_id": item.ip}, {"$set": fields})
+        return replace(item, scan=scan, scan_tried=True)
+
+    async def poll_later(
+        self, item: QueueItem, scan: ScanRecord, delay: float, now: datetime | None = None
+    ) -> None:
+        """Give the item back while its scan runs: due again (for a poll) after `delay`."""
+        now = now or datetime.now(UTC)
+        await self._collection.update_one(
+            {"_id": item.ip},
+            {
+                "$set": {
+                    "scan": scan.model_dump(mode="python"),
+                    "scan_tried": True,
+                    "claim_until": EPOCH,
+                    "not_before": now + timedelta(seconds=delay),
+                }
+            },
+        )
 
     async def retry_later(
         self,

@@ -41,12 +41,14 @@ import urllib3
 import urllib3.connection
 from pydantic import SecretStr
 
-from recon_stream.domain.scans import HostScan
+from recon_stream.domain.scans import HostScan, ScanStatus
 from recon_stream.domain.shodan_parsing import parse_host, parse_internetdb
 from recon_stream.providers import (
     NotSent,
     Permanent,
     RateLimited,
+    ScanRefused,
+    ScanTicket,
     SendGate,
     ShodanError,
     ShodanProvider,
@@ -285,12 +287,36 @@ class ApiProvider:
         if await self._call(self._client.info, gate) is None:
             raise Transient("Shodan answered /api-info with 'No information available'")
 
+    async def submit_scan(self, ip: str, gate: SendGate | None = None) -> ScanTicket:
+        answer = await self._call(lambda: self._client.scan(ip), gate, self._classify_scan)
+        if not isinstance(answer, Mapping) or not answer.get("id"):
+            raise Transient("Shodan answered a scan submit without a scan id")
+        credits = answer.get("credits_left")
+        return ScanTicket(
+            str(answer["id"]), int(credits) if isinstance(credits, int | float) else None
+        )
+
+    async def scan_status(self, scan_id: str, gate: SendGate | None = None) -> ScanStatus:
+        answer = await self._call(
+            lambda: self._client.scan_status(scan_id), gate, self._classify_scan
+        )
+        if not isinstance(answer, Mapping) or "status" not in answer:
+            raise Transient("Shodan answered a scan status without a status")
+        return ScanStatus.of(answer["status"])
+
     async def close(self) -> None:
         self._sender.close()
         self._session.close()
 
-    async def _call(self, operation: Callable[[], object], gate: SendGate | None) -> object | None:
-        """Run `operation` in a thread; None for "no information", typed errors otherwise."""
+    async def _call(
+        self,
+        operation: Callable[[], object],
+        gate: SendGate | None,
+        classify: Callable[[str, _Outcome], ShodanError | None] | None = None,
+    ) -> object | None:
+        """Run `operation` in a thread; None for "no information", typed errors otherwise
+        (as `classify` says: by default, a lookup's)."""
+        classify = classify or self._classify
 
         def blocking() -> tuple[object, ShodanError | None, bool]:
             self._session.reset()
@@ -299,13 +325,13 @@ class ApiProvider:
             except shodan.APIError as error:
                 # Returned, not raised: no chained exception (whose text would hold the
                 # request URL and its `key=`) may travel with ours.
-                classified = self._classify(str(error), self._session.outcome)
+                classified = classify(str(error), self._session.outcome)
                 return None, classified, classified is None
             status = self._session.outcome.status
             if status is not None and status >= 400:
                 # The client returns any JSON answer without an "error" field as a result,
                 # whatever its status: taken for a host, it would close every port.
-                classified = self._classify("no error message", self._session.outcome)
+                classified = classify("no error message", self._session.outcome)
                 return None, classified, classified is None
             return result, None, False
 
@@ -332,6 +358,29 @@ class ApiProvider:
             return Transient(f"Unable to connect to Shodan ({type(outcome.error).__name__})")
         where = f"HTTP {status}: " if status is not None else ""
         return Transient(f"Shodan error: {where}{message}")
+
+    def _classify_scan(self, message: str, outcome: _Outcome) -> ShodanError:
+        """A scan endpoint's error: a refusal (fall back to the plain lookup) or Transient.
+
+        A 401 or 403 here says nothing certain about the key (Shodan answers 401 when
+        credits run out): the key gate is left to the lookups and key checks.
+        """
+        message = _redact(message, self._key.get_secret_value())
+        lowered = message.lower()
+        status = outcome.status
+        if "recently" in lowered and "crawl" in lowered:
+            return ScanRefused(f"Shodan will not scan again so soon: {message}", "recently_crawled")
+        if status in (401, 403) or "credit" in lowered:
+            what = "no_credits" if "credit" in lowered else "unauthorized"
+            return ScanRefused(f"Shodan refused the scan: HTTP {status}: {message}", what)
+        if status == 429 or "rate limit" in lowered:
+            return ScanRefused(f"Shodan rate limit on a scan: {message}", "rate_limited")
+        if status == 404 or "no information available" in lowered:
+            return ScanRefused(f"Shodan does not know the scan: {message}", "unknown_scan")
+        if status is not None and 400 <= status < 500:
+            return ScanRefused(f"Shodan refused the scan: HTTP {status}: {message}", "refused")
+        classified = self._classify(message, outcome)
+        return classified if isinstance(classified, Transient) else Transient(message)
 
 
 class InternetDbProvider:
@@ -417,6 +466,13 @@ _SAMPLE_POOL: tuple[tuple[int, str, str, str | None, str | None, dict[str, float
 )
 
 
+SAMPLE_SCAN_SECONDS = 5.0
+"""How long a simulated on-demand scan of the sample provider takes to be DONE."""
+SAMPLE_FIXED_PORTS = (3389, 445, 5900, 6379, 1433)
+"""What a simulated scan finds closed: the first of these the host has open (an
+operator who was asked to close RDP did), else its first port."""
+
+
 class SampleProvider:
     """Bundled, invented data for demos without a key: every answer has `sample=True`.
 
@@ -426,15 +482,29 @@ class SampleProvider:
     `last_update`) keep their age as of `_SAMPLE_EPOCH`, counted back from the hour of
     the lookup (`clock`), so the data is the same on every run apart from the clock,
     and only the few deliberately old observations show as stale.
+
+    It simulates on-demand scans too (`submit_scan`): DONE `scan_seconds` after the
+    submit, after which lookups of that IP show a fresh crawl that finds one port
+    closed (`SAMPLE_FIXED_PORTS`), as when a technician closed it: the demo of a
+    rescan confirming a fix.
     """
 
     name: str = "sample"
 
-    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], datetime] | None = None,
+        scan_seconds: float = SAMPLE_SCAN_SECONDS,
+    ) -> None:
         text = resources.files("recon_stream.samples").joinpath(SAMPLE_RESOURCE).read_text("utf-8")
         hosts = json.loads(text)["hosts"]
         self._hosts: dict[str, dict[str, Any] | None] = dict(hosts)
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._scan_seconds = scan_seconds
+        self._scans: dict[str, tuple[str, datetime]] = {}
+        """Scan id -> (IP, submitted at)."""
+        self._rescanned: dict[str, datetime] = {}
+        """IP -> when its simulated scan finished."""
 
     def __repr__(self) -> str:
         return "SampleProvider()"
@@ -453,6 +523,12 @@ class SampleProvider:
         if payload is not None:
             hour = queried_at.replace(minute=0, second=0, microsecond=0)
             payload = _moved(payload, hour - _SAMPLE_EPOCH)
+            for scan_id, (scanned, submitted) in list(self._scans.items()):
+                if scanned == ip and self._done(submitted, queried_at):
+                    self._rescanned[ip] = submitted + timedelta(seconds=self._scan_seconds)
+                    del self._scans[scan_id]
+            if ip in self._rescanned:
+                payload = _rescanned(payload, self._rescanned[ip])
         if payload is None:
             return HostScan(ip=ip, provider="sample", queried_at=queried_at, sample=True)
         scan = parse_host(ip, payload, queried_at, "sample")
@@ -461,8 +537,43 @@ class SampleProvider:
     async def check_key(self, gate: SendGate | None = None) -> None:
         return None
 
+    async def submit_scan(self, ip: str, gate: SendGate | None = None) -> ScanTicket:
+        if gate is not None and not await asyncio.to_thread(gate.enter):
+            raise NotSent("the send slot for a sample scan had passed")
+        scan_id = "sample-" + hashlib.sha256(f"{ip}/{len(self._scans)}".encode()).hexdigest()[:16]
+        self._scans[scan_id] = (ip, self._clock())
+        return ScanTicket(scan_id, credits_left=None)
+
+    async def scan_status(self, scan_id: str, gate: SendGate | None = None) -> ScanStatus:
+        if gate is not None and not await asyncio.to_thread(gate.enter):
+            raise NotSent("the send slot for a sample scan status had passed")
+        if scan_id not in self._scans:
+            done = scan_id.startswith("sample-")
+            if done:
+                return ScanStatus.DONE  # its lookup already read the result
+            raise ScanRefused(f"no sample scan {scan_id[:40]!r}", "unknown_scan")
+        _, submitted = self._scans[scan_id]
+        return ScanStatus.DONE if self._done(submitted, self._clock()) else ScanStatus.PROCESSING
+
+    def _done(self, submitted: datetime, now: datetime) -> bool:
+        return (now - submitted).total_seconds() >= self._scan_seconds
+
     async def close(self) -> None:
         return None
+
+
+def _rescanned(payload: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """A sample host as a fresh crawl at `at` finds it: one port closed, the rest seen."""
+    banners = list(payload.get("data", []))
+    ports = [banner.get("port") for banner in banners]
+    fixed = next(
+        (port for port in SAMPLE_FIXED_PORTS if port in ports), ports[0] if ports else None
+    )
+    stamp = at.replace(tzinfo=None).isoformat(timespec="microseconds")
+    kept = [{**banner, "timestamp": stamp} for banner in banners if banner.get("port") != fixed]
+    host = {**payload, "data": kept, "ports": [banner["port"] for banner in kept]}
+    host["last_update"] = stamp
+    return host
 
 
 def _invented_host(ip: str) -> dict[str, Any]:

@@ -8,6 +8,14 @@ Endpoints (one server, one loopback port):
 - ``GET /api-info?key=K``           a plan description for valid keys.
 - ``GET /internetdb/{ip}``          InternetDB, derived from the host payload
   (or set with ``set_internetdb``); 404 ``{"detail": "No information available"}``.
+- ``POST /shodan/scan?key=K``       an on-demand scan (form field ``ips``): answers
+  ``{id, count, credits_left}`` and spends one of ``scan_credits`` (none left: 401
+  ``{"error": "Insufficient scan credits..."}``). Status goes SUBMITTING, QUEUE,
+  PROCESSING, then DONE ``scan_seconds`` after the submit; when DONE, the host
+  payload set with ``after_scan`` (if any) replaces the IP's (what the crawl found).
+- ``GET /shodan/scan/{id}?key=K``   ``{id, count, status, created}``; 404 for an
+  unknown id. ``GET /shodan/scans`` lists scans with the ``api_key`` in each entry,
+  as Shodan does (which is why the scanner never logs such listings).
 
 Keys not in ``keys`` get 401 ``{"error": "Invalid API key"}``. Like Shodan, the
 emulator enforces a request rate per key (InternetDB: per anonymous client):
@@ -33,6 +41,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -44,6 +53,9 @@ RATE_LIMIT_MESSAGE = (
 )
 NOT_FOUND_MESSAGE = "No information available for that IP."
 INVALID_KEY_MESSAGE = "Invalid API key"
+INSUFFICIENT_SCAN_CREDITS = (
+    "Insufficient scan credits, please upgrade your API plan or wait for the monthly limit to reset"
+)
 _HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
 _ANONYMOUS = ""
 # Linux's value; Python's socket module does not always name it.
@@ -67,6 +79,7 @@ class _Fault:
     body: Any
     delay: float
     headers: Mapping[str, str]
+    path: str = ""
 
 
 class ShodanEmulator:
@@ -84,6 +97,12 @@ class ShodanEmulator:
         self._faults: list[_Fault] = []
         self._requests: list[RecordedRequest] = []
         self._accepted: dict[str, list[float]] = {}
+        self.scan_credits = 100
+        """On-demand scan credits left; a submit with none left gets 401."""
+        self.scan_seconds = 0.0
+        """How long after its submit a scan is DONE."""
+        self._scans: dict[str, dict[str, Any]] = {}
+        self._after_scan: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -155,6 +174,19 @@ class ShodanEmulator:
             self._hosts.pop(ip, None)
             self._internetdb.pop(ip, None)
 
+    def after_scan(self, ip: str, payload: Mapping[str, Any], *, restamp: bool = True) -> None:
+        """What the next on-demand scan of `ip` finds: its host payload once DONE, with
+        every banner's timestamp the moment of DONE (`restamp`, as a crawl then) or as
+        given (a scan that is DONE yet crawled nothing new)."""
+        with self._lock:
+            self._after_scan[ip] = {**json.loads(json.dumps(payload)), "_restamp": restamp}
+
+    @property
+    def scans(self) -> list[dict[str, Any]]:
+        """Every scan submitted: {id, ip, submitted (monotonic), polls}."""
+        with self._lock:
+            return [dict(scan) for scan in self._scans.values()]
+
     def set_internetdb(self, ip: str, payload: Mapping[str, Any]) -> None:
         """Override the InternetDB answer otherwise derived from the host payload."""
         with self._lock:
@@ -168,15 +200,18 @@ class ShodanEmulator:
         body: Any = None,
         delay: float = 0.0,
         headers: Mapping[str, str] | None = None,
+        *,
+        path: str = "",
     ) -> None:
-        """Answer the next `count` requests for `ip` (any request when None) with `status`.
+        """Answer the next `count` requests for `ip` (any request when None) whose path
+        starts with `path` with `status`.
 
         `body` is JSON-encoded unless it is `str`/`bytes`; None picks Shodan's usual body
         for the status. `delay` seconds pass before the answer. Status 200 with a delay
         serves the normal answer, late. Faults skip the key check and the rate limit.
         """
         with self._lock:
-            self._faults.append(_Fault(ip, status, count, body, delay, dict(headers or {})))
+            self._faults.append(_Fault(ip, status, count, body, delay, dict(headers or {}), path))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -210,7 +245,7 @@ class ShodanEmulator:
 
     # -- request handling (server threads) --------------------------------------------------
 
-    def _handle(self, handler: _Handler) -> None:
+    def _handle(self, handler: _Handler, form: Mapping[str, list[str]] | None = None) -> None:
         arrived = handler.arrived
         parts = urlsplit(handler.path)
         path = unquote(parts.path)
@@ -218,6 +253,10 @@ class ShodanEmulator:
         key = query.get("key", [None])[0]
         internetdb = path.startswith("/internetdb/")
         ips = _ips_of(path)
+        if form is not None and key is None:
+            key = form.get("key", [None])[0]  # the client posts its key in the form
+        if form is not None and path == "/shodan/scan":
+            ips = [ip for ip in ",".join(form.get("ips", [])).split(",") if ip]
 
         status, body, headers, delay = self._decide(path, key, internetdb, ips, arrived)
         with self._lock:
@@ -230,7 +269,7 @@ class ShodanEmulator:
         self, path: str, key: str | None, internetdb: bool, ips: list[str], arrived: float
     ) -> tuple[int, Any, Mapping[str, str], float]:
         with self._lock:
-            fault = self._take_fault(ips)
+            fault = self._take_fault(ips, path)
         if fault is not None and fault.status != 200:
             body = fault.body if fault.body is not None else _default_body(fault.status, internetdb)
             return fault.status, body, fault.headers, fault.delay
@@ -242,11 +281,13 @@ class ShodanEmulator:
                 {"detail": "Rate limit exceeded"} if internetdb else {"error": RATE_LIMIT_MESSAGE}
             )
             return 429, body, {}, delay
-        status, body = self._route(path, internetdb, ips)
+        status, body = self._route(path, internetdb, ips, str(key))
         return status, body, {}, delay
 
-    def _take_fault(self, ips: list[str]) -> _Fault | None:
+    def _take_fault(self, ips: list[str], path: str) -> _Fault | None:
         for fault in self._faults:
+            if not path.startswith(fault.path):
+                continue
             if fault.ip is None or fault.ip in ips:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
@@ -279,8 +320,28 @@ class ShodanEmulator:
             accepted.insert(at, arrived)
             return True
 
-    def _route(self, path: str, internetdb: bool, ips: list[str]) -> tuple[int, Any]:
+    def _route(self, path: str, internetdb: bool, ips: list[str], key: str) -> tuple[int, Any]:
         with self._lock:
+            self._finish_scans()
+            if path == "/shodan/scan":
+                return self._submit(ips)
+            if path == "/shodan/scans":
+                listing = [
+                    {"id": s["id"], "status": self._status(s), "size": 1, "api_key": key}
+                    for s in self._scans.values()
+                ]
+                return 200, {"matches": listing, "total": len(listing)}
+            if path.startswith("/shodan/scan/"):
+                scan = self._scans.get(path.removeprefix("/shodan/scan/"))
+                if scan is None:
+                    return 404, {"error": "Scan not found"}
+                scan["polls"] += 1
+                return 200, {
+                    "id": scan["id"],
+                    "count": 1,
+                    "status": self._status(scan),
+                    "created": scan["created"],
+                }
             if internetdb:
                 ip = ips[0] if ips else ""
                 answer = self._internetdb.get(ip)
@@ -297,6 +358,44 @@ class ShodanEmulator:
                     return 404, {"error": NOT_FOUND_MESSAGE}
                 return 200, found[0] if len(ips) == 1 else found
         return 404, {"error": "Not found"}
+
+    # -- on-demand scans (under the lock) ----------------------------------------------------
+
+    def _submit(self, ips: list[str]) -> tuple[int, Any]:
+        if not ips:
+            return 400, {"error": "No IPs provided"}
+        if self.scan_credits < len(ips):
+            return 401, {"error": INSUFFICIENT_SCAN_CREDITS}
+        self.scan_credits -= len(ips)
+        scan_id = secrets.token_hex(8).upper()
+        self._scans[scan_id] = {
+            "id": scan_id,
+            "ip": ips[0],
+            "submitted": time.monotonic(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S.000000", time.gmtime()),
+            "polls": 0,
+            "applied": False,
+        }
+        return 200, {"id": scan_id, "count": len(ips), "credits_left": self.scan_credits}
+
+    def _status(self, scan: Mapping[str, Any]) -> str:
+        waited = time.monotonic() - scan["submitted"]
+        if waited >= self.scan_seconds:
+            return "DONE"
+        return ("SUBMITTING", "QUEUE", "PROCESSING")[min(2, int(3 * waited / self.scan_seconds))]
+
+    def _finish_scans(self) -> None:
+        for scan in self._scans.values():
+            if not scan["applied"] and self._status(scan) == "DONE":
+                scan["applied"] = True
+                found = self._after_scan.pop(scan["ip"], None)
+                if found is not None:
+                    if found.pop("_restamp"):
+                        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+                        found["last_update"] = stamp
+                        for banner in found.get("data", []):
+                            banner["timestamp"] = stamp
+                    self._hosts[scan["ip"]] = found
 
 
 class _TimestampingServer(ThreadingHTTPServer):
@@ -330,6 +429,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.owner._handle(self)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        self.owner._handle(self, parse_qs(body))
 
     def answer(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
         if isinstance(body, bytes):
