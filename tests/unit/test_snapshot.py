@@ -12,7 +12,7 @@ from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.exposures import Assessor, ExposureEvent
 from recon_stream.domain.policy_file import DEFAULT_POLICY, parse_policy
 from recon_stream.domain.risk import Severity
-from recon_stream.domain.scans import HostScan, Service
+from recon_stream.domain.scans import HostScan, ScanRecord, ScanStatus, Service
 from recon_stream.domain.snapshot import (
     OrgContext,
     Snapshot,
@@ -21,7 +21,9 @@ from recon_stream.domain.snapshot import (
     plan_lookup,
     plan_reassessment,
     plan_retirement,
+    plan_verification,
 )
+from recon_stream.domain.verification import Check, CheckReason, CheckState
 from recon_stream.domain.vulns import KevEntry, VulnContext
 from tests.fakes import BUILT_IN
 
@@ -353,3 +355,117 @@ def test_a_product_change_keeps_the_acceptance() -> None:
     (event,) = update.events
     assert event.data.accepted
     assert "accepted" not in event.data.changed_fields
+
+
+# -- verification ---------------------------------------------------------------------
+
+CONFIRM = timedelta(seconds=60)
+
+
+def checked(snapshot: Snapshot, at: datetime, **states: CheckReason) -> Update | None:
+    """A round of checks at `at`: port name (`p3389`) -> nmap reason."""
+    round_ = [Check(IP, int(name[1:]), reason, at) for name, reason in states.items()]
+    plan = plan_verification(snapshot, round_, CONFIRM, at)
+    return decide(plan, [], BUILT_IN) if plan is not None else None
+
+
+def open_rdp_and_ssh() -> Snapshot:
+    return after_lookup(Snapshot("acme", IP), lookup(RDP, SSH)).after
+
+
+def test_a_first_check_is_a_change_of_verification_and_an_agreeing_one_is_kept_quietly() -> None:
+    snapshot = open_rdp_and_ssh()
+    first = checked(snapshot, T0 + timedelta(minutes=1), p3389=CheckReason.CONN_ACCEPT)
+    assert first is not None
+    assert changes(first) == [("changed", 3389, "verification", None)]
+    assert first.events[0].data.verification is not None
+    assert first.events[0].data.verification.state == CheckState.OPEN
+    assert [row.value.verification for row in first.state if row.value][1] is not None
+    again = checked(first.after, T0 + timedelta(minutes=2), p3389=CheckReason.CONN_ACCEPT)
+    assert again is not None and again.events == [] and again.state == []
+    stored = again.after.services[("tcp", 3389)].verification
+    assert stored is not None and stored.checked_at == T0 + timedelta(minutes=2)
+
+
+def test_two_refusals_a_confirm_interval_apart_close_the_exposure() -> None:
+    snapshot = open_rdp_and_ssh()
+    refused = CheckReason.CONN_REFUSED
+    first = checked(snapshot, T0 + timedelta(minutes=1), p3389=refused)
+    assert first is not None and changes(first) == [("changed", 3389, "verification", None)]
+    # Too soon after the first (a service restarting refuses twice): still open.
+    soon = checked(first.after, T0 + timedelta(minutes=1, seconds=30), p3389=refused)
+    assert soon is not None and soon.events == []
+    assert ("tcp", 3389) in soon.after.services
+    later = checked(soon.after, T0 + timedelta(minutes=2), p3389=refused)
+    assert later is not None
+    assert changes(later) == [("closed", 3389, "", "verified_closed")]
+    assert ("tcp", 3389) not in later.after.services
+    assert later.after.check_closed == {("tcp", 3389): T0 + timedelta(minutes=2)}
+    # An answer in between starts the run again.
+    answered = checked(
+        first.after, T0 + timedelta(minutes=1, seconds=40), p3389=CheckReason.CONN_ACCEPT
+    )
+    assert answered is not None
+    after = checked(answered.after, T0 + timedelta(minutes=3), p3389=refused)
+    assert after is not None and ("tcp", 3389) in after.after.services
+
+
+def test_silence_closes_a_port_only_while_another_port_of_the_ip_answers() -> None:
+    snapshot = open_rdp_and_ssh()
+    silent, answer = CheckReason.NO_RESPONSE, CheckReason.CONN_ACCEPT
+    first = checked(snapshot, T0 + timedelta(minutes=1), p3389=silent, p22=answer)
+    assert first is not None
+    second = checked(first.after, T0 + timedelta(minutes=3), p3389=silent, p22=answer)
+    assert second is not None
+    assert changes(second) == [("closed", 3389, "", "verified_unreachable")]
+    # The whole IP silent (unreachable, prohibited, timed out): nothing closes.
+    gone = CheckReason.HOST_UNREACH
+    one = checked(snapshot, T0 + timedelta(minutes=1), p3389=gone, p22=gone)
+    assert one is not None
+    two = checked(one.after, T0 + timedelta(minutes=5), p3389=gone, p22=silent)
+    assert two is not None
+    assert set(two.after.services) == {("tcp", 3389), ("tcp", 22)}
+    assert all(e.data.change.value == "changed" for e in two.events)
+
+
+def test_an_older_provider_record_never_reopens_what_a_check_closed() -> None:
+    snapshot = open_rdp_and_ssh()
+    refused = CheckReason.CONN_REFUSED
+    first = checked(snapshot, T0 + timedelta(minutes=1), p3389=refused)
+    assert first is not None
+    closed = checked(first.after, T0 + timedelta(minutes=2), p3389=refused)
+    assert closed is not None
+    # Shodan still lists RDP as crawled days ago: it stays closed.
+    stale_rdp = RDP.model_copy(update={"shodan_timestamp": T0 - timedelta(days=3)})
+    held = after_lookup(closed.after, lookup(stale_rdp, SSH, at=T0 + timedelta(hours=1)))
+    assert changes(held) == []
+    assert ("tcp", 3389) not in held.after.services
+    assert ("tcp", 3389) in held.after.check_closed
+    # A crawl newer than the check reopens it.
+    new_rdp = RDP.model_copy(update={"shodan_timestamp": T0 + timedelta(hours=2)})
+    reopened = after_lookup(held.after, lookup(new_rdp, SSH, at=T0 + timedelta(hours=3)))
+    assert changes(reopened) == [("opened", 3389, "", None)]
+    assert reopened.after.check_closed == {}
+
+
+def test_udp_and_ports_not_open_are_never_part_of_a_round() -> None:
+    snmp = Service(port=161, transport="udp", module="snmp")
+    snapshot = after_lookup(Snapshot("acme", IP), lookup(snmp)).after
+    plan = plan_verification(snapshot, [Check(IP, 161, CheckReason.CONN_REFUSED, T0)], CONFIRM, T0)
+    assert plan is None
+    other = plan_verification(
+        open_rdp_and_ssh(), [Check(IP, 8080, CheckReason.CONN_REFUSED, T0)], CONFIRM, T0
+    )
+    assert other is None
+
+
+def test_a_lookup_keeps_the_last_check_and_its_scan_shows_in_every_row() -> None:
+    first = checked(open_rdp_and_ssh(), T0 + timedelta(minutes=1), p3389=CheckReason.CONN_ACCEPT)
+    assert first is not None
+    record = ScanRecord(id="S1", submitted_at=T0, status=ScanStatus.DONE)
+    update = after_lookup(first.after, lookup(RDP, SSH, at=T0 + timedelta(hours=1), scan=record))
+    rows = {row.key: row.value for row in update.state}
+    rdp = rows[f"acme/{IP}/tcp/3389"]
+    assert rdp is not None and rdp.scan == record
+    assert rdp.verification is not None and rdp.verification.state == CheckState.OPEN
+    assert update.after.scan == record
