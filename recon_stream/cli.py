@@ -473,6 +473,52 @@ def policy_check(
     )
 
 
+scope = typer.Typer(help="The scope file: show the one in force, check a file.")
+cli.add_typer(scope, name="scope")
+
+
+class ScopeFormat(enum.StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
+@scope.command("show")
+def scope_show(
+    output: Annotated[ScopeFormat, typer.Option("--format")] = ScopeFormat.yaml,
+) -> None:
+    """Print the scope file in force (RECON_SCOPE_FILE), normalized."""
+    from recon_stream.domain.scope import ScopeError, dump_scope, load_scope
+
+    settings = _settings()
+    if settings.scope_file is None:
+        typer.echo("no scope file: nothing excluded")
+        return
+    try:
+        loaded = load_scope(settings.scope_file)
+    except ScopeError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    if output is ScopeFormat.json:
+        typer.echo(json.dumps(loaded.document(), indent=2))
+    else:
+        typer.echo(dump_scope(loaded), nl=False)
+
+
+@scope.command("check")
+def scope_check(
+    file: Annotated[Path, typer.Argument(help="a scope file (YAML)")],
+) -> None:
+    """Validate a scope file: its counts, or FILE:LINE: field: message for each mistake."""
+    from recon_stream.domain.scope import ScopeError, load_scope
+
+    try:
+        checked = load_scope(file)
+    except ScopeError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{file}: ok: {checked.summary()}")
+
+
 def main() -> None:
     cli(args=_optional_wait(sys.argv[1:]))
 

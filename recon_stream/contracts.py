@@ -14,6 +14,7 @@ from recon_stream.domain.heartbeats import Heartbeat
 from recon_stream.domain.notifications import NotifyFile
 from recon_stream.domain.policy_file import PolicyFile
 from recon_stream.domain.scan_requests import ScanRequest
+from recon_stream.domain.scope import ScopeFile
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "heartbeat.v1.json": Heartbeat,
@@ -23,6 +24,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "exposure-state.v1.json": ExposureState,
     "risk-policy.v1.json": PolicyFile,
     "notify.v1.json": NotifyFile,
+    "scope.v1.json": ScopeFile,
 }
 
 

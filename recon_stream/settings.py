@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     risk_policy_file: Path | None = Field(
         None, description="YAML (schemas/risk-policy.v1.json); unset: the built-in policy"
     )
+    scope_file: Path | None = Field(
+        None,
+        description="YAML (schemas/scope.v1.json): exclusions by CIDR or ASN, the networks "
+        "each organization owns, the shared-egress threshold; unset: nothing excluded",
+    )
     kev_source: str | None = Field(
         None, description="URL or file of CISA's KEV catalog (JSON); unset: no KEV context"
     )

@@ -6,6 +6,7 @@ default): a service rule with a built-in rule's name replaces it, other names ar
 added; `vulnerabilities`, when given, replaces the built-in list; per-organization
 overrides are added. A bad file raises `PolicyError` naming the line and the
 field. `dump_policy` writes a policy back as a file that parses to the same policy.
+`yaml_lines` and `line_of`, which find those lines, serve the scope file too.
 """
 
 from __future__ import annotations
@@ -109,14 +110,14 @@ def parse_policy(text: str, source: str = "policy", base: RiskPolicy | None = No
     try:
         spec = PolicyFile.model_validate(data)
     except ValidationError as error:
-        lines = _lines(node)
+        lines = yaml_lines(node)
         problems = []
         for e in error.errors(include_input=False)[:5]:
             path = tuple(e["loc"])
             field = ".".join(str(p) for p in path) or "(top)"
-            problems.append(f"{source}, line {_line_of(lines, path)}: {field}: {e['msg']}")
+            problems.append(f"{source}, line {line_of(lines, path)}: {field}: {e['msg']}")
         raise PolicyError("\n".join(problems)) from None
-    problems = _problems(spec, _lines(node), source)
+    problems = _problems(spec, yaml_lines(node), source)
     if problems:
         raise PolicyError("\n".join(problems))
     return _policy_of(spec, base if spec.extends == "default" else None)
@@ -189,23 +190,23 @@ def _problems(spec: PolicyFile, lines: dict[tuple[Any, ...], int], source: str) 
     for i, rule in enumerate(spec.services):
         for j, port in enumerate(rule.ports):
             if not 0 <= _port(port)[1] <= 65535:
-                line = _line_of(lines, ("services", i, "ports", j))
+                line = line_of(lines, ("services", i, "ports", j))
                 problems.append(f"{source}, line {line}: services.{i}.ports.{j}: no port {port}")
     names = [rule.name for rule in spec.services]
     for i, name in enumerate(names):
         if name in names[:i]:
-            line = _line_of(lines, ("services", i, "name"))
+            line = line_of(lines, ("services", i, "name"))
             problems.append(f"{source}, line {line}: services.{i}.name: {name!r} appears twice")
     for org, overrides in spec.organizations.items():
         for i, override in enumerate(overrides):
             if (override.port is None) == (override.service is None):
-                line = _line_of(lines, ("organizations", org, i))
+                line = line_of(lines, ("organizations", org, i))
                 problems.append(
                     f"{source}, line {line}: organizations.{org}.{i}: "
                     "give exactly one of port or service"
                 )
             elif override.port is not None and not 0 <= _port(override.port)[1] <= 65535:
-                line = _line_of(lines, ("organizations", org, i, "port"))
+                line = line_of(lines, ("organizations", org, i, "port"))
                 problems.append(f"{source}, line {line}: organizations.{org}.{i}.port: no port")
     return problems
 
@@ -268,7 +269,7 @@ def _policy_of(spec: PolicyFile, base: RiskPolicy | None) -> RiskPolicy:
     )
 
 
-def _lines(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+def yaml_lines(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
     """The 1-based line of every key and item, by its path in the document."""
     found: dict[tuple[Any, ...], int] = {}
     if node is None:
@@ -278,14 +279,15 @@ def _lines(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any
         for key, value in node.value:
             here = (*path, key.value)
             found[here] = key.start_mark.line + 1
-            found.update({k: v for k, v in _lines(value, here).items() if k != here})
+            found.update({k: v for k, v in yaml_lines(value, here).items() if k != here})
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            found.update(_lines(item, (*path, i)))
+            found.update(yaml_lines(item, (*path, i)))
     return found
 
 
-def _line_of(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
+def line_of(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
+    """The line of `path` (a pydantic error's `loc`), or of the nearest enclosing node."""
     # pydantic's paths use ints for list items and may name a union member; keep the
     # longest prefix the document has.
     for end in range(len(path), -1, -1):
