@@ -53,15 +53,22 @@ def install_test_tools() -> None:
     """What the tests need beyond Python packages.
 
     Debian's `prometheus` package (the server and `promtool`, for the alert-rule
-    tests and the real-Prometheus scrape test), and the npm packages pinned in
+    tests and the real-Prometheus scrape test), `iproute2` (`ip netns`, for the
+    verification tests' network namespaces), and the npm packages pinned in
     `tests/tools/package-lock.json` (Grafana's dashboard types and the JSON
     schema generator, for the dashboard test).
     """
-    if shutil.which("prometheus") is None or shutil.which("promtool") is None:
+    commands = {"prometheus": ("prometheus", "promtool"), "iproute2": ("ip",)}
+    debian = [
+        package
+        for package, needed in commands.items()
+        if any(shutil.which(command) is None for command in needed)
+    ]
+    if debian:
         apt = ["apt-get"] if os.geteuid() == 0 else ["sudo", "apt-get"]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         sh(*apt, "update", "-q", env=env)
-        sh(*apt, "install", "-y", "-q", "--no-install-recommends", "prometheus", env=env)
+        sh(*apt, "install", "-y", "-q", "--no-install-recommends", *debian, env=env)
     tools = ROOT / "tests" / "tools"
     installed = tools / "node_modules" / ".package-lock.json"
     lock = tools / "package-lock.json"

@@ -42,11 +42,13 @@ from recon_stream.adapters import kafka, mongo
 from recon_stream.adapters.acceptances import Acceptances
 from recon_stream.adapters.collections import LEASES, RATE_BUDGETS
 from recon_stream.adapters.command_log import CommandLog
+from recon_stream.adapters.consents import MongoConsents
 from recon_stream.adapters.exposures import MongoSnapshots
 from recon_stream.adapters.history import History
 from recon_stream.adapters.ip_scans import IpScans
 from recon_stream.adapters.leadership import Lease
 from recon_stream.adapters.org_ips import MongoOrgIps
+from recon_stream.adapters.probe import TcpProber, verify_budget
 from recon_stream.adapters.ratelimit import SharedRateLimiter
 from recon_stream.adapters.scan_credits import MongoScanCredits
 from recon_stream.adapters.scan_queue import PRIORITY, ScanQueue
@@ -74,6 +76,7 @@ from recon_stream.seen import SeenPairs
 from recon_stream.settings import Settings
 from recon_stream.snapshots import SnapshotUpdater
 from recon_stream.status import StatusServer
+from recon_stream.verifier import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,7 @@ class Stores:
     feeds: VulnFeeds
     queue: ScanQueue
     command_log: CommandLog
+    consents: MongoConsents
 
     @classmethod
     def on(cls, db: AsyncDatabase[mongo.Document], settings: Settings) -> Stores:
@@ -217,6 +221,7 @@ class Stores:
             feeds=VulnFeeds(db),
             queue=ScanQueue(db),
             command_log=CommandLog(db),
+            consents=MongoConsents(db),
         )
 
 
@@ -341,6 +346,20 @@ def on_demand_scans(
     )
 
 
+def verifier(shared: Shared) -> Verifier:
+    """TCP verification of reported ports, for the organizations that consented."""
+    settings = shared.settings
+    budget = verify_budget(shared.db, settings.verify_rate)
+    return Verifier(
+        TcpProber(settings.verify_timeout_seconds, budget),
+        shared.stores.consents,
+        shared.stores.org_ips,
+        shared.outbox,
+        shared.metrics,
+        confirm=settings.verify_confirm_seconds,
+    )
+
+
 def wire_scanner(shared: Shared, worker: Worker) -> None:
     """Scan requests into the durable queue; lookups within the shared budget; events out."""
     settings, metrics, stores = shared.settings, shared.metrics, shared.stores
@@ -373,7 +392,10 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
         lease=timedelta(seconds=settings.scan_claim_lease_seconds),
         tracer=shared.tracer,
         scans=scans,
+        verifier=verifier(shared) if settings.verify_tcp else None,
     )
+    if scanner.verifier is not None:
+        shared.on_close(scanner.verifier.stop)
     # Requests are only moved into the durable scan queue here; while the
     # key is rejected the handler waits and nothing is committed.
     shared.subscribe(
@@ -414,7 +436,8 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
 
 
 def wire_commands(shared: Shared, worker: Worker) -> None:
-    """accept, unaccept and rescan from the commands topic (`run scanner` runs it too).
+    """accept, unaccept, rescan and verification from the commands topic (`run scanner`
+    runs it too).
 
     It shares the scanner's snapshots, queue and outbox; offsets are committed after
     a batch's effects are stored, invalid commands go to the DLQ.
@@ -429,6 +452,8 @@ def wire_commands(shared: Shared, worker: Worker) -> None:
         shared.dead_letters,
         shared.metrics,
         shared.retrying,
+        consents=stores.consents,
+        consent_history=stores.history,
     )
     shared.subscribe(
         settings.topic_commands,

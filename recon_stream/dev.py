@@ -27,6 +27,7 @@ from recon_stream.adapters import initialize, kafka, mongo
 from recon_stream.adapters.exposures import MongoSnapshots
 from recon_stream.adapters.org_ips import MongoOrgIps
 from recon_stream.adapters.scan_queue import ScanQueue
+from recon_stream.adapters.shodan import SAMPLE_FIXED_PORTS
 from recon_stream.adapters.vuln_feeds import VulnFeeds
 from recon_stream.app import build_worker
 from recon_stream.domain.vulns import Feed, FeedError
@@ -253,6 +254,13 @@ async def _run_stack(options: DevOptions) -> None:
                 # Sample answers cost nothing: no need to pace them like Shodan.
                 "shodan_rate": 20.0 if sample_data else base.shodan_rate,
                 "gauge_sample_seconds": 2.0,
+                # The sample provider simulates on-demand scans (DONE after 5 s): the
+                # demo's rescan shows a fix confirmed. With a real key, as configured.
+                **(
+                    {"shodan_scan_credits_per_day": 10, "shodan_scan_poll_seconds": 1.0}
+                    if sample_data and base.shodan_scan_credits_per_day == 0
+                    else {}
+                ),
             }
         )
         print(f"Kafka (Tansu, in memory): {broker.bootstrap_servers}")
@@ -360,14 +368,24 @@ async def _act_on_an_exposure(settings: Settings, metrics: Any) -> None:
     rank = ["info", "low", "medium", "high", "critical"]
     row = max(rows, key=lambda r: rank.index(r["severity"]) if r["severity"] in rank else -1)
     ip, port = row["ip"], int(row["port"])
+    on_ip = [int(r["port"]) for r in rows if r["ip"] == ip]
+    fixed = next((p for p in SAMPLE_FIXED_PORTS if p in on_ip), on_ip[0])
     until = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0).isoformat()
     print()
-    print("an operator accepts one exposure and asks for a fresh look at its IP:")
+    print(
+        f"an operator accepts one exposure; a technician closes port {fixed} on {ip} "
+        "and asks for a rescan to confirm the fix:"
+    )
     print(
         f"  recon-stream accept --org {org} --ip {ip} --port {port} "
         f'--reason "reviewed with the customer" --by tech@msp.example --until {until}'
     )
     print(f"  recon-stream rescan --org {org} --ip {ip}")
+    if settings.shodan_scan_credits_per_day > 0:
+        print(
+            "  (the rescan submits an on-demand Shodan scan first, SIMULATED here by the "
+            "sample provider: DONE after a few seconds, finding the port closed)"
+        )
     now = datetime.now(UTC).isoformat()
     common = {"organization_id": org, "requested_by": "tech@msp.example", "requested_at": now}
     commands = [
@@ -406,6 +424,10 @@ async def _act_on_an_exposure(settings: Settings, metrics: Any) -> None:
         f"history of {ip} port {port}  (recon-stream history --org {org} --ip {ip} --port {port})"
     )
     print(render_history(await load_history(settings, org, ip=ip, port=port), "table"), end="")
+    if fixed != port:
+        print()
+        print(f"history of {ip} port {fixed}  (the fix, confirmed by the rescan's scan)")
+        print(render_history(await load_history(settings, org, ip=ip, port=fixed), "table"), end="")
     print()
     print(f"accepted exposures of {org}  (recon-stream exposures --org {org} --accepted)")
     print(render(await load_rows(settings, org, accepted=True), "table"), end="")

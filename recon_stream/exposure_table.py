@@ -35,6 +35,8 @@ COLUMNS = (
     "accepted_reason",
     "accepted_until",
     "stale",
+    "verified",
+    "verified_at",
 )
 
 
@@ -91,6 +93,8 @@ async def load_rows(
                     "accepted": acceptance is not None,
                     "accepted_reason": (acceptance or {}).get("reason") or "",
                     "accepted_until": _time((acceptance or {}).get("expires_at")),
+                    "verified": (entry.get("verification") or {}).get("state") or "",
+                    "verified_at": _time((entry.get("verification") or {}).get("checked_at")),
                     "sample": bool(doc.get("sample", False)),
                 }
             )
@@ -139,6 +143,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
             ", ".join(r["candidate_agents"][:3]) + ("…" if len(r["candidate_agents"]) > 3 else ""),
             _accepted_cell(r),
             "stale" if r["stale"] else "",
+            f"{r['verified']} {r['verified_at']}" if r["verified"] else "",
         ]
         for r in rows
     ]
@@ -155,6 +160,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         "CANDIDATE AGENTS",
         "ACCEPTED",
         "STALE",
+        "VERIFIED",
     ]
     out = _aligned(header, table)
     if any(r["sample"] for r in rows):
@@ -175,6 +181,8 @@ HISTORY_COLUMNS = (
     "requested_by",
     "acceptance_reason",
     "service",
+    "scan",
+    "verification",
     "event_id",
 )
 
@@ -208,10 +216,25 @@ async def load_history(
             "requested_by": doc.get("requested_by") or "",
             "acceptance_reason": doc.get("acceptance_reason") or "",
             "service": (doc.get("service") or {}).get("name") or "",
+            "scan": _scan_cell(doc.get("scan")),
+            "verification": _verification_cell(doc.get("verification")),
             "event_id": doc["event_id"],
         }
         for doc in docs
     ]
+
+
+def _scan_cell(scan: Any) -> str:
+    """An on-demand scan as the history shows it: its status and Shodan's id."""
+    if not isinstance(scan, dict):
+        return ""
+    return f"{scan.get('status', '')} {scan.get('id', '')}".strip()
+
+
+def _verification_cell(verification: Any) -> str:
+    if not isinstance(verification, dict):
+        return ""
+    return f"{verification.get('state', '')} {_time(verification.get('checked_at'))}".strip()
 
 
 def render_history(entries: list[dict[str, Any]], output: str) -> str:
@@ -237,6 +260,8 @@ def render_history(entries: list[dict[str, Any]], output: str) -> str:
         "ACCEPTED",
         "BY",
         "WHY",
+        "SCAN",
+        "VERIFIED",
         "EVENT",
     ]
     table = [
@@ -251,6 +276,8 @@ def render_history(entries: list[dict[str, Any]], output: str) -> str:
             "yes" if e["accepted"] else "no",
             e["requested_by"],
             e["acceptance_reason"],
+            e["scan"],
+            e["verification"],
             e["event_id"],
         ]
         for e in entries

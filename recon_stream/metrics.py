@@ -127,8 +127,9 @@ class Metrics:
             "On-demand Shodan scans for rescans, by outcome: submitted, done, timed_out, "
             "stale_after_done (DONE, yet no port newer than the submit), budget_spent (the "
             "day's RECON_SHODAN_SCAN_CREDITS_PER_DAY used up), no_credits, unauthorized, "
-            "recently_crawled, rate_limited, unknown_scan, refused, error. Every outcome "
-            "but submitted and done means the plain lookup was made instead.",
+            "recently_crawled, rate_limited, unknown_scan, refused, error; verified_open: "
+            "none needed, TCP checks found every reported port open. Every outcome but "
+            "submitted and done means the plain lookup was made instead.",
             ["outcome"],
             registry=r,
         )
@@ -143,10 +144,26 @@ class Metrics:
             "RECON_SHODAN_SCAN_CREDITS_PER_DAY (sampled).",
             registry=r,
         )
+        self.verification_checks = Counter(
+            "recon_verification_checks",
+            "TCP checks of reported ports, by result: open, closed (refused), no_answer "
+            "(timed out, unreachable, prohibited), error (failed on our side), "
+            "not_checkable (a non-public target, refused before any connect).",
+            ["result"],
+            registry=r,
+        )
+        self.verification_rounds = Counter(
+            "recon_verification_rounds",
+            "Rounds of TCP checks of one IP, by trigger: lookup, rescan, confirm (the "
+            "second check of a refused or silent port), too_many_ports (not checked).",
+            ["trigger"],
+            registry=r,
+        )
         self.critical_observation_age = Gauge(
             "recon_critical_observation_age_seconds",
-            "Age of Shodan's observation behind the open critical exposures: quantile 0.5, "
-            "0.9 and 1 (the oldest), sampled by the scanner role.",
+            "Age of the observation behind the open critical exposures (Shodan's, or our TCP "
+            "check's when it found the port open later): quantile 0.5, 0.9 and 1 (the "
+            "oldest), sampled by the scanner role.",
             ["quantile"],
             registry=r,
         )

@@ -11,6 +11,7 @@ budget are in `recon_stream.providers`; the dead-letter sink in
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,6 +23,8 @@ from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan, ScanRecord
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
+from recon_stream.domain.verification import Check
+from recon_stream.domain.verification_consent import Consent, ConsentChange
 from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
 
 if TYPE_CHECKING:
@@ -139,6 +142,22 @@ class ScanWork(ScanRequestQueue, Protocol):
     ) -> None: ...
 
 
+class Prober(Protocol):
+    """One TCP connect to a reported port (`adapters.probe.TcpProber`), within the
+    verification budget shared by every replica."""
+
+    async def check(self, ip: str, port: int) -> Check:
+        """Raises `NotCheckable` for a non-public target (never connected to) and
+        `ProbeError` for a failure on our side."""
+        ...
+
+
+class RecentReporters(Protocol):
+    """Which organizations' agents reported an IP lately (`org_ips`)."""
+
+    async def reported_since(self, ip: str, since: datetime) -> list[str]: ...
+
+
 class ScanCredits(Protocol):
     """The daily budget of on-demand Shodan scans, shared by every replica."""
 
@@ -207,6 +226,33 @@ class HistoryLog(Protocol):
     """One entry per event (`exposure_history`), idempotent by event id."""
 
     async def record(self, events: Sequence[ExposureEvent]) -> None: ...
+
+
+class ConsentHistory(Protocol):
+    """Entries of organizations' verification consent changes (`exposure_history`)."""
+
+    async def record_consent(self, consent: Consent) -> None:
+        """Keep the entry of `consent` becoming the one on record (idempotent by its
+        command id)."""
+        ...
+
+
+class ConsentStore(Protocol):
+    """Organizations' consent to TCP verification (`verification_consents`)."""
+
+    async def set(self, consent: Consent) -> ConsentChange:
+        """Store `consent` unless the consent on record already says so or a command
+        requested later was applied; idempotent by `consent.command_id`."""
+        ...
+
+    async def get(self, organization_id: str) -> Consent | None:
+        """The organization's consent on record; None when never set."""
+        ...
+
+    # `builtins.set`: in this class, `set` is the method above.
+    async def enabled_orgs(self, organization_ids: Iterable[str]) -> builtins.set[str]:
+        """Those of `organization_ids` that consented (one query)."""
+        ...
 
 
 class VulnContextSource(Protocol):

@@ -58,6 +58,7 @@ from recon_stream.providers import (
     Unauthorized,
 )
 from recon_stream.retry import Backoff, Retrier
+from recon_stream.verifier import Verifier
 
 if TYPE_CHECKING:
     from recon_stream.adapters.scan_queue import QueueItem
@@ -149,6 +150,7 @@ class ScannerService:
         lookup_backoff: Backoff | None = None,
         tracer: Tracer | None = None,
         scans: OnDemandScans | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
@@ -166,6 +168,7 @@ class ScannerService:
         self._reuse_age = reuse_age
         self._lease = lease
         self.scans = scans
+        self.verifier = verifier
 
     # -- the Kafka half ---------------------------------------------------------------
 
@@ -250,6 +253,18 @@ class ScannerService:
 
     async def _process(self, item: QueueItem) -> None:
         record: ScanRecord | None = None
+        checked = False
+        if self.verifier is not None and item.manual and not item.scan_tried:
+            # A rescan checks the reported ports first: seconds, not Shodan's days.
+            checked = True
+            stored = await self._retrying(
+                "reading the stored lookup", lambda: self._ip_scans.get(item.ip)
+            )
+            if await self.verifier.agrees(stored) and self.scans is not None:
+                self._metrics.shodan_scans.labels("verified_open").inc()
+                item = await self._retrying(
+                    "recording the scan", lambda: self._queue.scan_tried(item, None)
+                )
         if self.scans is not None and item.manual:
             if not item.scan_tried:
                 item = await self._submit_scan(item, self.scans)
@@ -270,6 +285,8 @@ class ScannerService:
             self._metrics.lookups_saved.inc()
         await self.fan_out(scan)
         await self._retrying("completing the scan", lambda: self._queue.complete(item))
+        if self.verifier is not None and not checked:
+            self.verifier.after_lookup(scan)  # in the background: `opened` is already out
 
     # -- on-demand scans --------------------------------------------------------------
 

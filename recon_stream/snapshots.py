@@ -9,7 +9,7 @@ and decide again. What it returns is published by `outbox.OutboxPublisher`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -25,7 +25,9 @@ from recon_stream.domain.snapshot import (
     plan_lookup,
     plan_reassessment,
     plan_retirement,
+    plan_verification,
 )
+from recon_stream.domain.verification import Check
 from recon_stream.ports import AcceptanceStore, SnapshotStore, VulnContextSource
 
 ATTEMPTS = 20
@@ -62,6 +64,15 @@ class SnapshotUpdater:
     async def retire(self, organization_id: str, ip: str, now: datetime) -> Outbox:
         """Close every open exposure of a pair the org stopped using (reason `ip_retired`)."""
         return await self._update(organization_id, ip, lambda s: plan_retirement(s, now))
+
+    async def verify(
+        self, organization_id: str, ip: str, checks: Sequence[Check], confirm: timedelta
+    ) -> Outbox:
+        """Apply a round of TCP checks of `ip` to the org's open exposures on it."""
+        at = max((check.checked_at for check in checks), default=self.clock())
+        return await self._update(
+            organization_id, ip, lambda s: plan_verification(s, checks, confirm, at)
+        )
 
     async def reassess(self, organization_id: str, ip: str, now: datetime) -> Outbox:
         """Apply the acceptances in force at `now`, and the feeds as they are, to the org's

@@ -132,58 +132,45 @@ class MongoSnapshots:
             yield snapshot_of(doc["organization_id"], doc["ip"], doc)
 
     async def swap_many(self, updates: Sequence[Update]) -> list[bool]:
-        """`swap` for many updates: one read of their pending state rows, one unordered
-        bulk write of updates each conditioned on its version. False for an update whose
-        snapshot is at another version (not written), and for one written whose outbox
-        no longer reads as it wrote it (changed since: its outbox is the relay's)."""
+        """`swap` for many updates at once: one unordered bulk write of updates, each
+        conditioned on the version it was decided against and appending to the outboxes
+        in the same document update. False for one whose snapshot had moved on (not
+        written); new snapshots are created one by one, as `swap` does."""
         done = [False] * len(updates)
-        stored: list[int] = []
-        for n, update in enumerate(updates):
-            if update.before.stored:
-                stored.append(n)
-            else:
-                done[n] = await self.swap(update)  # a creation: the insert of `swap`
-        if not stored:
-            return done
-
-        def guard(update: Update) -> Document:
-            before = update.before
-            return {"organization_id": before.organization_id, "ip": before.ip}
-
-        # A state row replaces any still pending for the same key (as in `swap`); the
-        # version in every write guards the read-modify-write.
-        kept: dict[tuple[str, str], list[Document]] = {}
-        versions = [{**guard(updates[n]), "version": updates[n].before.version} for n in stored]
-        async for doc in self._collection.find(
-            {"$or": versions}, {"_id": 0, "organization_id": 1, "ip": 1, "pending_state": 1}
-        ):
-            kept[(doc["organization_id"], doc["ip"])] = doc.get("pending_state", [])
         writes: list[tuple[int, list[Document], list[Document]]] = []
         operations: list[UpdateOne] = []
+        # BSON keeps milliseconds: the time read back below compares equal.
         now = datetime.now(UTC)
-        for n in stored:
-            update = updates[n]
-            key = (update.before.organization_id, update.before.ip)
-            if key not in kept:
-                continue  # at another version already: a conflict
-            written = {row.key for row in update.state}
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        for n, update in enumerate(updates):
+            before = update.before
+            if not before.stored:
+                done[n] = await self.swap(update)
+                continue
             pending = [e.model_dump(mode="json") for e in update.events]
             rows = [_state_doc(row) for row in update.state]
-            state = [e for e in kept[key] if e["key"] not in written] + rows
-            operations.append(
-                UpdateOne(
-                    {**guard(update), "version": update.before.version},
+            fields = {**_fields_of(update.after), "outbox_at": now}
+            # An update pipeline, so that a state row replaces any still pending for the
+            # same key (as in `swap`) without reading first; values are literals.
+            stage: Document = {name: {"$literal": value} for name, value in fields.items()}
+            stage["version"] = {"$add": [{"$ifNull": ["$version", 0]}, 1]}
+            stage["pending"] = {
+                "$concatArrays": [{"$ifNull": ["$pending", []]}, {"$literal": pending}]
+            }
+            written = sorted({row.key for row in update.state})
+            stage["pending_state"] = {
+                "$concatArrays": [
                     {
-                        "$set": {
-                            **_fields_of(update.after),
-                            "outbox_at": now,
-                            "pending_state": state,
-                        },
-                        "$inc": {"version": 1},
-                        "$push": {"pending": {"$each": pending}},
+                        "$filter": {
+                            "input": {"$ifNull": ["$pending_state", []]},
+                            "cond": {"$not": [{"$in": ["$$this.key", {"$literal": written}]}]},
+                        }
                     },
-                )
-            )
+                    {"$literal": rows},
+                ]
+            }
+            query = {"organization_id": before.organization_id, "ip": before.ip}
+            operations.append(UpdateOne({**query, "version": before.version}, [{"$set": stage}]))
             writes.append((n, pending, rows))
         if not operations:
             return done
@@ -192,16 +179,21 @@ class MongoSnapshots:
             for n, _, _ in writes:
                 done[n] = True
             return done
-        # Some write matched nothing (another writer between the read and the write);
-        # the bulk result does not say which: those whose outbox reads as written are ours.
+        # The bulk result counts the writes that matched but does not say which: those
+        # now holding what they wrote, at the version they wrote, are the ones.
         found: dict[tuple[str, str], Document] = {}
+        pairs = [
+            {"organization_id": updates[n].before.organization_id, "ip": updates[n].before.ip}
+            for n, _, _ in writes
+        ]
         async for doc in self._collection.find(
-            {"$or": [guard(updates[n]) for n, _, _ in writes]},
+            {"$or": pairs},
             {
                 "_id": 0,
                 "organization_id": 1,
                 "ip": 1,
                 "version": 1,
+                "outbox_at": 1,
                 "pending": 1,
                 "pending_state": 1,
             },
@@ -209,8 +201,10 @@ class MongoSnapshots:
             found[(doc["organization_id"], doc["ip"])] = doc
         for n, pending, rows in writes:
             before = updates[n].before
-            doc = found.get((before.organization_id, before.ip))
-            done[n] = doc is not None and _holds(doc, before.version + 1, pending, rows)
+            now_stored = found.get((before.organization_id, before.ip))
+            done[n] = now_stored is not None and _holds(
+                now_stored, before.version + 1, now, pending, rows
+            )
         return done
 
     async def published_many(self, outboxes: Sequence[Outbox]) -> None:
@@ -303,20 +297,30 @@ class MongoSnapshots:
         return int(rows[0]["n"]) if rows else 0
 
     async def critical_observations(self) -> list[datetime]:
-        """Shodan's timestamp of every open critical exposure that has one, oldest first
-        (critical exposures are few: the freshness figure's sample is small)."""
+        """When each open critical exposure was last observed open, oldest first: Shodan's
+        timestamp, or our own TCP check's when it found the port open later (critical
+        exposures are few: the freshness figure's sample is small)."""
+        verified = {
+            "$cond": [
+                {"$eq": ["$services.verification.state", "open"]},
+                "$services.verification.checked_at",
+                None,
+            ]
+        }
         rows = await (
             await self._collection.aggregate(
                 [
                     {"$match": {"status": "active", "services.severity": "critical"}},
                     {"$unwind": "$services"},
+                    {"$match": {"services.severity": "critical"}},
                     {
-                        "$match": {
-                            "services.severity": "critical",
-                            "services.service.shodan_timestamp": {"$type": "date"},
+                        "$project": {
+                            "_id": 0,
+                            # $max skips what is missing or null.
+                            "at": {"$max": ["$services.service.shodan_timestamp", verified]},
                         }
                     },
-                    {"$project": {"_id": 0, "at": "$services.service.shodan_timestamp"}},
+                    {"$match": {"at": {"$type": "date"}}},
                     {"$sort": {"at": 1}},
                 ]
             )
@@ -448,10 +452,15 @@ def _state_row(entry: Document) -> StateRow:
     )
 
 
-def _holds(doc: Document, version: int, pending: list[Document], rows: list[Document]) -> bool:
-    """Whether a snapshot document is at `version` with these events and state rows in
-    its outboxes, exactly as written."""
-    if int(doc.get("version", 0)) != version:
+def _holds(
+    doc: Document, version: int, at: datetime, pending: list[Document], rows: list[Document]
+) -> bool:
+    """Whether a snapshot document is at `version`, its outboxes written `at`, with these
+    events and state rows in them exactly as written."""
+    written = doc.get("outbox_at")
+    if written is not None and written.tzinfo is None:
+        written = written.replace(tzinfo=UTC)
+    if int(doc.get("version", 0)) != version or written != at:
         return False
     events = {e["id"]: e for e in doc.get("pending", [])}
     state = {(e["key"], e["version"]): e for e in doc.get("pending_state", [])}

@@ -283,6 +283,14 @@ class MongoOrgIps:
             async for doc in cursor
         ]
 
+    async def reported_since(self, ip: str, since: datetime) -> list[str]:
+        """The organizations whose agents reported from `ip` at `since` or later (and
+        still use it): the only ones whose consent lets a TCP check reach the IP."""
+        cursor = self._collection.find(
+            {"ip": ip, "status": "active", "last_seen": {"$gte": since}}, {"organization_id": 1}
+        )
+        return sorted({doc["organization_id"] async for doc in cursor})
+
     async def reported_ips(self, organization_id: str) -> set[str]:
         """The IPs the org's agents still report from, scanned or not yet."""
         cursor = self._collection.find(

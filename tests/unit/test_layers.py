@@ -26,7 +26,18 @@ pytestmark = pytest.mark.unit
 PACKAGE = Path(__file__).resolve().parents[2] / "recon_stream"
 
 VOCABULARY = {"ports", "providers", "dead_letters", "roles"}
-STAGES = {"ingest", "scanner", "scheduler", "commands", "outbox", "feeds", "notifier", "snapshots"}
+STAGES = {
+    "ingest",
+    "scanner",
+    "scheduler",
+    "commands",
+    "outbox",
+    "feeds",
+    "notifier",
+    "snapshots",
+    "rerating",
+    "verifier",
+}
 SUPPORT = {
     "settings",
     "metrics",
