@@ -366,10 +366,18 @@ async def _act_on_an_exposure(settings: Settings, metrics: Any) -> None:
     if not rows:
         return
     rank = ["info", "low", "medium", "high", "critical"]
-    row = max(rows, key=lambda r: rank.index(r["severity"]) if r["severity"] in rank else -1)
-    ip, port = row["ip"], int(row["port"])
-    on_ip = [int(r["port"]) for r in rows if r["ip"] == ip]
-    fixed = next((p for p in SAMPLE_FIXED_PORTS if p in on_ip), on_ip[0])
+
+    def severity(r: dict[str, Any]) -> int:
+        return rank.index(r["severity"]) if r["severity"] in rank else -1
+
+    ip = max(rows, key=severity)["ip"]
+    on_ip = [r for r in rows if r["ip"] == ip]
+    # The port the sample provider's simulated scan finds closed; the most severe
+    # other one is accepted (the fix and the acceptance are two stories).
+    ports = [int(r["port"]) for r in on_ip]
+    fixed = next((p for p in SAMPLE_FIXED_PORTS if p in ports), ports[0])
+    row = max((r for r in on_ip if int(r["port"]) != fixed), key=severity, default=on_ip[0])
+    port = int(row["port"])
     until = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0).isoformat()
     print()
     print(
