@@ -22,6 +22,7 @@ from recon_stream.settings import Settings
 
 if TYPE_CHECKING:
     from recon_stream.domain.commands import RecordedOutcome
+    from recon_stream.domain.verification_consent import Consent
 
 cli = typer.Typer(
     name="recon-stream",
@@ -372,6 +373,114 @@ async def _outcome_of(
             await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
     finally:
         await client.close()
+
+
+class ShowFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+VERIFICATION_HELP = (
+    "Give or take back an organization's consent to TCP verification (publishes a "
+    "`verification` command), or show the consent on record (--show, read from MongoDB)."
+    "\n\n"
+    "With consent, the scanner checks the organization's open TCP exposures with one TCP "
+    "connect each, from its own network. Verification also needs RECON_VERIFY_TCP=true on "
+    "the scanner workers. Only ports Shodan reported, on IPs the organization's agents "
+    "reported in the last 24 h, are ever connected to: nothing else is scanned."
+)
+
+
+@cli.command(help=VERIFICATION_HELP)
+def verification(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    enable: Annotated[
+        bool | None,
+        typer.Option("--enable/--disable", help="give consent / take it back"),
+    ] = None,
+    by: Annotated[str | None, typer.Option("--by", help="who decides (user, ticket)")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="why")] = None,
+    show: Annotated[
+        bool, typer.Option("--show", help="print the consent on record instead")
+    ] = False,
+    output: Annotated[
+        ShowFormat, typer.Option("--format", help="with --show: table or json")
+    ] = ShowFormat.table,
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Wait = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Give or take back an organization's consent to TCP verification, or show it."""
+    if show:
+        if enable is not None or by is not None or reason is not None or wait is not None:
+            typer.echo("--show takes no --enable/--disable, --by, --reason or --wait", err=True)
+            raise typer.Exit(2)
+        _logging(log_level)
+        consent = asyncio.run(_consent_of(_settings(), org))
+        typer.echo(_render_consent(org, consent, output), nl=False)
+        return
+    if enable is None or by is None or reason is None:
+        typer.echo("--enable or --disable, --by and --reason are required (or --show)", err=True)
+        raise typer.Exit(2)
+    _send_command(
+        {
+            "command": "verification",
+            "organization_id": org,
+            "enabled": enable,
+            "requested_by": by,
+            "reason": reason,
+        },
+        command_id,
+        log_level,
+        wait,
+    )
+
+
+async def _consent_of(settings: Settings, organization_id: str) -> Consent | None:
+    from recon_stream.adapters import mongo
+    from recon_stream.adapters.consents import MongoConsents
+
+    client = mongo.connect(settings)
+    try:
+        return await MongoConsents(client[settings.mongodb_database]).get(organization_id)
+    finally:
+        await client.close()
+
+
+def _render_consent(org: str, consent: Consent | None, output: ShowFormat) -> str:
+    if output is ShowFormat.json:
+        return (
+            json.dumps(
+                {
+                    "organization_id": org,
+                    "state": _consent_state(consent),
+                    "enabled": consent is not None and consent.enabled,
+                    "requested_by": consent.requested_by if consent else None,
+                    "at": consent.at.isoformat() if consent else None,
+                    "reason": consent.reason if consent else None,
+                    "command_id": consent.command_id if consent else None,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    if consent is None:
+        return f"verification for {org}: never set (not enabled)\n"
+    rows = [
+        ("organization", org),
+        ("verification", _consent_state(consent)),
+        ("by", consent.requested_by),
+        ("at", consent.at.isoformat()),
+        ("reason", consent.reason),
+        ("command", consent.command_id),
+    ]
+    return "".join(f"{name:<13}{value}\n" for name, value in rows)
+
+
+def _consent_state(consent: Consent | None) -> str:
+    if consent is None:
+        return "never_set"
+    return "enabled" if consent.enabled else "disabled"
 
 
 @cli.command()

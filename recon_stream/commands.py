@@ -1,4 +1,5 @@
-"""The commands stage: `accept`, `unaccept` and `rescan` from `recon.commands.v1`.
+"""The commands stage: `accept`, `unaccept`, `rescan` and `verification` from
+`recon.commands.v1`.
 
 Each record is validated like a heartbeat (an invalid one goes to the DLQ with
 its reason and the batch goes on), then applied, in the order of its partition
@@ -12,6 +13,10 @@ after the whole batch. A command already marked applied does nothing again.
 - `rescan` queues a `manual` scan request for the IP (or every active IP of the
   organization): ahead of routine rescans, never served from a stored lookup,
   within the shared budget. A second one while the first is pending adds nothing.
+- `verification` puts the organization's consent to TCP verification on record
+  (`applied`, with a history entry saying who, when and why) unless the consent on
+  record already says so, or a command requested later set it (`no_effect`). It needs
+  no heartbeat first: consent may come before the organization's first agent.
 
 An `accept` or `rescan` naming an IP the organization does not use goes to the DLQ
 (`unknown_target`): the budget is spent only on the organization's own IPs, and
@@ -34,19 +39,28 @@ from recon_stream.domain.commands import (
     CommandOutcome,
     RescanCommand,
     UnacceptCommand,
+    VerificationCommand,
     acceptance_of,
+    consent_of,
     parse_command,
 )
 from recon_stream.domain.messages import InvalidMessage, RejectReason
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
-from recon_stream.ports import AcceptanceStore, CommandLogStore, OrgDirectory, ScanRequestQueue
+from recon_stream.ports import (
+    AcceptanceStore,
+    CommandLogStore,
+    ConsentHistory,
+    ConsentStore,
+    OrgDirectory,
+    ScanRequestQueue,
+)
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
 
-Command = AcceptCommand | UnacceptCommand | RescanCommand
+Command = AcceptCommand | UnacceptCommand | RescanCommand | VerificationCommand
 
 
 class CommandService:
@@ -60,7 +74,12 @@ class CommandService:
         dead_letters: DeadLetterSink,
         metrics: Metrics,
         retrying: Retrier,
+        *,
+        consents: ConsentStore | None = None,
+        consent_history: ConsentHistory | None = None,
     ) -> None:
+        self._consents = consents
+        self._consent_history = consent_history
         self._acceptances = acceptances
         self._orgs = orgs
         self._queue = queue
@@ -103,6 +122,8 @@ class CommandService:
             return Rejected(record, RejectReason.UNKNOWN_TARGET, problem)
         if isinstance(command, RescanCommand):
             outcome = await self._rescan(command)
+        elif isinstance(command, VerificationCommand):
+            outcome = await self._verification(command)
         else:
             outcome = await self._decide(command)
         await self._mark(command, outcome)
@@ -147,8 +168,9 @@ class CommandService:
 
     async def _unknown_target(self, command: Command) -> str | None:
         """Why the command names an IP the organization does not use, if it does."""
-        if isinstance(command, UnacceptCommand) or command.ip is None:
-            return None  # taking an acceptance back never needs the IP to be in use
+        if isinstance(command, UnacceptCommand | VerificationCommand) or command.ip is None:
+            # Taking an acceptance back never needs the IP to be in use; consent names none.
+            return None
         org = command.organization_id
         active = await self._retrying(
             "reading the org's IPs", partial(self._orgs.reported_ips, org)
@@ -172,6 +194,28 @@ class CommandService:
             if not removed:
                 return CommandOutcome.NO_EFFECT
         await self._outbox.reassess(org, command.ip, datetime.now(UTC))
+        return CommandOutcome.APPLIED
+
+    async def _verification(self, command: VerificationCommand) -> CommandOutcome:
+        if self._consents is None or self._consent_history is None:
+            raise RuntimeError("the commands stage was built without the consent store")
+        consent = consent_of(command)
+        change = await self._retrying(
+            "storing a verification consent", partial(self._consents.set, consent)
+        )
+        if not change.applied:
+            return CommandOutcome.NO_EFFECT
+        # Also on a redelivery that finds its consent stored: the entry may not be yet.
+        await self._retrying(
+            "recording a consent in history",
+            partial(self._consent_history.record_consent, consent),
+        )
+        log.info(
+            "verification %s for organization %s by %s",
+            "enabled" if consent.enabled else "disabled",
+            consent.organization_id,
+            consent.requested_by,
+        )
         return CommandOutcome.APPLIED
 
     async def _rescan(self, command: RescanCommand) -> CommandOutcome:

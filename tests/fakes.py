@@ -11,6 +11,7 @@ cases runs against both: `tests/store_cases.py`, run on the fakes by
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.scans import HostScan
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
+from recon_stream.domain.verification_consent import Consent, ConsentChange, decide_consent
 from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
@@ -141,13 +143,40 @@ class FakeAcceptances:
 
 
 class FakeHistory:
-    """`HistoryLog`: entries by event id."""
+    """`HistoryLog` and `ConsentHistory`: entries by event id, consents by command id."""
 
     def __init__(self) -> None:
         self.entries: dict[str, ExposureEvent] = {}
+        self.consents: dict[str, Consent] = {}
 
     async def record(self, events: Sequence[ExposureEvent]) -> None:
         self.entries.update((event.id, event) for event in events)
+
+    async def record_consent(self, consent: Consent) -> None:
+        self.consents[consent.command_id] = consent
+
+
+class FakeConsents:
+    """`ConsentStore`: the consent on record and the newest command seen, per org."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Consent] = {}
+        self.newest: dict[str, tuple[datetime, str]] = {}
+
+    async def set(self, consent: Consent) -> ConsentChange:
+        org = consent.organization_id
+        change = decide_consent(self.kept.get(org), self.newest.get(org), consent)
+        if change in (ConsentChange.CHANGED, ConsentChange.UNCHANGED):
+            self.newest[org] = consent.order
+        if change is ConsentChange.CHANGED:
+            self.kept[org] = consent
+        return change
+
+    async def get(self, organization_id: str) -> Consent | None:
+        return self.kept.get(organization_id)
+
+    async def enabled_orgs(self, organization_ids: Iterable[str]) -> builtins.set[str]:
+        return {o for o in organization_ids if (c := self.kept.get(o)) is not None and c.enabled}
 
 
 class FakeFeeds:
@@ -505,6 +534,7 @@ class Parts:
     ip_scans: FakeIpScans = dataclasses.field(default_factory=FakeIpScans)
     queue: FakeQueue = dataclasses.field(default_factory=FakeQueue)
     command_log: FakeCommandLog = dataclasses.field(default_factory=FakeCommandLog)
+    consents: FakeConsents = dataclasses.field(default_factory=FakeConsents)
     events: Recorder = dataclasses.field(default_factory=Recorder)
     state: Recorder = dataclasses.field(default_factory=Recorder)
     ocsf: Recorder = dataclasses.field(default_factory=Recorder)

@@ -14,6 +14,7 @@ from typing import Any
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.snapshot import OrgContext, Snapshot, Update, decide, plan_lookup
+from recon_stream.domain.verification_consent import Consent, ConsentChange
 from tests.fakes import BUILT_IN
 
 T0 = datetime(2026, 11, 2, 9, tzinfo=UTC)
@@ -128,4 +129,62 @@ SNAPSHOT_CASES: list[Callable[[Any], Awaitable[None]]] = [
 ]
 ACCEPTANCE_CASES: list[Callable[[Any], Awaitable[None]]] = [
     acceptances_are_kept_replaced_and_taken_back,
+]
+
+
+def _consent(enabled: bool, command_id: str, at: datetime, org: str = "acme") -> Consent:
+    why = f"{command_id}: pen-test contract"
+    return Consent(org, enabled, f"ciso of {org}", why, at, command_id)
+
+
+async def a_consent_is_kept_and_changed_by_newer_commands_only(consents: Any) -> None:
+    assert await consents.get("acme") is None
+    enable = _consent(True, "c-1", T0)
+    assert await consents.set(enable) is ConsentChange.CHANGED
+    assert await consents.get("acme") == enable
+    # Redelivered: nothing changes, and it says it is the consent on record.
+    assert await consents.set(enable) is ConsentChange.REPEATED
+    # Enabling an enabled org changes nothing: who and when stay the first decision's.
+    again = _consent(True, "c-2", T0 + timedelta(minutes=1))
+    assert await consents.set(again) is ConsentChange.UNCHANGED
+    assert await consents.get("acme") == enable
+    disable = _consent(False, "c-3", T0 + timedelta(minutes=2))
+    assert await consents.set(disable) is ConsentChange.CHANGED
+    assert await consents.get("acme") == disable
+    # Older commands, delivered late, never override the newer decision.
+    assert await consents.set(enable) is ConsentChange.OUTDATED
+    assert await consents.set(again) is ConsentChange.OUTDATED
+    stale = _consent(True, "c-0", T0 + timedelta(seconds=30))
+    assert await consents.set(stale) is ConsentChange.OUTDATED
+    assert await consents.get("acme") == disable
+    assert await consents.set(disable) is ConsentChange.REPEATED
+
+
+async def a_no_effect_command_still_orders_the_ones_after_it(consents: Any) -> None:
+    assert await consents.set(_consent(True, "c-1", T0)) is ConsentChange.CHANGED
+    # c-3 (enable, newest) has no effect; c-2 (disable, older) arrives after it.
+    assert await consents.set(_consent(True, "c-3", T0 + timedelta(minutes=2))) is (
+        ConsentChange.UNCHANGED
+    )
+    late = _consent(False, "c-2", T0 + timedelta(minutes=1))
+    assert await consents.set(late) is ConsentChange.OUTDATED
+    assert (await consents.get("acme")).enabled is True
+
+
+async def enabled_orgs_are_those_whose_consent_is_on_record_as_enabled(consents: Any) -> None:
+    assert await consents.enabled_orgs([]) == set()
+    assert await consents.set(_consent(True, "a-1", T0, "acme")) is ConsentChange.CHANGED
+    assert await consents.set(_consent(True, "g-1", T0, "globex")) is ConsentChange.CHANGED
+    later = T0 + timedelta(hours=1)
+    assert await consents.set(_consent(False, "g-2", later, "globex")) is ConsentChange.CHANGED
+    assert await consents.enabled_orgs(["acme", "globex", "initech"]) == {"acme"}
+    assert await consents.enabled_orgs(iter(["globex"])) == set()
+
+
+# Run on FakeConsents by tests/unit/test_commands.py, on MongoConsents (a real server) by
+# tests/integration/test_commands.py.
+CONSENT_CASES: list[Callable[[Any], Awaitable[None]]] = [
+    a_consent_is_kept_and_changed_by_newer_commands_only,
+    a_no_effect_command_still_orders_the_ones_after_it,
+    enabled_orgs_are_those_whose_consent_is_on_record_as_enabled,
 ]

@@ -2,6 +2,10 @@
 outbox before the event is published, kept for `RECON_HISTORY_RETENTION_SECONDS` by
 a TTL index on `time` (created, and changed when the retention changes, by
 `adapters.migrations`).
+
+An organization's verification consent changes are entries too (`_id` =
+`verification:<command id>`), about no single exposure: `ip` and `port` are `*`,
+`change` is `verification`, `reason` `enabled` or `disabled`, with who and why.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.collections import HISTORY
 from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.verification_consent import Consent
 
 Document = dict[str, Any]
 
@@ -40,6 +45,13 @@ class History:
         await self._collection.bulk_write(
             [ReplaceOne({"_id": event.id}, _history_doc(event), upsert=True) for event in events],
             ordered=False,
+        )
+
+    async def record_consent(self, consent: Consent) -> None:
+        """Keep the entry of a consent change (idempotent by its command id)."""
+        entry_id = f"verification:{consent.command_id}"
+        await self._collection.replace_one(
+            {"_id": entry_id}, _consent_doc(consent, entry_id), upsert=True
         )
 
     async def entries(
@@ -83,4 +95,26 @@ def _history_doc(event: ExposureEvent) -> Document:
         "acceptance_reason": decided.reason if decided is not None else None,
         "event_id": event.id,
         "service": data.service.model_dump(mode="json"),
+    }
+
+
+def _consent_doc(consent: Consent, entry_id: str) -> Document:
+    # The same fields as an exposure's entry, so `recon-stream history` lists it with them.
+    return {
+        "organization_id": consent.organization_id,
+        "ip": "*",
+        "transport": "tcp",
+        "port": "*",
+        "time": consent.at,
+        "change": "verification",
+        "reason": "enabled" if consent.enabled else "disabled",
+        "changed_fields": [],
+        "severity": "",
+        "accepted": False,
+        "requested_by": consent.requested_by,
+        "acceptance_reason": consent.reason,
+        "event_id": entry_id,
+        "service": {},
+        "scan": None,
+        "verification": None,
     }

@@ -8,6 +8,8 @@ organization's commands are applied in the order they were sent.
   optional expiry. It may come before the port ever opens.
 - `unaccept`: takes an acceptance back.
 - `rescan`: a fresh lookup of one IP or of every active IP of the organization.
+- `verification`: the organization consents to TCP verification of its exposures
+  (`enabled` true), or takes its consent back (false), with who and why.
 
 A command without `command_id` is identified by its content: the same message
 delivered twice is one command.
@@ -27,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     RootModel,
+    StrictBool,
     StringConstraints,
     TypeAdapter,
     field_validator,
@@ -37,6 +40,7 @@ from recon_stream.domain.addresses import InvalidAddress, parse_address
 from recon_stream.domain.identifiers import Identifier, IpText
 from recon_stream.domain.messages import parse_message
 from recon_stream.domain.scans import Transport
+from recon_stream.domain.verification_consent import Consent
 
 SCHEMA_ID = "https://recon-stream.dev/schemas/command.v1.json"
 MAX_COMMAND_BYTES = 64 * 1024
@@ -45,6 +49,9 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 CommandId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Requester = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+# Consent to connect to an organization's addresses needs a real who and why.
+NamedRequester = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"\S")]
+StatedReason = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"\S")]
 
 
 class _Command(BaseModel):
@@ -107,7 +114,23 @@ class RescanCommand(_Command):
     ip: IpText | None = Field(None, description="Absent: every active IP of the organization.")
 
 
-Command = Annotated[AcceptCommand | UnacceptCommand | RescanCommand, Field(discriminator="command")]
+class VerificationCommand(_Command):
+    """Consent to TCP verification of the organization's exposures, or take it back.
+
+    It may come before the organization's first heartbeat. Verification also needs
+    `RECON_VERIFY_TCP` on the scanner workers."""
+
+    command: Literal["verification"]
+    # Strict: "yes" or 1 is not consent (and the schema says boolean).
+    enabled: StrictBool = Field(description="true: consent given; false: consent taken back.")
+    requested_by: NamedRequester = Field(
+        description="Who decides: a user, a service, a ticket (not blank)."
+    )
+    reason: StatedReason = Field(description="Why (not blank).")
+
+
+AnyCommand = AcceptCommand | UnacceptCommand | RescanCommand | VerificationCommand
+Command = Annotated[AnyCommand, Field(discriminator="command")]
 
 
 class CommandMessage(RootModel[Command]):
@@ -119,7 +142,7 @@ class CommandMessage(RootModel[Command]):
     )
 
 
-_ADAPTER: TypeAdapter[AcceptCommand | UnacceptCommand | RescanCommand] = TypeAdapter(Command)
+_ADAPTER: TypeAdapter[AnyCommand] = TypeAdapter(Command)
 
 
 class CommandOutcome(enum.StrEnum):
@@ -127,7 +150,8 @@ class CommandOutcome(enum.StrEnum):
 
     APPLIED = "applied"
     NO_EFFECT = "no_effect"
-    """Nothing to do: an `unaccept` that matched no acceptance, a `rescan` already pending."""
+    """Nothing to do: an `unaccept` that matched no acceptance, a `rescan` already pending,
+    a `verification` the consent on record already says (or older than the one that set it)."""
     REJECTED = "rejected"
     """It went to the DLQ (the reason is recorded with it)."""
 
@@ -140,7 +164,7 @@ class RecordedOutcome:
     detail: str | None = None
 
 
-def parse_command(raw: bytes | None) -> AcceptCommand | UnacceptCommand | RescanCommand:
+def parse_command(raw: bytes | None) -> AnyCommand:
     """The command in `raw`; `InvalidMessage` with the dead-letter reason if it is none."""
     return parse_message(_ADAPTER.validate_json, raw, MAX_COMMAND_BYTES)
 
@@ -156,4 +180,16 @@ def acceptance_of(command: AcceptCommand) -> Acceptance:
         requested_by=command.requested_by,
         accepted_at=command.requested_at,
         expires_at=command.expires_at,
+    )
+
+
+def consent_of(command: VerificationCommand) -> Consent:
+    """What a `verification` command puts on record (decided when it was requested)."""
+    return Consent(
+        organization_id=command.organization_id,
+        enabled=command.enabled,
+        requested_by=command.requested_by,
+        reason=command.reason,
+        at=command.requested_at,
+        command_id=command.identity,
     )

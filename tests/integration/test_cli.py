@@ -154,3 +154,68 @@ async def test_status_endpoint_serves_health_readiness_and_metrics(settings: Set
         assert json.loads(body)["checks"] == {"kafka": "ok", "mongodb": "ok", "pipeline": "ok"}
         status, _, _ = await asyncio.to_thread(_get, port, "/nope")
         assert status == 404
+
+
+async def test_verification_consent_is_given_shown_and_taken_back_from_the_cli(
+    scan_settings: Settings,
+) -> None:
+    async def cli(*args: str) -> Any:
+        # In a thread: the workers run on this test's event loop.
+        return await asyncio.to_thread(_cli, scan_settings, *args)
+
+    never = await cli("verification", "--org", "acme", "--show")
+    assert never.returncode == 0, never.stderr
+    assert never.stdout == "verification for acme: never set (not enabled)\n"
+    for wrong in (
+        ("verification", "--org", "acme", "--enable", "--by", "ciso"),  # no reason
+        ("verification", "--org", "acme", "--by", "ciso", "--reason", "r"),  # neither
+        ("verification", "--org", "acme", "--enable", "--by", "ciso", "--reason", " "),
+        ("verification", "--org", "acme", "--show", "--disable"),
+    ):
+        refused = await cli(*wrong)
+        assert refused.returncode == 2, (wrong, refused.stdout)
+    help_text = (await cli("verification", "--help")).stdout
+    assert "RECON_VERIFY_TCP=true" in help_text
+    assert "24 h" in help_text
+    enable = ("verification", "--org", "acme", "--enable", "--by", "ciso@acme")
+    async with running(scan_settings, ("scanner",)):
+        given = await cli(*enable, "--reason", "pen-test contract 2026-17", "--wait")
+        assert given.returncode == 0, given.stderr
+        assert given.stdout.splitlines()[-1] == "applied"
+        again = await cli(*enable, "--reason", "asked twice", "--wait", "30")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.splitlines()[-1] == "no_effect"
+        shown = await cli("verification", "--org", "acme", "--show", "--format", "json")
+        assert shown.returncode == 0, shown.stderr
+        on_record = json.loads(shown.stdout)
+        taken_back = await cli(
+            *("verification", "--org", "acme", "--disable", "--by", "ops@msp"),
+            *("--reason", "contract ended", "--id", "v-off", "--wait"),
+        )
+        assert taken_back.returncode == 0, taken_back.stderr
+        assert taken_back.stdout.splitlines() == ["v-off", "applied"]
+    assert on_record["state"] == "enabled"
+    assert on_record["enabled"] is True
+    assert (on_record["requested_by"], on_record["reason"]) == (
+        "ciso@acme",
+        "pen-test contract 2026-17",
+    )
+    assert on_record["command_id"] == given.stdout.splitlines()[0]
+    assert on_record["at"] is not None
+    table = await cli("verification", "--org", "acme", "--show")
+    lines = dict(line.split(None, 1) for line in table.stdout.splitlines())
+    assert lines["verification"] == "disabled"
+    assert (lines["by"], lines["reason"], lines["command"]) == (
+        "ops@msp",
+        "contract ended",
+        "v-off",
+    )
+    history = await cli("history", "--org", "acme")
+    assert history.returncode == 0, history.stderr
+    rows = history.stdout.splitlines()[2:]
+    assert [row.split()[3:5] for row in rows] == [
+        ["verification", "disabled"],
+        ["verification", "enabled"],
+    ]
+    assert "contract ended" in rows[0]
+    assert "ciso@acme" in rows[1]

@@ -1,20 +1,28 @@
-"""Operators act on exposures: accept, unaccept, rescan, history and the state topic,
-end to end on Tansu, MongoDB and the Shodan emulator through the real `shodan` client."""
+"""Operators act on exposures: accept, unaccept, rescan, verification consent, history and
+the state topic, end to end on Tansu, MongoDB and the Shodan emulator through the real
+`shodan` client."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from recon_stream.adapters.command_log import CommandLog
+from recon_stream.adapters.consents import MongoConsents
 from recon_stream.app import snapshot_updater
+from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.snapshot import OrgContext
-from recon_stream.exposure_table import load_history, load_rows
+from recon_stream.exposure_table import load_history, load_rows, render_history
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
+from tests.store_cases import CONSENT_CASES
 
 from .support import (
     NOW,
@@ -384,3 +392,65 @@ async def test_the_cli_waits_for_each_commands_outcome_and_history_keeps_who_and
         ("accepted", "tech@msp", "vendor support window"),
         ("", "", ""),
     ]
+
+
+@pytest.mark.parametrize("case", CONSENT_CASES, ids=lambda case: case.__name__)
+async def test_consent_store(case: Callable[[Any], Awaitable[None]], db: Any) -> None:
+    await case(MongoConsents(db))
+
+
+async def test_verification_consent_is_given_and_taken_back_through_the_commands_topic(
+    scan_settings: Settings, db: Any
+) -> None:
+    log, consents = CommandLog(db), MongoConsents(db)
+
+    async def outcome_of(command_id: str) -> Any:
+        return await eventually(lambda: log.outcome(command_id))
+
+    enable = command("verification", org="globex", enabled=True, reason="pen-test 2026-17")
+    enabled_id = json.loads(enable[1])["command_id"]
+    async with running(scan_settings, ("scanner",)) as worker:
+        # No heartbeat from globex yet: consent may come first.
+        await send(scan_settings, enable)
+        assert (await outcome_of(enabled_id)).outcome is CommandOutcome.APPLIED
+        assert await consents.enabled_orgs(["globex", "acme"]) == {"globex"}
+        again = command("verification", org="globex", enabled=True, reason="asked twice")
+        disable = command("verification", org="globex", enabled=False, reason="contract ended")
+        bad = command("verification", org="globex", enabled=True, reason="   ")
+        await send(scan_settings, again, disable, enable, bad)
+        again_id, disabled_id, bad_id = (
+            json.loads(c[1])["command_id"] for c in (again, disable, bad)
+        )
+        assert (await outcome_of(again_id)).outcome is CommandOutcome.NO_EFFECT
+        assert (await outcome_of(disabled_id)).outcome is CommandOutcome.APPLIED
+        rejected = await outcome_of(bad_id)
+        await eventually(
+            lambda: _async(
+                sample(worker, "recon_commands_total", command="verification", outcome="duplicate")
+                == 1
+            )
+        )
+        dead = await read_all(
+            scan_settings.kafka_bootstrap_servers, scan_settings.topic_dlq, expect=1
+        )
+    assert (rejected.outcome, rejected.reason) == (CommandOutcome.REJECTED, "schema_violation")
+    assert "reason" in (rejected.detail or "")
+    assert {k: v.decode() for k, v in dead[0].headers}["x-recon-dlq-reason"] == "schema_violation"
+    consent = await consents.get("globex")
+    assert consent is not None
+    assert (consent.enabled, consent.requested_by, consent.reason, consent.command_id) == (
+        False,
+        "tech@msp.example",
+        "contract ended",
+        disabled_id,
+    )
+    assert await consents.enabled_orgs(["globex"]) == set()
+    # History: who, when and why of each change, newest first; the no-effect one is not there.
+    history = await load_history(scan_settings, "globex")
+    assert [(h["change"], h["reason"], h["acceptance_reason"]) for h in history] == [
+        ("verification", "disabled", "contract ended"),
+        ("verification", "enabled", "pen-test 2026-17"),
+    ]
+    assert all(h["requested_by"] == "tech@msp.example" for h in history)
+    table = render_history(history, "table").splitlines()
+    assert table[2].split()[1:5] == ["*", "tcp/*", "verification", "disabled"]
