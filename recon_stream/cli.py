@@ -293,11 +293,18 @@ def rescan(
     wait: Wait = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Ask for a new provider lookup of the IP (or every active IP), ahead of routine
-    rescans and never served from a stored result (publishes a `rescan` command).
+    """Ask for a fresh look at the IP (or every active IP), ahead of routine rescans
+    and never served from a stored result (publishes a `rescan` command).
 
-    What it returns is Shodan's latest record of the IP: its last crawl of each port,
-    which may be days old; a fresh lookup is not a fresh scan."""
+    Without scan credits (RECON_SHODAN_SCAN_CREDITS_PER_DAY=0, the default) it is a new
+    lookup of Shodan's record: its last crawl of each port, which may be days old, so a
+    port closed yesterday still shows open. With credits, the scanner first has Shodan
+    scan the IP now (one credit per IP, within the day's figure across replicas), waits
+    until Shodan says DONE (polled every RECON_SHODAN_SCAN_POLL_SECONDS, at most
+    RECON_SHODAN_SCAN_TIMEOUT_SECONDS), then looks up; any refusal falls back to the
+    plain lookup at once. With TCP verification on for the organization
+    (`recon-stream verification`), the reported ports are checked first: when they all
+    answer, no credit is spent; a port refused twice a minute apart closes at once."""
     _send_command(
         {"command": "rescan", "organization_id": org, "ip": ip, "requested_by": by},
         command_id,
