@@ -95,6 +95,10 @@ def _history_doc(event: ExposureEvent) -> Document:
         "acceptance_reason": decided.reason if decided is not None else None,
         "event_id": event.id,
         "service": data.service.model_dump(mode="json"),
+        "scan": data.scan.model_dump(mode="python") if data.scan is not None else None,
+        "verification": (
+            data.verification.model_dump(mode="python") if data.verification is not None else None
+        ),
     }
 
 

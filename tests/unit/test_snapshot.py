@@ -382,19 +382,24 @@ def test_a_first_check_is_a_change_of_verification_and_an_agreeing_one_is_kept_q
     assert first.events[0].data.verification.state == CheckState.OPEN
     assert [row.value.verification for row in first.state if row.value][1] is not None
     again = checked(first.after, T0 + timedelta(minutes=2), p3389=CheckReason.CONN_ACCEPT)
-    assert again is not None and again.events == [] and again.state == []
+    assert again is not None
+    assert again.events == []
+    assert again.state == []
     stored = again.after.services[("tcp", 3389)].verification
-    assert stored is not None and stored.checked_at == T0 + timedelta(minutes=2)
+    assert stored is not None
+    assert stored.checked_at == T0 + timedelta(minutes=2)
 
 
 def test_two_refusals_a_confirm_interval_apart_close_the_exposure() -> None:
     snapshot = open_rdp_and_ssh()
     refused = CheckReason.CONN_REFUSED
     first = checked(snapshot, T0 + timedelta(minutes=1), p3389=refused)
-    assert first is not None and changes(first) == [("changed", 3389, "verification", None)]
+    assert first is not None
+    assert changes(first) == [("changed", 3389, "verification", None)]
     # Too soon after the first (a service restarting refuses twice): still open.
     soon = checked(first.after, T0 + timedelta(minutes=1, seconds=30), p3389=refused)
-    assert soon is not None and soon.events == []
+    assert soon is not None
+    assert soon.events == []
     assert ("tcp", 3389) in soon.after.services
     later = checked(soon.after, T0 + timedelta(minutes=2), p3389=refused)
     assert later is not None
@@ -407,7 +412,8 @@ def test_two_refusals_a_confirm_interval_apart_close_the_exposure() -> None:
     )
     assert answered is not None
     after = checked(answered.after, T0 + timedelta(minutes=3), p3389=refused)
-    assert after is not None and ("tcp", 3389) in after.after.services
+    assert after is not None
+    assert ("tcp", 3389) in after.after.services
 
 
 def test_silence_closes_a_port_only_while_another_port_of_the_ip_answers() -> None:
@@ -466,6 +472,8 @@ def test_a_lookup_keeps_the_last_check_and_its_scan_shows_in_every_row() -> None
     update = after_lookup(first.after, lookup(RDP, SSH, at=T0 + timedelta(hours=1), scan=record))
     rows = {row.key: row.value for row in update.state}
     rdp = rows[f"acme/{IP}/tcp/3389"]
-    assert rdp is not None and rdp.scan == record
-    assert rdp.verification is not None and rdp.verification.state == CheckState.OPEN
+    assert rdp is not None
+    assert rdp.scan == record
+    assert rdp.verification is not None
+    assert rdp.verification.state == CheckState.OPEN
     assert update.after.scan == record
