@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from recon_stream.domain.exposures import Assessor
+from recon_stream.domain.exposures import Assessor, ChangeReason
+from recon_stream.domain.pairs import PairStatus
 from recon_stream.domain.risk import RiskPolicy
 from recon_stream.domain.scans import HostScan
 from recon_stream.domain.snapshot import (
@@ -61,9 +62,27 @@ class SnapshotUpdater:
             lambda snapshot: plan_lookup(snapshot, org, scan, self.clock()),
         )
 
-    async def retire(self, organization_id: str, ip: str, now: datetime) -> Outbox:
-        """Close every open exposure of a pair the org stopped using (reason `ip_retired`)."""
-        return await self._update(organization_id, ip, lambda s: plan_retirement(s, now))
+    async def retire(
+        self,
+        organization_id: str,
+        ip: str,
+        now: datetime,
+        status: PairStatus = PairStatus.RETIRED,
+    ) -> Outbox:
+        """Close every open exposure of a pair the org stopped using (reason `ip_retired`),
+        or that took another status (excluded, shared egress, dismissed: its reason)."""
+        reason = status.close_reason or ChangeReason.IP_RETIRED
+        return await self._update(
+            organization_id, ip, lambda s: plan_retirement(s, now, reason, status.value)
+        )
+
+    async def purge(self, organization_id: str, ip: str, now: datetime) -> Outbox:
+        """Close every open exposure of a pair of an organization that left
+        (`organization_purged`), before its documents are deleted."""
+        reason = ChangeReason.ORGANIZATION_PURGED
+        return await self._update(
+            organization_id, ip, lambda s: plan_retirement(s, now, reason, "purged")
+        )
 
     async def verify(
         self, organization_id: str, ip: str, checks: Sequence[Check], confirm: timedelta

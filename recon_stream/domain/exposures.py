@@ -70,6 +70,14 @@ class ChangeReason(enum.StrEnum):
     """Two TCP checks, RECON_VERIFY_CONFIRM_SECONDS apart, were refused (a reset)."""
     VERIFIED_UNREACHABLE = "verified_unreachable"
     """Two TCP checks went unanswered while another port of the IP answered."""
+    EXCLUDED = "excluded"
+    """The scope file excludes the IP (its network or its ASN) for the organization."""
+    SHARED_EGRESS = "shared_egress"
+    """So many organizations report from the IP that it is someone else's."""
+    DISMISSED = "dismissed"
+    """The organization said the IP is not its own (`dismiss`)."""
+    ORGANIZATION_PURGED = "organization_purged"
+    """The organization left: its data is being deleted (`purge`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +191,13 @@ def diff(previous: Mapping[ExposureKey, Service], current: HostScan) -> list[Cha
     return changes
 
 
-def retire(previous: Mapping[ExposureKey, Service]) -> list[Change]:
-    """Close every exposure of an IP the organization no longer uses."""
+def retire(
+    previous: Mapping[ExposureKey, Service], reason: ChangeReason = ChangeReason.IP_RETIRED
+) -> list[Change]:
+    """Close every exposure of an IP the organization no longer uses (or is no longer
+    told about: `reason`)."""
     return [
-        Change(ChangeKind.CLOSED, key, previous[key], reason=ChangeReason.IP_RETIRED)
+        Change(ChangeKind.CLOSED, key, previous[key], reason=reason)
         for key in sorted(previous, key=_order)
     ]
 
@@ -359,7 +370,9 @@ class ExposureState(BaseModel):
     transport: Transport
     reason: ChangeReason | None = Field(
         description=(
-            "Why it closed (port_closed, ip_retired) or why its acceptance changed "
+            "Why it closed (port_closed, ip_retired, verified_closed, verified_unreachable, "
+            "excluded, shared_egress, dismissed, organization_purged) or why its acceptance "
+            "changed "
             "(accepted, unaccepted, acceptance_expired, acceptance_lapsed); null otherwise "
             "and in state rows."
         )

@@ -90,7 +90,8 @@ class Snapshot:
     """False: nothing stored yet for this (organization, IP)."""
     version: int = 0
     status: str | None = None
-    """`active` or `retired`."""
+    """`active`, or why the organization is no longer told about the IP: `retired`,
+    `excluded`, `shared_egress`, `dismissed` (`domain.pairs.PairStatus`)."""
     last_queried: datetime | None = None
     provider: ProviderName = "api"
     sample: bool = False
@@ -107,7 +108,8 @@ class Snapshot:
 
     @property
     def retired(self) -> bool:
-        return self.status == "retired"
+        """Closed for the organization (retired, excluded, shared egress, dismissed)."""
+        return self.status is not None and self.status != "active"
 
     def open_services(self) -> dict[ExposureKey, Service]:
         return {key: entry.service for key, entry in self.services.items()}
@@ -162,6 +164,8 @@ class Plan:
     failing run (None when the check answered open)."""
     check_closed: Mapping[ExposureKey, datetime] = field(default_factory=dict)
     """Ports this plan closes on the strength of checks, with the closing check's time."""
+    status: str = "retired"
+    """Retirements: the snapshot's status afterwards (`domain.pairs.PairStatus`)."""
 
     @property
     def cves(self) -> frozenset[str]:
@@ -282,13 +286,20 @@ def plan_verification(
     )
 
 
-def plan_retirement(before: Snapshot, at: datetime) -> Plan | None:
-    """The organization stopped using the IP: every open exposure closes (`ip_retired`)."""
+def plan_retirement(
+    before: Snapshot,
+    at: datetime,
+    reason: ChangeReason = ChangeReason.IP_RETIRED,
+    status: str = "retired",
+) -> Plan | None:
+    """The organization stopped using the IP, or is no longer to be told about it
+    (`reason`: excluded, shared egress, dismissed, purged): every open exposure closes,
+    and the snapshot takes `status`. None when it is closed already."""
     if not before.stored or before.retired:
         return None
-    return Plan(
-        "retirement", before, {}, _stored_basis(before, at), retire(before.open_services()), at
-    )
+    closing = retire(before.open_services(), reason)
+    basis = _stored_basis(before, at)
+    return Plan("retirement", before, {}, basis, closing, at, status=status)
 
 
 def plan_reassessment(before: Snapshot, at: datetime) -> Plan | None:
@@ -432,7 +443,7 @@ def _after(plan: Plan, services: dict[ExposureKey, OpenExposure], version: int) 
     if plan.kind == "verification":
         return replace(before, check_closed={**before.check_closed, **plan.check_closed})
     if plan.kind == "retirement":
-        return replace(before, status="retired", retired_at=plan.at, check_closed={})
+        return replace(before, status=plan.status, retired_at=plan.at, check_closed={})
     if plan.kind == "lookup" and plan.org is not None:
         scan = plan.basis
         return replace(
