@@ -159,6 +159,13 @@ class Metrics:
             ["trigger"],
             registry=r,
         )
+        self.shared_egress_ips = Gauge(
+            "recon_shared_egress_ips",
+            "IPs reported by at least the scope file's shared_egress_organizations "
+            "organizations: reported to none that did not declare them own (sampled by the "
+            "scheduler's leader at each attribution pass).",
+            registry=r,
+        )
         self.critical_observation_age = Gauge(
             "recon_critical_observation_age_seconds",
             "Age of the observation behind the open critical exposures (Shodan's, or our TCP "

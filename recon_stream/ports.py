@@ -20,6 +20,7 @@ from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.scan_requests import ScanRequest
+from recon_stream.domain.pairs import PairStatus
 from recon_stream.domain.scans import HostScan, ScanRecord
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
@@ -156,6 +157,35 @@ class RecentReporters(Protocol):
     """Which organizations' agents reported an IP lately (`org_ips`)."""
 
     async def reported_since(self, ip: str, since: datetime) -> list[str]: ...
+
+
+class PairStates(Protocol):
+    """The statuses of (organization, IP) pairs (`org_ips`), for attribution."""
+
+    async def set_status(
+        self,
+        organization_id: str,
+        ip: str,
+        status: PairStatus,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> PairStatus | None:
+        """The status before (None: no such pair, nothing written)."""
+        ...
+
+    async def pairs_with_status(self, status: PairStatus) -> list[tuple[str, str]]: ...
+
+    async def crowded_ips(self, min_orgs: int) -> dict[str, list[str]]:
+        """IPs with at least `min_orgs` active or shared-egress pairs, with their orgs."""
+        ...
+
+    async def reason_of(self, organization_id: str, ip: str) -> str | None:
+        """Why the pair has its status (None: no reason on record)."""
+        ...
+
+    async def sharing(self, ip: str) -> list[str]:
+        """The organizations whose pairs on `ip` are active or shared egress."""
+        ...
 
 
 class ScanCredits(Protocol):

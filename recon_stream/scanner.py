@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, TypeVar
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from recon_stream import tracing
+from recon_stream.attribution import Attribution
 from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
 from recon_stream.domain.messages import InvalidMessage, parse_message
 from recon_stream.domain.scan_requests import MAX_SCAN_REQUEST_BYTES, ScanRequest
@@ -151,6 +152,7 @@ class ScannerService:
         tracer: Tracer | None = None,
         scans: OnDemandScans | None = None,
         verifier: Verifier | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
         self._queue = queue
@@ -169,6 +171,7 @@ class ScannerService:
         self._lease = lease
         self.scans = scans
         self.verifier = verifier
+        self.attribution = attribution
 
     # -- the Kafka half ---------------------------------------------------------------
 
@@ -455,6 +458,10 @@ class ScannerService:
         )
         sent = 0
         for org in orgs:
+            if self.attribution is not None and not await self.attribution.judge_lookup(
+                org.organization_id, scan
+            ):
+                continue  # the scope file excludes the ASN it names: closed, not applied
             outbox = await self._retrying(
                 "updating the exposure snapshot",
                 lambda org=org: self.outbox.updater.apply(org, scan),  # type: ignore[misc]

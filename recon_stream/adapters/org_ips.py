@@ -334,6 +334,14 @@ class MongoOrgIps:
         cursor = self._collection.find({"ip": {"$in": list(ips)}, "status": "active"}, {"ip": 1})
         return {doc["ip"] async for doc in cursor}
 
+    async def sharing(self, ip: str) -> list[str]:
+        """The organizations whose pairs on `ip` are active or shared egress: who shares
+        the IP (attribution's count, at each lookup)."""
+        cursor = self._collection.find(
+            {"ip": ip, "status": {"$in": ["active", "shared_egress"]}}, {"organization_id": 1}
+        )
+        return sorted({doc["organization_id"] async for doc in cursor})
+
     # -- views (`recon-stream dev`) ---------------------------------------------------------
 
     async def all_pairs(self) -> list[Document]:

@@ -37,6 +37,7 @@ STAGES = {
     "snapshots",
     "rerating",
     "verifier",
+    "attribution",
 }
 SUPPORT = {
     "settings",
