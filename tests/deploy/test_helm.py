@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 import itertools
 import json
 import re
@@ -155,6 +156,22 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "kafka": {"consumerGroups": {"notifier": "acme-recon-notifier"}},
         "networkPolicy": {"egress": {"webhookPorts": [443, 8443]}},
+    },
+    "freshness": {
+        # On-demand scans and TCP verification, with more ranges kept out of the probe's reach.
+        "shodan": {"apiKey": "shodan-test-key"},
+        "freshness": {
+            "scanCreditsPerDay": 3,
+            "scanPollSeconds": 30,
+            "scanTimeoutSeconds": 7200,
+            "verification": {
+                "enabled": True,
+                "rate": 7.5,
+                "timeoutSeconds": 2,
+                "confirmSeconds": 120,
+            },
+        },
+        "networkPolicy": {"egress": {"verificationExcept": ["203.0.113.0/24", "2001:db8:1::/48"]}},
     },
 }
 SETS = list(VALUE_SETS)
@@ -334,6 +351,21 @@ def test_lint_reports_a_broken_value() -> None:
         ({"notifier": {"secrets": {"RECON_PSA_WEBHOOK_SECRET": ""}}}, "an empty key"),
         ({"notifier": {"notifyFile": ""}}, "no notify file"),
         ({"networkPolicy": {"egress": {"webhookPorts": [0]}}}, "port 0"),
+        ({"freshness": {"scanCreditsPerDay": -1}}, "a negative credit figure"),
+        ({"freshness": {"scanCreditsPerDay": 1.5}}, "half a scan credit"),
+        ({"freshness": {"scanPollSeconds": 0}}, "polling without a pause"),
+        ({"freshness": {"verification": {"enabled": "yes"}}}, "the switch is a boolean"),
+        ({"freshness": {"verification": {"rate": 0}}}, "a connect rate of zero"),
+        ({"freshness": {"verification": {"timeoutSeconds": 120}}}, "a connect timeout > 60 s"),
+        ({"freshness": {"verification": {"ports": [22]}}}, "unknown verification key"),
+        (
+            {"networkPolicy": {"egress": {"verificationExcept": ["192.0.2.1"]}}},
+            "an excepted range without a prefix length",
+        ),
+        (
+            {"networkPolicy": {"egress": {"verificationExcept": ["office"]}}},
+            "an excepted range that is no CIDR",
+        ),
         ({"replicas": 3}, "unknown top-level key"),
     ],
 )
@@ -903,9 +935,13 @@ def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> 
         }
     else:
         assert feeds == []
+    verification = [
+        p for p in policies if p["metadata"]["name"] == f"{FULLNAME}-scanner-verification"
+    ]
+    assert len(verification) == int(merged["freshness"]["verification"]["enabled"])
     if not merged["notifier"]["enabled"]:
         assert webhooks == []
-        assert len(policies) == 2 + len(feeds)
+        assert len(policies) == 2 + len(feeds) + len(verification)
         return
     (notifier_only,) = webhooks
     assert notifier_only["spec"]["policyTypes"] == ["Egress"]
@@ -917,6 +953,166 @@ def test_network_policy_lets_through_exactly_what_the_workers_use(case: Any) -> 
     ports = {(p["port"], p["protocol"]) for p in rule["ports"]}
     assert ports == {(port, "TCP") for port in merged["networkPolicy"]["egress"]["webhookPorts"]}
     assert (443, "TCP") in ports
+
+
+# ---------------------------------------------------------------- freshness
+FRESHNESS_SETTINGS = {
+    "RECON_SHODAN_SCAN_CREDITS_PER_DAY": "0",
+    "RECON_SHODAN_SCAN_POLL_SECONDS": "60",
+    "RECON_SHODAN_SCAN_TIMEOUT_SECONDS": "21600",
+    "RECON_VERIFY_TCP": "false",
+    "RECON_VERIFY_RATE": "20",
+    "RECON_VERIFY_TIMEOUT_SECONDS": "3",
+    "RECON_VERIFY_CONFIRM_SECONDS": "60",
+}
+# The ranges the verification policy never opens, whatever the values say.
+ALWAYS_EXCEPTED_V4 = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+]
+ALWAYS_EXCEPTED_V6 = ["fc00::/7", "fe80::/10", "::1/128"]
+VERIFICATION_POLICY = f"{FULLNAME}-scanner-verification"
+
+
+def test_the_freshness_defaults_are_the_apps_and_reach_the_configmap(
+    render: Any, load_settings: Any
+) -> None:
+    """Off by default, with the app's own defaults: the chart changes nothing until asked."""
+    from recon_stream.settings import Settings
+
+    data = render({}).settings()
+    assert {k: data[k] for k in FRESHNESS_SETTINGS} == FRESHNESS_SETTINGS
+    fields = Settings.model_fields
+    for key, text in FRESHNESS_SETTINGS.items():
+        default = fields[key.removeprefix("RECON_").lower()].default
+        assert str(default).lower().removesuffix(".0") == text, key
+    settings = load_settings({**data, "RECON_MONGODB_URI": "mongodb://db"})
+    assert settings.shodan_scan_credits_per_day == 0
+    assert settings.verify_tcp is False
+
+
+def test_the_freshness_values_reach_the_workers_as_the_app_reads_them(
+    render: Any, load_settings: Any
+) -> None:
+    rendered = render(VALUE_SETS["freshness"])
+    data = rendered.settings()
+    assert {k: data[k] for k in FRESHNESS_SETTINGS} == {
+        "RECON_SHODAN_SCAN_CREDITS_PER_DAY": "3",
+        "RECON_SHODAN_SCAN_POLL_SECONDS": "30",
+        "RECON_SHODAN_SCAN_TIMEOUT_SECONDS": "7200",
+        "RECON_VERIFY_TCP": "true",
+        "RECON_VERIFY_RATE": "7.5",
+        "RECON_VERIFY_TIMEOUT_SECONDS": "2",
+        "RECON_VERIFY_CONFIRM_SECONDS": "120",
+    }
+    settings = load_settings({**data, "RECON_MONGODB_URI": "mongodb://db"})
+    assert settings.shodan_scan_credits_per_day == 3
+    assert settings.shodan_scan_poll_seconds == 30
+    assert settings.shodan_scan_timeout_seconds == 7200
+    assert settings.verify_tcp is True
+    assert settings.verify_rate == 7.5
+    assert settings.verify_timeout_seconds == 2
+    assert settings.verify_confirm_seconds == 120
+    # Inline in the init Job too (checked for every value set elsewhere), and a
+    # large whole number is printed as one, not as 1e+06.
+    big = render({"freshness": {"scanTimeoutSeconds": 1_000_000}}).settings()
+    assert big["RECON_SHODAN_SCAN_TIMEOUT_SECONDS"] == "1000000"
+
+
+@pytest.mark.parametrize("key", sorted(FRESHNESS_SETTINGS))
+def test_settings_extra_cannot_set_a_freshness_setting_behind_the_values_back(
+    chart: helm.Chart, key: str
+) -> None:
+    """The chart's keys win over settings.extra: rather than ignore an operator's
+    extra silently (credits back to 0, verification off), the render fails and
+    names the value to use."""
+    with pytest.raises(helm.HelmRenderError, match=rf"settings\.extra\.{key}: set freshness\."):
+        chart.render({"settings": {"extra": {key: "1"}}}, name=RELEASE)
+
+
+@pytest.mark.parametrize(
+    ("verification", "egress", "policies"),
+    [(False, True, True), (True, False, True), (True, True, False), (False, False, True)],
+    ids=["verification-off", "egress-open", "no-network-policy", "neither"],
+)
+def test_no_verification_egress_unless_both_switches_are_on(
+    render: Any, verification: bool, egress: bool, policies: bool
+) -> None:
+    rendered = render(
+        {
+            "freshness": {"verification": {"enabled": verification}},
+            "networkPolicy": {"enabled": policies, "egress": {"enabled": egress}},
+        }
+    )
+    names = {p["metadata"]["name"] for p in rendered.of("NetworkPolicy")}
+    assert VERIFICATION_POLICY not in names
+    # With egress unrestricted there is nothing to open; with verification off, nothing to reach.
+    assert not [d for d in rendered.docs if "verification" in d["metadata"]["name"]]
+
+
+def test_the_verification_egress_is_public_tcp_from_the_scanner_pods_only(render: Any) -> None:
+    rendered = render(VALUE_SETS["freshness"])
+    policy = rendered.one("NetworkPolicy", VERIFICATION_POLICY)
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Egress"]
+    assert "ingress" not in spec
+    pods = {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"]
+        for w in rendered.workloads()
+    }
+    assert [n for n, labels in pods.items() if selects(spec["podSelector"], labels)] == [
+        f"{FULLNAME}-scanner"
+    ]
+    (rule,) = spec["egress"]
+    # Every TCP port (no port named): the ports are whatever Shodan reported. No UDP.
+    assert rule["ports"] == [{"protocol": "TCP"}]
+    blocks = {peer["ipBlock"]["cidr"]: peer["ipBlock"]["except"] for peer in rule["to"]}
+    assert set(blocks) == {"0.0.0.0/0", "::/0"}
+    assert [set(peer) for peer in rule["to"]] == [{"ipBlock"}] * 2
+    assert blocks["0.0.0.0/0"] == [*ALWAYS_EXCEPTED_V4, "203.0.113.0/24"]
+    assert blocks["::/0"] == [*ALWAYS_EXCEPTED_V6, "2001:db8:1::/48"]
+    # Each excepted range is inside its block (the API server refuses one that is not).
+    for cidr, excepted in blocks.items():
+        outer = ipaddress.ip_network(cidr)
+        for inner in excepted:
+            net = ipaddress.ip_network(inner)
+            assert net.version == outer.version, inner
+            assert net.subnet_of(outer), inner
+    # With no extra ranges, exactly the fixed ones; a repeated one is listed once.
+    plain = render(
+        {
+            "freshness": {"verification": {"enabled": True}},
+            "networkPolicy": {"egress": {"verificationExcept": ["10.0.0.0/8"]}},
+        }
+    ).one("NetworkPolicy", VERIFICATION_POLICY)
+    ((v4, v6),) = [[p["ipBlock"]["except"] for p in r["to"]] for r in plain["spec"]["egress"]]
+    assert (v4, v6) == (ALWAYS_EXCEPTED_V4, ALWAYS_EXCEPTED_V6)
+    # The other policies are unchanged: the scanner's Shodan egress is still 443 only.
+    shodan = rendered.one("NetworkPolicy", f"{FULLNAME}-scanner-shodan")
+    assert [p["port"] for r in shodan["spec"]["egress"] for p in r["ports"]] == [443]
+
+
+def test_notes_remind_of_consent_and_the_probe_identity_only_with_verification(
+    render: Any,
+) -> None:
+    on = render(VALUE_SETS["freshness"]).notes
+    assert "recon-stream verification --org ORG --enable --by WHO --reason R" in on
+    assert "reverse DNS" in on
+    assert "Verification: the probe's egress" in on
+    assert VERIFICATION_POLICY in on
+    assert "monthly / 30" in on
+    off = render({}).notes
+    assert "verification" not in off.lower()
+    assert "On-demand Shodan scans" not in off
+    no_policy = render(
+        {"freshness": {"verification": {"enabled": True}}, "networkPolicy": {"enabled": False}}
+    ).notes
+    assert "--enable" in no_policy
+    assert VERIFICATION_POLICY not in no_policy
 
 
 # --------------------------------------------------------- notes, README

@@ -160,6 +160,13 @@ first install, gets them inline. Keys set here win over settings.extra.
   "RECON_HTTP_PORT" (toString (int64 $v.settings.httpPort))
   "RECON_GRACEFUL_TIMEOUT_SECONDS" (toString $v.settings.gracefulTimeoutSeconds)
   "RECON_LOG_LEVEL" $v.settings.logLevel
+  "RECON_SHODAN_SCAN_CREDITS_PER_DAY" (toString (int64 $v.freshness.scanCreditsPerDay))
+  "RECON_SHODAN_SCAN_POLL_SECONDS" (include "recon-stream.number" $v.freshness.scanPollSeconds)
+  "RECON_SHODAN_SCAN_TIMEOUT_SECONDS" (include "recon-stream.number" $v.freshness.scanTimeoutSeconds)
+  "RECON_VERIFY_TCP" (toString $v.freshness.verification.enabled)
+  "RECON_VERIFY_RATE" (include "recon-stream.number" $v.freshness.verification.rate)
+  "RECON_VERIFY_TIMEOUT_SECONDS" (include "recon-stream.number" $v.freshness.verification.timeoutSeconds)
+  "RECON_VERIFY_CONFIRM_SECONDS" (include "recon-stream.number" $v.freshness.verification.confirmSeconds)
 -}}
 {{- if include "recon-stream.sasl" . -}}
 {{- $_ := set $s "RECON_KAFKA_SASL_MECHANISM" $v.kafka.sasl.mechanism -}}
@@ -212,6 +219,50 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- end -}}
 {{- end -}}
 {{- toYaml $s -}}
+{{- end -}}
+
+{{/*
+A number as the app reads it: a whole number without a fraction or an exponent
+(Helm reads every number as float64, and 1000000 would print as 1e+06).
+*/}}
+{{- define "recon-stream.number" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The settings freshness.* sets: settings.extra may not set them as well. */}}
+{{- define "recon-stream.freshnessSettings" -}}
+{{- dict
+  "RECON_SHODAN_SCAN_CREDITS_PER_DAY" "freshness.scanCreditsPerDay"
+  "RECON_SHODAN_SCAN_POLL_SECONDS" "freshness.scanPollSeconds"
+  "RECON_SHODAN_SCAN_TIMEOUT_SECONDS" "freshness.scanTimeoutSeconds"
+  "RECON_VERIFY_TCP" "freshness.verification.enabled"
+  "RECON_VERIFY_RATE" "freshness.verification.rate"
+  "RECON_VERIFY_TIMEOUT_SECONDS" "freshness.verification.timeoutSeconds"
+  "RECON_VERIFY_CONFIRM_SECONDS" "freshness.verification.confirmSeconds"
+  | toJson -}}
+{{- end -}}
+
+{{/*
+The ranges the verification egress policy never opens, whatever Shodan reported:
+private (RFC 1918), CGNAT, link-local, loopback; for IPv6 unique-local, link-local
+and loopback. Then networkPolicy.egress.verificationExcept, split by family.
+Returns {"v4": [...], "v6": [...]} as JSON.
+*/}}
+{{- define "recon-stream.verificationExcept" -}}
+{{- $v4 := list "10.0.0.0/8" "172.16.0.0/12" "192.168.0.0/16" "100.64.0.0/10" "169.254.0.0/16" "127.0.0.0/8" -}}
+{{- $v6 := list "fc00::/7" "fe80::/10" "::1/128" -}}
+{{- range .Values.networkPolicy.egress.verificationExcept -}}
+{{- if contains ":" . -}}
+{{- $v6 = append $v6 . -}}
+{{- else -}}
+{{- $v4 = append $v4 . -}}
+{{- end -}}
+{{- end -}}
+{{- dict "v4" ($v4 | uniq) "v6" ($v6 | uniq) | toJson -}}
 {{- end -}}
 
 {{/*
@@ -368,6 +419,11 @@ release ConfigMap (and init does not read it).
 {{- fail (printf "notifier.notifyFile names secret_env %s, which has no value in notifier.secrets (or set notifier.existingSecret)" .) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $value := include "recon-stream.freshnessSettings" . | fromJson -}}
+{{- if hasKey $.Values.settings.extra $key -}}
+{{- fail (printf "settings.extra.%s: set %s instead (the chart sets %s from it, and would ignore this one)" $key $value $key) -}}
 {{- end -}}
 {{- end -}}
 {{- range $role := list "ingest" "scanner" -}}
