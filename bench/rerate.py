@@ -11,9 +11,10 @@ refresher pointed at a KEV file (RECON_KEV_SOURCE) refreshed every second.
    written straight into `exposures` (copies of one snapshot the real updater wrote:
    a bulk insert, not the scanner, so the set-up takes seconds).
 3. The CVE is added to the KEV file; t0. The leader's next refresh marks it and
-   re-assesses every snapshot carrying it, --concurrency (RECON_RERATE_CONCURRENCY)
-   at a time, publishing `changed[severity]` events (and their history entries, state
-   rows and OCSF findings, as in production): every exposure becomes critical.
+   re-assesses every snapshot carrying it, in batches of `rerating.BATCH` (500),
+   --concurrency (RECON_RERATE_CONCURRENCY) batches at a time, publishing
+   `changed[severity]` events (and their history entries, state rows and OCSF
+   findings, as in production): every exposure becomes critical.
 4. Every `changed` event is read back from the exposures topic.
 5. --rounds > 1: the next round removes the CVE from the file again (every exposure
    back to its old severity), the one after adds it, and so on; each round is timed.
@@ -231,7 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--exposures", type=int, default=100_000)
     parser.add_argument("--orgs", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="RECON_RERATE_CONCURRENCY: batches in flight"
+    )
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument(
         "--rounds", type=int, default=3, help="the CVE added, removed, added... to KEV"

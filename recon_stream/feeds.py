@@ -11,10 +11,11 @@ first load: every CVE it lists; see `adapters.vuln_feeds`). After the refreshes 
 every tick (`SETTLE_SECONDS` after a refresh that changed something, for lookups
 in flight to store what they decided), the leader re-assesses, from its stored
 snapshot and without a lookup,
-every open exposure carrying a marked CVE (`OutboxPublisher.reassess`, `parallel` at
-a time), which emits `changed[severity]` where a severity changed, then unmarks
-those CVEs. The marks are the crash safety: a leader that dies half-way leaves them,
-and the next one re-assesses again (idempotent: an unchanged severity emits nothing).
+every open exposure carrying a marked CVE, in batches of `rerating.BATCH` snapshots
+(`parallel` batches at a time; `rerating.BatchReassessor`), which emits
+`changed[severity]` where a severity changed, then unmarks those CVEs. The marks are
+the crash safety: a leader that dies half-way leaves them, and the next one
+re-assesses again (idempotent: an unchanged severity emits nothing).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
+from recon_stream.domain.snapshot import Snapshot
 from recon_stream.domain.vulns import Feed, FeedError, FeedStatus, VulnContext
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
-from recon_stream.ports import FeedCopies, SnapshotsByVuln, VulnContextSource
+from recon_stream.ports import FeedCopies, SnapshotBatches, VulnContextSource
+from recon_stream.rerating import BATCH, BatchReassessor, acceptance_batches
 
 RERATE_CVES = 1000
 """Marked CVEs re-assessed per round (one `carrying` query each)."""
@@ -51,14 +54,16 @@ class FeedRefresher:
         *,
         every: float,
         retry: float,
-        snapshots: SnapshotsByVuln,
+        snapshots: SnapshotBatches,
         outbox: OutboxPublisher,
         parallel: int = 32,
+        batch: int = BATCH,
     ) -> None:
         self._feeds = feeds
         self._snapshots = snapshots
         self._outbox = outbox
         self._parallel = parallel
+        self._batch = batch
         self._sources = sources
         self._metrics = metrics
         self._every = timedelta(seconds=every)
@@ -101,29 +106,38 @@ class FeedRefresher:
         return done
 
     async def _reassess_carrying(self, cves: list[str], now: datetime) -> int:
-        pairs: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=4 * self._parallel)
+        batches: asyncio.Queue[list[Snapshot] | None] = asyncio.Queue(maxsize=self._parallel)
         done = 0
         # Every snapshot of the pass asks the feeds about the same few CVEs: read each once.
         updater = self._outbox.updater
         outbox = dataclasses.replace(
             self._outbox, updater=dataclasses.replace(updater, feeds=_Remembered(updater.feeds))
         )
+        reassessor = BatchReassessor(
+            self._snapshots, acceptance_batches(updater.acceptances), outbox
+        )
 
         async def work() -> None:
             nonlocal done
-            while (pair := await pairs.get()) is not None:
-                await outbox.reassess(pair[0], pair[1], now)
-                self._metrics.vuln_reassessments.inc()
-                done += 1
+            while (batch := await batches.get()) is not None:
+                await reassessor.reassess(batch, now)
+                self._metrics.vuln_reassessments.inc(len(batch))
+                done += len(batch)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(self._parallel):
                 group.create_task(work())
             # A failure cancels the workers with the group: no sentinel needed then.
-            async for pair in self._snapshots.carrying(cves):
-                await pairs.put(pair)
+            batch: list[Snapshot] = []
+            async for snapshot in self._snapshots.carrying_snapshots(cves):
+                batch.append(snapshot)
+                if len(batch) >= self._batch:
+                    await batches.put(batch)
+                    batch = []
+            if batch:
+                await batches.put(batch)
             for _ in range(self._parallel):
-                await pairs.put(None)
+                await batches.put(None)
         return done
 
     def _due(self, status: FeedStatus, now: datetime) -> bool:

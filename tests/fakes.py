@@ -85,6 +85,17 @@ class FakeSnapshots:
             if snapshot.status == "active" and carried & set(cves):
                 yield org, ip
 
+    async def carrying_snapshots(self, cves: Collection[str]) -> AsyncIterator[Snapshot]:
+        async for org, ip in self.carrying(cves):
+            yield self.snapshots[(org, ip)]
+
+    async def swap_many(self, updates: Sequence[Update]) -> list[bool]:
+        return [await self.swap(update) for update in updates]
+
+    async def published_many(self, outboxes: Sequence[Outbox]) -> None:
+        for o in outboxes:
+            await self.published(o.organization_id, o.ip, [e.id for e in o.events], o.state)
+
     async def published(
         self, organization_id: str, ip: str, ids: Iterable[str], state: Sequence[StateRow] = ()
     ) -> None:
@@ -126,6 +137,11 @@ class FakeAcceptances:
             for a in self.kept.values()
             if a.organization_id == organization_id and (ip is None or a.ip in (ip, None))
         ]
+
+    async def acceptances_of(
+        self, pairs: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[Acceptance]]:
+        return {(org, ip): await self.acceptances(org, ip) for org, ip in pairs}
 
     async def expired_acceptances(self, now: datetime, limit: int = 100) -> list[Acceptance]:
         return [a for a in self.kept.values() if a.expires_at and a.expires_at <= now][:limit]

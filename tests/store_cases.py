@@ -96,6 +96,67 @@ async def outboxes_keep_what_is_not_published_yet(snapshots: Any) -> None:
     assert await snapshots.unpublished(10) == []
 
 
+async def snapshots_carrying_a_cve_are_read_whole_as_loaded(snapshots: Any) -> None:
+    for ip, services in (("203.0.113.41", (RDP, WEB)), ("203.0.113.42", (RDP,)), (IP, (WEB,))):
+        assert await snapshots.swap(
+            _other(_update(await snapshots.load("acme", ip), *services), ip)
+        )
+    carrying = [s async for s in snapshots.carrying_snapshots(["CVE-2023-44487"])]
+    assert sorted(s.ip for s in carrying) == [IP, "203.0.113.41"]
+    for snapshot in carrying:
+        assert snapshot == await snapshots.load("acme", snapshot.ip)
+    assert [s async for s in snapshots.carrying_snapshots([])] == []
+
+
+async def a_batch_of_swaps_stores_each_against_its_version_and_refuses_the_moved(
+    snapshots: Any,
+) -> None:
+    other = "198.51.100.7"
+    first = _update(await snapshots.load("acme", IP), RDP)
+    assert await snapshots.swap(first)
+    assert await snapshots.swap(_other(_update(await snapshots.load("acme", other), RDP), other))
+    mine = _update(await snapshots.load("acme", IP), RDP, WEB, at=T0 + timedelta(hours=1))
+    moved = _other(
+        _update(await snapshots.load("acme", other), RDP, WEB, at=T0 + timedelta(hours=1)), other
+    )
+    rival = _other(
+        _update(await snapshots.load("acme", other), at=T0 + timedelta(minutes=30)), other
+    )
+    assert await snapshots.swap(rival)  # `moved` was decided against version 1, now 2
+    assert await snapshots.swap_many([mine, moved]) == [True, False]
+    assert (await snapshots.load("acme", IP)).version == 2
+    assert set((await snapshots.load("acme", IP)).services) == {("tcp", 3389), ("tcp", 443)}
+    assert (await snapshots.load("acme", other)).services == {}
+    pending = {(o.ip): o for o in await snapshots.unpublished(10)}
+    assert [e.id for e in pending[IP].events] == [e.id for e in first.events + mine.events]
+    # As `swap`: a newer row for a key replaces the pending one.
+    assert sorted((r.key, r.version) for r in pending[IP].state) == [
+        (f"acme/{IP}/tcp/3389", 2),
+        (f"acme/{IP}/tcp/443", 2),
+    ]
+    assert {e.id for e in pending[other].events}.isdisjoint(e.id for e in moved.events)
+    await snapshots.published_many([pending[IP], pending[other]])
+    assert await snapshots.unpublished(10) == []
+    assert await snapshots.swap_many([]) == []
+
+
+def _other(update: Update, ip: str) -> Update:
+    """`update` as if decided for `ip` (the cases' lookups are of IP)."""
+    before = dataclasses.replace(update.before, ip=ip)
+    events = [
+        e.model_copy(update={"id": f"{e.id}-{ip}", "data": e.data.model_copy(update={"ip": ip})})
+        for e in update.events
+    ]
+    state = [dataclasses.replace(r, key=r.key.replace(IP, ip)) for r in update.state]
+    return dataclasses.replace(
+        update,
+        before=before,
+        after=dataclasses.replace(update.after, ip=ip),
+        events=events,
+        state=state,
+    )
+
+
 async def acceptances_are_kept_replaced_and_taken_back(acceptances: Any) -> None:
     mine = Acceptance("acme", IP, "tcp", 3389, "jump host", "tech", T0, T0 + timedelta(days=1))
     org_wide = Acceptance("acme", None, "tcp", 443, "web", "tech", T0, None)
@@ -122,13 +183,33 @@ async def acceptances_are_kept_replaced_and_taken_back(acceptances: Any) -> None
     assert await acceptances.acceptances("acme") == []
 
 
+async def acceptances_of_many_pairs_are_read_at_once(acceptances: Any) -> None:
+    mine = Acceptance("acme", IP, "tcp", 3389, "jump host", "tech", T0, None)
+    org_wide = Acceptance("acme", None, "tcp", 443, "web", "tech", T0, None)
+    other = Acceptance("globex", IP, "tcp", 3389, "theirs", "ops", T0, None)
+    for a in (mine, org_wide, other):
+        await acceptances.accept(a, "c")
+    pairs = [("acme", IP), ("acme", "198.51.100.1"), ("globex", IP), ("initech", IP)]
+    found = await acceptances.acceptances_of(pairs)
+    assert set(found) == set(pairs)
+    for org, ip in pairs:
+        expected = await acceptances.acceptances(org, ip)
+        assert sorted(found[(org, ip)], key=repr) == sorted(expected, key=repr)
+    assert [a.port for a in found[("acme", "198.51.100.1")]] == [443]
+    assert found[("initech", IP)] == []
+    assert await acceptances.acceptances_of([]) == {}
+
+
 SNAPSHOT_CASES: list[Callable[[Any], Awaitable[None]]] = [
     a_stored_snapshot_loads_as_it_was_decided,
     a_swap_against_an_old_version_is_refused,
     outboxes_keep_what_is_not_published_yet,
+    snapshots_carrying_a_cve_are_read_whole_as_loaded,
+    a_batch_of_swaps_stores_each_against_its_version_and_refuses_the_moved,
 ]
 ACCEPTANCE_CASES: list[Callable[[Any], Awaitable[None]]] = [
     acceptances_are_kept_replaced_and_taken_back,
+    acceptances_of_many_pairs_are_read_at_once,
 ]
 
 

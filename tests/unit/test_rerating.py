@@ -1,19 +1,22 @@
-"""Re-rating when the feeds change, the scan queue's order and the freshness figure,
-on the fakes of `tests/fakes.py` (the same on real servers: tests/integration/
-test_risk_context.py and test_freshness.py)."""
+"""Re-rating when the feeds change (in batches, against the per-snapshot path), the scan
+queue's order and the freshness figure, on the fakes of `tests/fakes.py` (the same on real
+servers: tests/integration/test_risk_context.py and test_freshness.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 
+from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.freshness import observation_ages
 from recon_stream.domain.scan_requests import ScanReason
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.snapshot import OrgContext
 from recon_stream.domain.vulns import EpssEntry, KevEntry, VulnContext
 from recon_stream.feeds import FeedRefresher
+from recon_stream.rerating import BatchReassessor, acceptance_batches
 from tests.fakes import FakeFeedCopies, FakeQueue, Parts, request
 
 pytestmark = pytest.mark.unit
@@ -161,6 +164,168 @@ async def test_many_exposures_are_re_rated_a_few_at_a_time() -> None:
     await feeds.refresh_due()
     assert await feeds.rerate() == 40
     assert len(severity_changes(parts)) == 40
+
+
+# -- in batches ----------------------------------------------------------------------
+
+T0 = datetime(2026, 11, 2, 9, tzinfo=UTC)
+
+
+async def estate(parts: Parts) -> list[tuple[str, str]]:
+    """Snapshots opened at T0: most carry CVE, some with an acceptance taken since (org-wide
+    or for the IP), one carries none; returns the pairs."""
+    pairs = [(f"org-{n % 4}", f"203.0.113.{n}") for n in range(1, 12)]
+    for n, (org, ip) in enumerate(pairs):
+        services = (CITRIX, RDP) if n % 3 else (CITRIX,)
+        scan = HostScan(ip=ip, provider="api", queried_at=T0, services=services)
+        outbox = await parts.updater.apply(OrgContext(org, ("a",), ()), scan)
+        await parts.outbox.publish(outbox)
+    ssh = HostScan(ip=OTHER, provider="api", queried_at=T0, services=(SSH,))
+    await parts.outbox.publish(await parts.updater.apply(OrgContext("org-1", ("a",), ()), ssh))
+    await parts.acceptances.accept(
+        Acceptance("org-2", None, "tcp", 443, "vendor portal", "ciso", T0, None), "c1"
+    )
+    await parts.acceptances.accept(
+        Acceptance("org-1", pairs[0][1], "tcp", 3389, "jump host", "tech", T0, None), "c2"
+    )
+    parts.events.published.clear()
+    parts.state.published.clear()
+    parts.ocsf.published.clear()
+    parts.feeds.known[CVE] = KEV
+    return pairs
+
+
+def batches(parts: Parts) -> BatchReassessor:
+    return BatchReassessor(parts.snapshots, parts.acceptances, parts.outbox)
+
+
+async def test_a_batch_emits_and_stores_what_the_per_snapshot_path_does() -> None:
+    one, many = Parts(), Parts()
+    pairs = await estate(one)
+    assert await estate(many) == pairs
+    at = T0 + timedelta(days=1)
+    for org, ip in [*pairs, ("org-1", OTHER)]:
+        await one.outbox.reassess(org, ip, at)
+    carrying = [s async for s in many.snapshots.carrying_snapshots([CVE, LIKELY])]
+    assert await batches(many).reassess(carrying, at) == len(pairs) + 1
+
+    def dumped(items: list[Any]) -> list[Any]:
+        return sorted(
+            (i.model_dump(mode="json") if hasattr(i, "model_dump") else repr(i) for i in items),
+            key=repr,
+        )
+
+    assert len(one.events.published) >= len(pairs)
+    assert {e.data.change.value for e in one.events.published} == {"changed"}
+    assert any("accepted" in e.data.changed_fields for e in one.events.published)
+    assert dumped(many.events.published) == dumped(one.events.published)
+    assert dumped(many.ocsf.published) == dumped(one.ocsf.published)
+    assert dumped(many.state.published) == dumped(one.state.published)
+    assert many.history.entries == one.history.entries
+    assert many.snapshots.snapshots == one.snapshots.snapshots
+    assert await many.snapshots.unpublished(100) == await one.snapshots.unpublished(100) == []
+
+
+async def test_a_snapshot_written_meanwhile_is_re_assessed_alone_against_the_new_version() -> None:
+    parts = Parts()
+    pairs = await estate(parts)
+    carrying = [s async for s in parts.snapshots.carrying_snapshots([CVE])]
+    parts.snapshots.conflicts = 2  # two swaps of the batch lose to another writer
+    assert await batches(parts).reassess(carrying, T0 + timedelta(days=1)) == len(pairs)
+    changed = severity_changes(parts)
+    assert sorted((org, ip) for org, ip, _, _ in changed) == sorted(pairs)
+    assert {severity for _, _, severity, _ in changed} == {"critical"}
+    # The two were decided again on the other writer's version (2), and stored over it.
+    versions = sorted(parts.snapshots.snapshots[pair].version for pair in pairs)
+    assert versions == [2] * (len(pairs) - 2) + [3, 3]
+    assert len({e.id for e in parts.events.published}) == len(parts.events.published)
+    assert await parts.snapshots.unpublished(100) == []
+
+
+async def test_a_batch_whose_severities_stay_emits_and_writes_nothing() -> None:
+    parts = Parts()
+    await estate(parts)
+    parts.feeds.known.clear()  # as when the snapshots were assessed
+    await parts.acceptances.unaccept("org-2", None, "tcp", 443)
+    await parts.acceptances.unaccept("org-1", "203.0.113.1", "tcp", 3389)
+    stored = dict(parts.snapshots.snapshots)
+    carrying = [s async for s in parts.snapshots.carrying_snapshots([CVE])]
+    assert await batches(parts).reassess(carrying, T0 + timedelta(days=1)) == len(carrying)
+    assert parts.events.published == parts.state.published == []
+    assert parts.snapshots.snapshots == stored
+
+
+async def test_the_refresher_re_rates_in_batches_of_its_size_and_publishes_each_once() -> None:
+    parts = Parts()
+    for n in range(23):
+        await opened(parts, f"org-{n}", IP, CITRIX)
+    sizes: list[int] = []
+    swap_many = parts.snapshots.swap_many
+
+    async def counted(updates: Any) -> list[bool]:
+        sizes.append(len(updates))
+        return await swap_many(updates)
+
+    parts.snapshots.swap_many = counted  # type: ignore[method-assign]
+    copies = FakeFeedCopies(parts.feeds)
+    copies.served = {"kev.json": {CVE: KEV}, "epss.csv": {}}
+    feeds = FeedRefresher(
+        copies,
+        {"kev": "kev.json"},
+        parts.metrics,
+        every=3600.0,
+        retry=60.0,
+        snapshots=parts.snapshots,
+        outbox=parts.outbox,
+        parallel=2,
+        batch=5,
+    )
+    await feeds.refresh_due()
+    assert await feeds.rerate() == 23
+    assert sorted(sizes) == [3, 5, 5, 5, 5]
+    assert len(severity_changes(parts)) == 23
+    assert len({e.id for e in parts.events.published}) == len(parts.events.published) == 46
+
+
+async def test_a_crash_after_the_swaps_leaves_the_events_to_the_relay_and_the_marks() -> None:
+    parts = Parts()
+    await opened(parts, "acme", IP, CITRIX)
+    await opened(parts, "globex", IP, CITRIX)
+    copies = FakeFeedCopies(parts.feeds)
+    copies.served = {"kev.json": {CVE: KEV}, "epss.csv": {}}
+    feeds = refresher(parts, copies)
+    await feeds.refresh_due()
+
+    async def crash(events: object) -> None:
+        raise RuntimeError("the leader died")
+
+    parts.history.record = crash  # type: ignore[method-assign]
+    with pytest.raises(ExceptionGroup):
+        await feeds.rerate()
+    assert copies.rerate == {CVE}
+    assert severity_changes(parts) == []
+    del parts.history.record
+    assert await parts.outbox.relay_once() > 0  # stored with the snapshots: not lost
+    relayed = severity_changes(parts)
+    assert sorted(org for org, *_ in relayed) == ["acme", "globex"]
+    # The next leader finds nothing left to change, and unmarks.
+    assert await refresher(parts, copies).rerate() == 2
+    assert severity_changes(parts) == relayed
+    assert copies.rerate == set()
+
+
+async def test_acceptances_of_a_store_that_reads_one_org_at_a_time_are_the_same() -> None:
+    parts = Parts()
+    pairs = await estate(parts)
+    store = parts.acceptances
+
+    class OneByOne:
+        acceptances = store.acceptances
+
+    reader = acceptance_batches(OneByOne())  # type: ignore[arg-type]
+    assert not isinstance(reader, type(store))
+    assert await reader.acceptances_of(pairs) == await store.acceptances_of(pairs)
+    assert acceptance_batches(store) is store
 
 
 # -- the queue's order ---------------------------------------------------------------
