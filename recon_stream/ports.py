@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import ExposureEvent
-from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.pairs import PairStatus
+from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan, ScanRecord
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
