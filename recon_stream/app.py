@@ -55,11 +55,13 @@ from recon_stream.adapters.scan_queue import PRIORITY, ScanQueue
 from recon_stream.adapters.shodan import build_provider
 from recon_stream.adapters.vuln_feeds import VulnFeeds
 from recon_stream.adapters.webhooks import WebhookClient
+from recon_stream.attribution import Attribution
 from recon_stream.commands import CommandService
 from recon_stream.dead_letters import RawRecord
 from recon_stream.domain.freshness import observation_ages
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.risk import RiskPolicy
+from recon_stream.domain.scope import EMPTY_SCOPE, Scope, load_scope
 from recon_stream.domain.vulns import Feed
 from recon_stream.feeds import FeedRefresher
 from recon_stream.ingest import IngestService
@@ -123,6 +125,8 @@ class Shared:
     outbox: OutboxPublisher
     """Publishes what snapshot updates left in outboxes (scanner, commands, scheduler)."""
     dead_letters: kafka.KafkaDeadLetters
+    scope: Scope = field(default_factory=lambda: EMPTY_SCOPE)
+    """RECON_SCOPE_FILE, read at start (a change takes effect at the next restart)."""
     samplers: list[Sampler] = field(default_factory=list)
     tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -393,6 +397,7 @@ def wire_scanner(shared: Shared, worker: Worker) -> None:
         tracer=shared.tracer,
         scans=scans,
         verifier=verifier(shared) if settings.verify_tcp else None,
+        attribution=Attribution(stores.org_ips, shared.scope, shared.outbox, metrics),
     )
     if scanner.verifier is not None:
         shared.on_close(scanner.verifier.stop)
@@ -493,6 +498,12 @@ def wire_scheduler(shared: Shared, worker: Worker) -> None:
     shared.status.add_state("scheduler", lambda: scheduler.state)
     shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
     _wire_feeds(shared, lambda: scheduler.state == "leading")
+    attribution = Attribution(stores.org_ips, shared.scope, shared.outbox, shared.metrics)
+    shared.run(
+        lambda: attribution.run(
+            settings.scheduler_tick_seconds, lambda: scheduler.state == "leading"
+        )
+    )
     worker.scheduler = scheduler
 
 
@@ -656,6 +667,7 @@ def _build_shared(
     db = client[settings.mongodb_database]
     stores = Stores.on(db, settings)
     policy = effective_policy(settings)
+    scope = load_scope(settings.scope_file) if settings.scope_file else EMPTY_SCOPE
     retrying = Retrier(
         Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
         metrics,
@@ -698,6 +710,7 @@ def _build_shared(
         stores=stores,
         outbox=outbox,
         dead_letters=kafka.KafkaDeadLetters(broker, settings.topic_dlq),
+        scope=scope,
     )
 
 

@@ -88,6 +88,7 @@ def run(
 ) -> None:
     """Run a worker until SIGTERM/SIGINT."""
     from recon_stream.app import build_worker, serve
+    from recon_stream.domain.scope import ScopeError
     from recon_stream.notifier import NotifyFileError
 
     _logging(log_level)
@@ -101,6 +102,9 @@ def run(
         raise typer.Exit(2) from None
     except NotifyFileError as error:
         typer.echo(f"invalid RECON_NOTIFY_FILE, not starting:\n{error}", err=True)
+        raise typer.Exit(2) from None
+    except ScopeError as error:
+        typer.echo(f"invalid RECON_SCOPE_FILE, not starting:\n{error}", err=True)
         raise typer.Exit(2) from None
     asyncio.run(serve(worker))
 

@@ -18,7 +18,7 @@ sends it once the lease has run out.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -28,11 +28,16 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from recon_stream.adapters.collections import ORG_IPS
+from recon_stream.domain.pairs import PairStatus
 from recon_stream.domain.sightings import PairSighting
 from recon_stream.domain.snapshot import OrgContext
 from recon_stream.ports import Created
 
 Document = dict[str, Any]
+
+HELD = (PairStatus.EXCLUDED, PairStatus.SHARED_EGRESS, PairStatus.DISMISSED)
+"""Statuses a heartbeat leaves as they are (set by a decision, not by activity)."""
+_HELD = [status.value for status in HELD]
 _DUPLICATE_KEY = 11000
 
 
@@ -151,7 +156,15 @@ class MongoOrgIps:
                     },
                     "created_at": {"$ifNull": ["$created_at", "$$now"]},
                     "updated_at": "$$now",
-                    "status": _literal("active"),
+                    # A heartbeat brings a retired pair back; the statuses set by a
+                    # decision (scope, shared egress, dismissal) stay as they are.
+                    "status": {
+                        "$cond": [
+                            {"$in": [{"$ifNull": ["$status", "active"]}, _literal(_HELD)]},
+                            "$status",
+                            _literal("active"),
+                        ]
+                    },
                     "site_ids": {
                         "$slice": [
                             {"$setUnion": [{"$ifNull": ["$site_ids", []]}, "$$site_ids"]},
@@ -333,6 +346,63 @@ class MongoOrgIps:
         """Those of `ips` some organization still uses."""
         cursor = self._collection.find({"ip": {"$in": list(ips)}, "status": "active"}, {"ip": 1})
         return {doc["ip"] async for doc in cursor}
+
+    # -- statuses (`attribution`, dismissals) ---------------------------------------------
+
+    async def set_status(
+        self,
+        organization_id: str,
+        ip: str,
+        status: PairStatus,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> PairStatus | None:
+        """Give the pair `status` (with why and when); the status before, or None when
+        the organization never reported the IP (nothing written). A pair made active
+        again has its scan request due at once: it is looked up for the org afresh."""
+        now = now or datetime.now(UTC)
+        fields: dict[str, Any] = {
+            "status": status.value,
+            "status_reason": reason,
+            "status_at": now,
+        }
+        if status is PairStatus.ACTIVE:
+            fields["scan_request"] = {"state": "pending", "claim_until": now}
+        pair = {"organization_id": organization_id, "ip": ip}
+        before = await self._collection.find_one_and_update(
+            {**pair, "status": {"$ne": status.value}}, {"$set": fields}, projection={"status": 1}
+        )
+        if before is None:
+            # Already so (nothing written, no extra lookup), or no such pair.
+            return status if await self._collection.find_one(pair, {"_id": 1}) else None
+        was = before.get("status", "active")
+        return PairStatus(was) if was in PairStatus._value2member_map_ else PairStatus.ACTIVE
+
+    async def reason_of(self, organization_id: str, ip: str) -> str | None:
+        doc = await self._collection.find_one(
+            {"organization_id": organization_id, "ip": ip}, {"status_reason": 1}
+        )
+        return doc.get("status_reason") if doc else None
+
+    async def pairs_with_status(self, status: PairStatus) -> list[tuple[str, str]]:
+        """Every (organization, ip) pair with `status`."""
+        cursor = self._collection.find(
+            {"status": status.value}, {"organization_id": 1, "ip": 1}
+        ).sort([("organization_id", 1), ("ip", 1)])
+        return [(doc["organization_id"], doc["ip"]) async for doc in cursor]
+
+    async def crowded_ips(self, min_orgs: int) -> dict[str, list[str]]:
+        """IPs with at least `min_orgs` active or shared-egress pairs, with their orgs."""
+        rows = await (
+            await self._collection.aggregate(
+                [
+                    {"$match": {"status": {"$in": ["active", "shared_egress"]}}},
+                    {"$group": {"_id": "$ip", "orgs": {"$addToSet": "$organization_id"}}},
+                    {"$match": {f"orgs.{min_orgs - 1}": {"$exists": True}}},
+                ]
+            )
+        ).to_list()
+        return {row["_id"]: sorted(row["orgs"]) for row in rows}
 
     async def sharing(self, ip: str) -> list[str]:
         """The organizations whose pairs on `ip` are active or shared egress: who shares
