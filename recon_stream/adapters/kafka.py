@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
+from faststream.opentelemetry import TelemetryMiddleware
+from faststream.prometheus import PrometheusMiddleware
+from faststream.prometheus.types import PublishingStatus
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Tracer
@@ -255,30 +259,115 @@ def _text_headers(raw: Sequence[tuple[str, bytes | None]]) -> tuple[dict[str, st
     return headers, undecodable
 
 
-class KafkaExposureEvents:
-    """Publishes CloudEvents (structured JSON), key = organization id."""
+Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+"""One Kafka record to send: value (None: a tombstone), key, headers."""
 
-    content_type = CONTENT_TYPE
+
+class BatchSender:
+    """Sends a list of records to one topic straight through the broker's aiokafka
+    producer, every send queued before any acknowledgement is awaited.
+
+    FastStream's per-message publish (its command, and the telemetry and
+    Prometheus middlewares around each one) was a third of the re-rating
+    leader's time: three records per re-assessed exposure. What those
+    middlewares did is done here, per batch where it can be: each record
+    published in a traced context gets a `{topic} publish` producer span, child
+    of that context, and that span's `traceparent` header; the batch counts in
+    FastStream's `*_published_messages_total` (its records, by status), its
+    duration and exception series (one observation per batch), read from the
+    broker's own middlewares, so the series stay where dashboards read them.
+
+    At least once: the call returns when the broker has acknowledged every
+    record (acks=all) and raises if any failed, so the caller sends the whole
+    batch again (duplicates, never loss). Keys go to the producer's
+    partitioner, as before.
+    """
 
     def __init__(self, broker: KafkaBroker, topic: str) -> None:
         self._broker = broker
         self._topic = topic
+        self._span_name = f"{topic} publish"
+        self._attributes = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": topic,
+            "messaging.operation": "publish",
+        }
+        self._middlewares: tuple[Tracer, Any] | None = None
+
+    def _telemetry(self) -> tuple[Tracer, Any]:
+        """The tracer of the broker's telemetry middleware (else ours, a no-op unless
+        a global provider is set) and its Prometheus middleware's metrics manager
+        (None without one)."""
+        if self._middlewares is None:
+            tracer: Tracer | None = None
+            manager: Any = None
+            for middleware in getattr(self._broker.config, "broker_middlewares", ()):
+                if isinstance(middleware, TelemetryMiddleware):
+                    tracer = getattr(middleware, "_tracer", None)
+                elif isinstance(middleware, PrometheusMiddleware):
+                    manager = getattr(middleware, "_metrics_manager", None)
+            self._middlewares = (tracer or tracing.tracer_from(None), manager)
+        return self._middlewares
+
+    async def send(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        tracer, manager = self._telemetry()
+        producer = aiokafka_producer(self._broker)
+        topic, name, attributes = self._topic, self._span_name, self._attributes
+        spans: list[Span] = []
+        futures: list[asyncio.Future[Any]] = []
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            for value, key, headers in records:
+                span = tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+                if span.get_span_context().is_valid:  # tracing is on
+                    spans.append(span)
+                    headers = headers + tracing.headers_of(span)
+                futures.append(await producer.send(topic, value, key, headers=headers))
+            # Every send is queued; now wait for all of them, and fail if any did.
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            error = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if error is not None:
+                raise error
+        except BaseException as failure:
+            error = failure
+            for span in spans:
+                tracing.fail(span, failure)
+            raise
+        finally:
+            for span in spans:
+                span.end()
+            if manager is not None:
+                self._count(manager, len(records), time.perf_counter() - start, error)
+
+    def _count(
+        self, manager: Any, records: int, duration: float, error: BaseException | None
+    ) -> None:
+        labels = {"broker": "kafka", "destination": self._topic}
+        if isinstance(error, Exception):
+            manager.add_published_message_exception(exception_type=type(error).__name__, **labels)
+        manager.observe_published_message_duration(duration=duration, **labels)
+        status = PublishingStatus.error if error is not None else PublishingStatus.success
+        manager.add_published_message(amount=records, status=status, **labels)
+
+
+class KafkaExposureEvents:
+    """Publishes CloudEvents (structured JSON), key = organization id, in batches."""
+
+    content_type = CONTENT_TYPE
+
+    def __init__(self, broker: KafkaBroker, topic: str) -> None:
+        self._sender = BatchSender(broker, topic)
+        self._headers = [("content-type", self.content_type.encode())]
 
     def body(self, event: ExposureEvent) -> bytes:
         return event.model_dump_json().encode()
 
     async def publish(self, events: Sequence[ExposureEvent]) -> None:
-        futures = [
-            await self._broker.publish(
-                self.body(e),
-                self._topic,
-                key=e.kafka_key(),
-                headers={"content-type": self.content_type},
-                no_confirm=True,
-            )
-            for e in events
-        ]
-        await asyncio.gather(*futures)
+        headers = self._headers
+        await self._sender.send([(self.body(e), e.kafka_key(), headers) for e in events])
 
 
 class KafkaOcsfFindings(KafkaExposureEvents):
@@ -291,24 +380,22 @@ class KafkaOcsfFindings(KafkaExposureEvents):
 
 
 class KafkaExposureState:
-    """Publishes state rows to the compacted state topic: JSON, or a tombstone (null)."""
+    """Publishes state rows to the compacted state topic: JSON, or a tombstone (null),
+    in batches."""
 
     def __init__(self, broker: KafkaBroker, topic: str) -> None:
-        self._broker = broker
-        self._topic = topic
+        self._sender = BatchSender(broker, topic)
 
     async def publish(self, rows: Sequence[StateRow]) -> None:
-        futures = [
-            await self._broker.publish(
-                row.value.model_dump_json().encode() if row.value is not None else None,
-                self._topic,
-                key=row.key.encode(),
-                headers={"content-type": "application/json"} if row.value is not None else {},
-                no_confirm=True,
-            )
-            for row in rows
-        ]
-        await asyncio.gather(*futures)
+        json_type = [("content-type", b"application/json")]
+        await self._sender.send(
+            [
+                (row.value.model_dump_json().encode(), row.key.encode(), json_type)
+                if row.value is not None
+                else (None, row.key.encode(), [])
+                for row in rows
+            ]
+        )
 
 
 class KafkaDeadLetters:
