@@ -305,6 +305,7 @@ def wire_ingest(shared: Shared, worker: Worker) -> None:
         on_outage=shared.outages.failed,
         on_recovery=shared.outages.recovered,
         tracer=shared.tracer,
+        scope=shared.scope,
     )
     shared.subscribe(
         settings.topic_heartbeats,

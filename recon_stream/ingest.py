@@ -5,6 +5,12 @@ addresses, fold the rest by (organization, IP), skip pairs written recently,
 upsert the others in one unordered bulk write, and announce each pair that did
 not exist before with one scan request. The subscriber commits the batch only
 after all of that succeeded (see `recon_stream.retry` for what is retried).
+
+The scope file (`RECON_SCOPE_FILE`, read at start) is checked for a pair new to
+this worker only (a miss of the seen-pairs cache; known pairs never pay for it):
+an excluded one is counted `excluded` and stored with status `excluded` and the
+scope's reason, and never requested (its stored request is `none`, which the
+relay does not send either).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from recon_stream.domain.heartbeats import (
 )
 from recon_stream.domain.messages import RejectReason
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
+from recon_stream.domain.scope import EMPTY_SCOPE, Scope
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.metrics import Metrics
 from recon_stream.ports import Created, OrgIpStore, ScanRequestSink
@@ -58,6 +65,8 @@ class BatchReport:
     duplicate: int = 0
     non_public: int = 0
     invalid: int = 0
+    excluded: int = 0
+    """Heartbeats of pairs new to the worker that the scope file excludes."""
     written: int = 0
     created: list[PairKey] = field(default_factory=list)
 
@@ -68,6 +77,8 @@ class _Pending:
     cache: list[tuple[SeenKey, SeenEntry]]
     origin: RawRecord
     """The batch's first heartbeat of the pair: its trace continues if the pair is new."""
+    excluded: str | None = None
+    """The scope's reason when the pair was new to the worker and is excluded."""
 
 
 def _now() -> datetime:
@@ -112,8 +123,10 @@ class IngestService:
         on_outage: Callable[[str, BaseException], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
+        scope: Scope = EMPTY_SCOPE,
     ) -> None:
         self._tracer = tracer or tracing.tracer_from(None)
+        self._scope = scope
         self._store = store
         self._scan_requests = scan_requests
         self._dead_letters = dead_letters
@@ -142,6 +155,7 @@ class IngestService:
         public = AddressClass.PUBLIC
         non_public: dict[AddressClass, int] = {}
         hits = 0
+        excluded_by = self._scope.excluded
         for record in records:
             hb: Heartbeat | None = None
             known: Heartbeat | Prevalidated | None = prevalidate(record.value)
@@ -167,6 +181,7 @@ class IngestService:
                 hb = _parse_or_reject(record, rejected)
                 if hb is None:
                     continue
+            new = entry is None
             if entry is None:
                 try:
                     address = parse_address(hb.public_ip)
@@ -184,7 +199,9 @@ class IngestService:
             pending = pairs.get(pair_key)
             if pending is None:
                 sighting = PairSighting(hb.organization_id, entry.ip, observed, observed)
-                pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)], record)
+                # The scope is asked about pairs new to this worker only (a miss).
+                reason = excluded_by(hb.organization_id, entry.ip) if new else None
+                pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)], record, reason)
             elif all(key != cache_key for key, _ in pending.cache):
                 # Another spelling of the same address (e.g. IPv6 case).
                 pending.cache.append((cache_key, entry))
@@ -213,8 +230,11 @@ class IngestService:
         # Every pair left needs a write: it is new, stale, or has a new agent or site.
         to_write = list(pairs.values())
         for pending in to_write:
-            report.accepted += 1
-            report.duplicate += pending.sighting.heartbeats - 1
+            if pending.excluded is not None:
+                report.excluded += pending.sighting.heartbeats
+            else:
+                report.accepted += 1
+                report.duplicate += pending.sighting.heartbeats - 1
             self._metrics.cache_misses.inc(pending.sighting.heartbeats)
 
         if rejected:
@@ -238,6 +258,7 @@ class IngestService:
         m.heartbeats.labels("duplicate").inc(report.duplicate)
         m.heartbeats.labels("non_public").inc(report.non_public)
         m.heartbeats.labels("invalid").inc(report.invalid)
+        m.heartbeats.labels("excluded").inc(report.excluded)
         m.cache_entries.set(len(self._seen))
         m.batch_size.observe(len(records))
         m.batch_duration.observe(time.perf_counter() - started)
@@ -260,9 +281,17 @@ class IngestService:
     async def _write_chunk(self, chunk: list[_Pending], now: datetime) -> Created:
         """Upsert the chunk and announce the pairs it created; returns those."""
         sightings = [p.sighting for p in chunk]
-        created = await self._retrying(
-            "upserting org_ips", lambda: self._store.record(sightings, now)
-        )
+        excluded = {p.sighting.key: p.excluded for p in chunk if p.excluded is not None}
+        if excluded:
+            created = await self._retrying(
+                "upserting org_ips", lambda: self._store.record(sightings, now, excluded)
+            )
+            # Created excluded: stored without a scan request, never announced.
+            created = {key: _id for key, _id in created.items() if key not in excluded}
+        else:
+            created = await self._retrying(
+                "upserting org_ips", lambda: self._store.record(sightings, now)
+            )
         self._metrics.mongodb_writes.labels("org_ips", "upsert").inc(len(sightings))
         if created:
             self._metrics.pairs_discovered.inc(len(created))

@@ -20,7 +20,8 @@ class Metrics:
         self.heartbeats = Counter(
             "recon_heartbeats",
             "Heartbeats consumed, by outcome: accepted (caused a pair write), "
-            "duplicate (pair already written recently), non_public, invalid (sent to the DLQ).",
+            "duplicate (pair already written recently), non_public, invalid (sent to the DLQ), "
+            "excluded (a pair new to the worker that the scope file excludes: never requested).",
             ["outcome"],
             registry=r,
         )

@@ -43,8 +43,15 @@ Created = dict[PairKey, Any]
 class OrgIpStore(Protocol):
     """What the ingest stage needs from `org_ips`."""
 
-    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> Created:
-        """Upsert the sightings; return the pairs this call created (its to announce)."""
+    async def record(
+        self,
+        sightings: Sequence[PairSighting],
+        now: datetime,
+        excluded: Mapping[PairKey, str] | None = None,
+    ) -> Created:
+        """Upsert the sightings; return the pairs this call created (its to announce,
+        but for those in `excluded`: created `excluded` with the scope's reason and
+        no scan request, ever)."""
         ...
 
     async def mark_requested(self, ids: Collection[Any], now: datetime) -> None:

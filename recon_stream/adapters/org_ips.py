@@ -17,7 +17,7 @@ sends it once the lease has run out.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,7 +29,7 @@ from pymongo.errors import BulkWriteError
 
 from recon_stream.adapters.collections import ORG_IPS
 from recon_stream.domain.pairs import PairStatus
-from recon_stream.domain.sightings import PairSighting
+from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext
 from recon_stream.ports import Created
 
@@ -82,18 +82,24 @@ class MongoOrgIps:
         self._max_sites = max_sites
         self._lease = lease
         self._merged = self._merge()
+        self._merged_excluded = self._merge(excluded=True)
 
     @property
     def collection(self) -> AsyncCollection[Document]:
         return self._collection
 
-    def _merge(self) -> Document:
+    def _merge(self, *, excluded: bool = False) -> Document:
         """The pair's new state from the stored document (`$$ROOT`, empty when
         inserting) and the sighting's values, bound as variables by `_upsert`.
 
         Built once: only the variables differ between pairs, so a batch costs a
         small dict per pair instead of this whole expression tree (which took
         most of the worker's time on a stream of new pairs, py-spy).
+
+        `excluded`: the scope file excludes the pair (`$$reason` says why). A pair
+        this creates is `excluded` with no scan request at all (state `none`: the
+        relay never claims it); a pair already stored keeps its status (the
+        scheduler's leader reconciles stored pairs against the file).
         """
         old = {"$ifNull": ["$agents", []]}
         # Agents seen again keep the later of the stored and the new time (a
@@ -143,6 +149,31 @@ class MongoOrgIps:
                 "cond": {"$not": [{"$in": ["$$this.agent_id", "$$agent_ids"]}]},
             }
         }
+        # A heartbeat brings a retired pair back; the statuses set by a
+        # decision (scope, shared egress, dismissal) stay as they are.
+        held: Document = {
+            "$cond": [
+                {"$in": [{"$ifNull": ["$status", "active"]}, _literal(_HELD)]},
+                "$status",
+                _literal("active"),
+            ]
+        }
+        first_request: Document = {"state": _literal("pending"), "claim_until": "$$lease_end"}
+        status: Document = held
+        extra: list[Document] = []
+        if excluded:
+            is_new = {"$eq": [{"$ifNull": ["$status", None]}, None]}
+            status = {"$cond": [is_new, _literal(PairStatus.EXCLUDED.value), held]}
+            first_request = {"state": _literal("none")}
+            extra = [
+                {
+                    "$cond": [
+                        is_new,
+                        {"status_reason": "$$reason", "status_at": "$$now"},
+                        {},
+                    ]
+                }
+            ]
         return {
             "$mergeObjects": [
                 "$$ROOT",
@@ -156,15 +187,7 @@ class MongoOrgIps:
                     },
                     "created_at": {"$ifNull": ["$created_at", "$$now"]},
                     "updated_at": "$$now",
-                    # A heartbeat brings a retired pair back; the statuses set by a
-                    # decision (scope, shared egress, dismissal) stay as they are.
-                    "status": {
-                        "$cond": [
-                            {"$in": [{"$ifNull": ["$status", "active"]}, _literal(_HELD)]},
-                            "$status",
-                            _literal("active"),
-                        ]
-                    },
+                    "status": status,
                     "site_ids": {
                         "$slice": [
                             {"$setUnion": [{"$ifNull": ["$site_ids", []]}, "$$site_ids"]},
@@ -188,19 +211,17 @@ class MongoOrgIps:
                         "$cond": [
                             {"$eq": ["$status", "retired"]},
                             {"state": _literal("pending"), "claim_until": "$$now"},
-                            {
-                                "$ifNull": [
-                                    "$scan_request",
-                                    {"state": _literal("pending"), "claim_until": "$$lease_end"},
-                                ]
-                            },
+                            {"$ifNull": ["$scan_request", first_request]},
                         ]
                     },
                 },
+                *extra,
             ]
         }
 
-    def _upsert(self, s: PairSighting, ip_version: int, now: datetime) -> UpdateOne:
+    def _upsert(
+        self, s: PairSighting, ip_version: int, now: datetime, reason: str | None = None
+    ) -> UpdateOne:
         agents = [
             {"agent_id": a.agent_id, "last_seen": a.last_seen, "hostname": a.hostname}
             for a in s.agents_most_recent_first()[: self._max_agents]
@@ -216,17 +237,36 @@ class MongoOrgIps:
             "now": now,
             "lease_end": now + self._lease,
         }
-        stage = {"$replaceWith": {"$let": {"vars": variables, "in": self._merged}}}
+        merged = self._merged
+        if reason is not None:
+            variables["reason"] = _literal(reason)
+            merged = self._merged_excluded
+        stage = {"$replaceWith": {"$let": {"vars": variables, "in": merged}}}
         return UpdateOne({"organization_id": s.organization_id, "ip": s.ip}, [stage], upsert=True)
 
-    def upserts(self, sightings: Sequence[PairSighting], now: datetime) -> list[UpdateOne]:
+    def upserts(
+        self,
+        sightings: Sequence[PairSighting],
+        now: datetime,
+        excluded: Mapping[PairKey, str] | None = None,
+    ) -> list[UpdateOne]:
         """The pipeline upserts `record` sends (one per sighting, in order)."""
-        return [self._upsert(s, 6 if ":" in s.ip else 4, now) for s in sightings]
+        reasons = excluded or {}
+        return [
+            self._upsert(s, 6 if ":" in s.ip else 4, now, reasons.get(s.key)) for s in sightings
+        ]
 
-    async def record(self, sightings: Sequence[PairSighting], now: datetime) -> Created:
+    async def record(
+        self,
+        sightings: Sequence[PairSighting],
+        now: datetime,
+        excluded: Mapping[PairKey, str] | None = None,
+    ) -> Created:
+        """Upsert the sightings; the pairs this call created. Those in `excluded` (the
+        scope's reason by pair) are created `excluded`, without a scan request."""
         if not sightings:
             return {}
-        ops = self.upserts(sightings, now)
+        ops = self.upserts(sightings, now, excluded)
         created: Created = {}
         pending = list(range(len(ops)))
         # Two workers upserting a new pair at once: one inserts, the other may
@@ -383,6 +423,28 @@ class MongoOrgIps:
             {"organization_id": organization_id, "ip": ip}, {"status_reason": 1}
         )
         return doc.get("status_reason") if doc else None
+
+    async def inventory(self, organization_id: str) -> list[Document]:
+        """Every pair of the organization, whatever its status, by IP: `ip`, `status`,
+        `status_reason`, `status_at`, `agents`, `site_ids`, `first_seen`, `last_seen`."""
+        cursor = self._collection.find(
+            {"organization_id": organization_id},
+            {
+                "_id": 0,
+                "ip": 1,
+                "status": 1,
+                "status_reason": 1,
+                "status_at": 1,
+                "agents": 1,
+                "site_ids": 1,
+                "first_seen": 1,
+                "last_seen": 1,
+            },
+        ).sort("ip", 1)
+        return [
+            {"status": "active", "status_reason": None, **doc, "organization_id": organization_id}
+            async for doc in cursor
+        ]
 
     async def pairs_with_status(self, status: PairStatus) -> list[tuple[str, str]]:
         """Every (organization, ip) pair with `status`."""
