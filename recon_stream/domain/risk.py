@@ -186,11 +186,39 @@ class RiskPolicy(BaseModel):
     """Per-organization overrides, by organization id."""
 
 
-def _matching_rules(service: Service, policy: RiskPolicy) -> list[tuple[ServiceRule, str]]:
-    """Matching rules with how each was identified ("module", "product" or "port")."""
+MATCH_CACHE_SIZE = 4096
+"""How many (rules, module, product, port) matchings `_matching_rules` remembers."""
+
+_MatchKey = tuple[int, str | None, str | None, tuple[str, int]]
+_Matched = tuple[tuple[ServiceRule, str], ...]
+_match_cache: dict[_MatchKey, tuple[tuple[ServiceRule, ...], _Matched]] = {}
+
+
+def _matching_rules(service: Service, policy: RiskPolicy) -> _Matched:
+    """Matching rules with how each was identified ("module", "product" or "port").
+
+    Memoized: it depends only on the policy's rules and the service's module,
+    product and port, and re-rating asks it for the same few services of the same
+    policy again and again (twice per exposure: state row and event). The key is
+    the rules tuple's identity, and each entry holds that tuple, so an identity
+    cannot be reused while its entry lives; the oldest entries go beyond
+    `MATCH_CACHE_SIZE`."""
+    rules = policy.rules
+    key = (id(rules), service.module, service.product, service.key)
+    hit = _match_cache.get(key)
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    matched = _match(service, rules)
+    if len(_match_cache) >= MATCH_CACHE_SIZE:
+        _match_cache.pop(next(iter(_match_cache)), None)
+    _match_cache[key] = (rules, matched)
+    return matched
+
+
+def _match(service: Service, rules: tuple[ServiceRule, ...]) -> _Matched:
     by_identity: list[tuple[ServiceRule, str]] = []
     by_port: list[tuple[ServiceRule, str]] = []
-    for rule in policy.rules:
+    for rule in rules:
         if rule.matches_module(service.module):
             by_identity.append((rule, "module"))
         elif rule.matches_product(service.product):
@@ -200,8 +228,8 @@ def _matching_rules(service: Service, policy: RiskPolicy) -> list[tuple[ServiceR
     # What Shodan identified beats what the port number suggests (SSH on 3306 is
     # SSH), unless it only identified a carrier such as HTTP on WinRM's 5985.
     if any(not rule.carrier for rule, _ in by_identity):
-        return by_identity
-    return by_identity + by_port
+        return tuple(by_identity)
+    return (*by_identity, *by_port)
 
 
 def _service_reasons(service: Service, rule: ServiceRule, how: str) -> list[str]:
