@@ -188,7 +188,10 @@ def publish_heartbeat(
 
 @cli.command()
 def exposures(
-    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    org: Annotated[str | None, typer.Option("--org", help="organization_id")] = None,
+    all_orgs: Annotated[
+        bool, typer.Option("--all-orgs", help="every organization's (not with --org)")
+    ] = False,
     output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
     severity: Annotated[
         list[Severity] | None,
@@ -200,14 +203,36 @@ def exposures(
     ] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """An organization's exposures: the dashboard's table."""
-    from recon_stream.exposure_table import load_rows, render
+    """An organization's exposures (or every organization's): the dashboard's table."""
+    from recon_stream.exposure_table import load_all_rows, load_rows, render
 
+    if (org is None) == (not all_orgs):
+        typer.echo("give one of --org ORG and --all-orgs", err=True)
+        raise typer.Exit(2)
     _logging(log_level)
     settings = _settings()
     wanted = [s.value for s in severity or []]
-    rows = asyncio.run(load_rows(settings, org, severities=wanted, accepted=accepted))
-    typer.echo(render(rows, output.value), nl=False)
+    if org is not None:
+        rows = asyncio.run(load_rows(settings, org, severities=wanted, accepted=accepted))
+    else:
+        rows = asyncio.run(load_all_rows(settings, severities=wanted, accepted=accepted))
+    typer.echo(render(rows, output.value, organizations=org is None), nl=False)
+
+
+@cli.command()
+def ips(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    output: Annotated[Format, typer.Option("--format", help="table, json or csv")] = Format.table,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Every IP an organization's agents reported: its state (active, excluded,
+    shared_egress, dismissed, retired) and why, agents, sites, first and last seen,
+    the last lookup, the next one due and the last error."""
+    from recon_stream.exposure_table import load_ips, render_ips
+
+    _logging(log_level)
+    settings = _settings()
+    typer.echo(render_ips(asyncio.run(load_ips(settings, org)), output.value), nl=False)
 
 
 @cli.command()

@@ -62,9 +62,34 @@ async def load_rows(
         docs = await MongoSnapshots(client[settings.mongodb_database]).table(organization_id)
     finally:
         await client.close()
+    return _rows(settings, docs, severities, accepted)
+
+
+async def load_all_rows(
+    settings: Settings, *, severities: Collection[str] = (), accepted: bool | None = None
+) -> list[dict[str, Any]]:
+    """Every organization's open exposures (`exposures --all-orgs`), by organization,
+    with the same filters as `load_rows`."""
+    client = mongo.connect(settings)
+    try:
+        docs = await MongoSnapshots(client[settings.mongodb_database]).table_of_all()
+    finally:
+        await client.close()
+    rows = _rows(settings, docs, severities, accepted)
+    rows.sort(key=lambda r: r["organization_id"])  # stable: by IP, port within each
+    return rows
+
+
+def _rows(
+    settings: Settings,
+    docs: list[dict[str, Any]],
+    severities: Collection[str],
+    accepted: bool | None,
+) -> list[dict[str, Any]]:
     policy = effective_policy(settings)
     rows = []
     for doc in docs:
+        organization_id = doc["organization_id"]
         for entry in doc.get("services", []):
             service = Service.model_validate(entry["service"])
             # The severity stored with the exposure (snapshots older than that: assessed
@@ -77,6 +102,7 @@ async def load_rows(
                 continue
             rows.append(
                 {
+                    "organization_id": organization_id,
                     "ip": doc["ip"],
                     "transport": service.transport,
                     "port": service.port,
@@ -111,12 +137,18 @@ def _accepted_cell(row: dict[str, Any]) -> str:
     return f"yes{until}: {reason}"
 
 
-def render(rows: list[dict[str, Any]], output: str) -> str:
+def render(rows: list[dict[str, Any]], output: str, *, organizations: bool = False) -> str:
+    """The table (`organizations`: with an ORGANIZATION column first, `--all-orgs`)."""
+    if not organizations:
+        rows = [{k: v for k, v in r.items() if k != "organization_id"} for r in rows]
     if output == "json":
         return json.dumps(rows, indent=2) + "\n"
     if output == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "sample"], lineterminator="\n")
+        first = ["organization_id"] if organizations else []
+        writer = csv.DictWriter(
+            buffer, fieldnames=[*first, *COLUMNS, "sample"], lineterminator="\n"
+        )
         writer.writeheader()
         for row in rows:
             writer.writerow(
@@ -131,6 +163,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         return "no exposures\n"
     table = [
         [
+            *([r["organization_id"]] if organizations else []),
             r["ip"],
             r["transport"],
             str(r["port"]),
@@ -148,6 +181,7 @@ def render(rows: list[dict[str, Any]], output: str) -> str:
         for r in rows
     ]
     header = [
+        *(["ORGANIZATION"] if organizations else []),
         "IP",
         "TRANSPORT",
         "PORT",
@@ -352,3 +386,108 @@ def _aligned(header: list[str], table: list[list[str]]) -> str:
     out = [line.format(*header), line.format(*("-" * w for w in widths))]
     out += [line.format(*row) for row in table]
     return "\n".join(out) + "\n"
+
+
+IP_COLUMNS = (
+    "ip",
+    "state",
+    "reason",
+    "agents",
+    "sites",
+    "first_seen",
+    "last_seen",
+    "last_lookup",
+    "next_lookup",
+    "last_error",
+)
+
+
+async def load_ips(settings: Settings, organization_id: str) -> list[dict[str, Any]]:
+    """Every IP the organization's agents reported, whatever its state, with its
+    lookups: the last one (`ip_scans`), the next one due (a queued request: now or its
+    retry time; else the rescan time; none for a pair that is not active) and the last
+    error of a lookup still queued (`scan_queue`)."""
+    from recon_stream.adapters.ip_scans import IpScans
+    from recon_stream.adapters.org_ips import MongoOrgIps
+    from recon_stream.adapters.scan_queue import ScanQueue
+
+    client = mongo.connect(settings)
+    try:
+        db = client[settings.mongodb_database]
+        pairs = await MongoOrgIps(db).inventory(organization_id)
+        ips = [p["ip"] for p in pairs]
+        lookups = await IpScans(db, settings.rescan_interval_seconds).lookups(ips)
+        queued = await ScanQueue(db).items_of(ips)
+    finally:
+        await client.close()
+    rows = []
+    for pair in pairs:
+        ip, state = pair["ip"], pair.get("status") or "active"
+        lookup = lookups.get(ip, {})
+        item = queued.get(ip)
+        if state != "active":
+            due: Any = None
+        elif item is not None:
+            due = item.get("not_before") or item.get("requested_at")
+        else:
+            due = lookup.get("next_scan_at")
+        error = (item or {}).get("last_error") or {}
+        rows.append(
+            {
+                "ip": ip,
+                "state": state,
+                "reason": pair.get("status_reason") or "",
+                "agents": [a["agent_id"] for a in pair.get("agents", [])],
+                "sites": list(pair.get("site_ids", [])),
+                "first_seen": _time(pair.get("first_seen")),
+                "last_seen": _time(pair.get("last_seen")),
+                "last_lookup": _time(lookup.get("last_queried")),
+                "next_lookup": _time(due) if state == "active" else "",
+                "last_error": error.get("message") or "",
+            }
+        )
+    return rows
+
+
+def render_ips(rows: list[dict[str, Any]], output: str) -> str:
+    if output == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(IP_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {**row, "agents": " ".join(row["agents"]), "sites": " ".join(row["sites"])}
+            )
+        return buffer.getvalue()
+    if not rows:
+        return "no IPs reported\n"
+    table = [
+        [
+            r["ip"],
+            r["state"],
+            r["reason"],
+            ", ".join(r["agents"][:3]) + ("…" if len(r["agents"]) > 3 else ""),
+            ", ".join(r["sites"][:3]) + ("…" if len(r["sites"]) > 3 else ""),
+            r["first_seen"],
+            r["last_seen"],
+            r["last_lookup"] or "never",
+            r["next_lookup"] or "-",
+            r["last_error"][:60],
+        ]
+        for r in rows
+    ]
+    header = [
+        "IP",
+        "STATE",
+        "REASON",
+        "AGENTS",
+        "SITES",
+        "FIRST SEEN",
+        "LAST SEEN",
+        "LAST LOOKUP",
+        "NEXT LOOKUP",
+        "LAST ERROR",
+    ]
+    return _aligned(header, table)

@@ -334,6 +334,11 @@ class MongoSnapshots:
         )
         return [doc async for doc in cursor]
 
+    async def table_of_all(self) -> list[Document]:
+        """Every organization's snapshot documents, for `exposures --all-orgs`."""
+        cursor = self._collection.find({}, sort=[("organization_id", ASCENDING), ("ip", ASCENDING)])
+        return [doc async for doc in cursor]
+
     # -- the migration of hand-edited `accepted` lists (`adapters.migrations`) -----------
 
     async def with_accepted_lists(self) -> list[Document]:

@@ -76,6 +76,13 @@ class IpScans:
             {"_id": {"$in": list(ips)}}, {"$set": {"next_scan_at": until}}
         )
 
+    async def lookups(self, ips: Sequence[str]) -> dict[str, Document]:
+        """`last_queried` and `next_scan_at` of those of `ips` looked up (`recon-stream ips`)."""
+        cursor = self._collection.find(
+            {"_id": {"$in": list(ips)}}, {"last_queried": 1, "next_scan_at": 1}
+        )
+        return {doc["_id"]: doc async for doc in cursor}
+
     async def oldest_query(
         self, in_use: Callable[[Sequence[str]], Awaitable[set[str]]] | None = None
     ) -> datetime | None:

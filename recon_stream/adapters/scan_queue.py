@@ -221,6 +221,14 @@ class ScanQueue:
         """Give the item back at once (shutdown, paused provider)."""
         await self._collection.update_one({"_id": item.ip}, {"$set": {"claim_until": EPOCH}})
 
+    async def items_of(self, ips: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The queued items of those of `ips` waiting for a lookup: `last_error`,
+        `not_before`, `requested_at` (`recon-stream ips`)."""
+        cursor = self._collection.find(
+            {"_id": {"$in": list(ips)}}, {"last_error": 1, "not_before": 1, "requested_at": 1}
+        )
+        return {doc["_id"]: doc async for doc in cursor}
+
     async def depth(self) -> dict[int, int]:
         """Items waiting, by priority."""
         counts: dict[int, int] = {}

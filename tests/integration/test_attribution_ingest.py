@@ -15,7 +15,18 @@ from recon_stream.domain.sightings import PairSighting
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
 
-from .support import NOW, banner, eventually, heartbeat, host, produce, read_all, running, sample
+from .support import (
+    NOW,
+    banner,
+    eventually,
+    heartbeat,
+    host,
+    produce,
+    read_all,
+    run_cli,
+    running,
+    sample,
+)
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
 GUEST, OFFICE = "45.33.91.7", "45.33.90.7"
@@ -95,3 +106,31 @@ async def test_excluded_heartbeats_are_counted_and_never_requested(
         assert pair["status"] == "excluded"
         assert pair["status_reason"] == "guest Wi-Fi"
         assert pair["scan_request"]["state"] == "none"
+
+        async def office_reported() -> bool:
+            doc = await db.exposures.find_one({"organization_id": "acme", "ip": OFFICE})
+            return bool(doc and doc.get("services"))
+
+        await eventually(office_reported, timeout=60)
+    listed = run_cli(settings, "ips", "--org", "acme", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["ip"]: row for row in json.loads(listed.stdout)}
+    assert rows[GUEST]["state"] == "excluded"
+    assert rows[GUEST]["reason"] == "guest Wi-Fi"
+    assert sorted(rows[GUEST]["agents"]) == ["a1", "a2"]
+    assert rows[GUEST]["last_lookup"] == ""
+    assert rows[GUEST]["next_lookup"] == ""
+    assert rows[OFFICE]["state"] == "active"
+    assert rows[OFFICE]["last_lookup"] != ""
+    assert rows[OFFICE]["next_lookup"] != ""
+    table = run_cli(settings, "ips", "--org", "acme")
+    assert "excluded" in table.stdout
+    assert "guest Wi-Fi" in table.stdout
+    everyone = run_cli(settings, "exposures", "--all-orgs", "--format", "json")
+    assert everyone.returncode == 0, everyone.stderr
+    assert {(r["organization_id"], r["ip"], r["port"]) for r in json.loads(everyone.stdout)} == {
+        ("acme", OFFICE, 3389)
+    }
+    assert run_cli(settings, "exposures", "--all-orgs").stdout.startswith("ORGANIZATION")
+    both = run_cli(settings, "exposures", "--all-orgs", "--org", "acme")
+    assert both.returncode == 2
