@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -148,6 +149,27 @@ def servers(
     return kafka, embedded_mongo.uri, pids, embedded_mongo.engine
 
 
+def scope_file(n: int, seed: int) -> str:
+    """A scope file of `n` distinct CIDRs (global and per organization), none of which
+    holds a bench IP (those are in 11-99.x.x.x; these in 130-190.x.x.x)."""
+    rng = random.Random(seed + 1)
+    cidrs: set[str] = set()
+    while len(cidrs) < n:
+        prefix = rng.choice((16, 20, 24, 28, 32))
+        net = ipaddress.ip_network(
+            f"{rng.randint(130, 190)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.0/{prefix}",
+            strict=False,
+        )
+        cidrs.add(str(net))
+    ordered = sorted(cidrs)
+    half = len(ordered) // 2
+    lines = ["version: 1", "exclude:" if half else "exclude: []"]
+    lines += [f"  - {{cidr: {c}, reason: bench}}" for c in ordered[:half]]
+    lines += ["organizations:", "  org-00000:", "    exclude:"]
+    lines += [f"      - {{cidr: {c}, reason: bench}}" for c in ordered[half:]]
+    return "\n".join(lines) + "\n"
+
+
 def start_ingest_worker(
     kafka: str,
     mongodb: str,
@@ -236,6 +258,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settle", type=float, default=0.2, help="share of steady not timed")
+    parser.add_argument(
+        "--scope-cidrs",
+        type=int,
+        default=0,
+        help="run with a RECON_SCOPE_FILE of N random CIDRs none of the bench's IPs is in",
+    )
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
     parser.add_argument("--mongodb", help="URI (default: embedded mongod, else SecantusDB)")
     args = parser.parse_args()
@@ -256,6 +284,10 @@ def main() -> None:
         }
         if args.fetch_bytes:
             extra["RECON_INGEST_MAX_PARTITION_FETCH_BYTES"] = str(args.fetch_bytes)
+        if args.scope_cidrs:
+            scope = tmp / "scope.yaml"
+            scope.write_text(scope_file(args.scope_cidrs, args.seed))
+            extra["RECON_SCOPE_FILE"] = str(scope)
         worker = start_ingest_worker(
             kafka, mongodb, topic, f"bench_{time.time_ns()}", port, tmp / "worker.log", extra
         )
@@ -305,6 +337,7 @@ def main() -> None:
         "public_ips": args.ips,
         "distinct_pairs": pairs,
         "partitions": args.partitions,
+        "scope_cidrs": args.scope_cidrs,
         "max_records": args.max_records,
         "worker_fetch_bytes": args.fetch_bytes
         or Settings.model_fields["ingest_max_partition_fetch_bytes"].default,
