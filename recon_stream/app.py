@@ -58,6 +58,7 @@ from recon_stream.adapters.webhooks import WebhookClient
 from recon_stream.attribution import Attribution
 from recon_stream.commands import CommandService
 from recon_stream.dead_letters import RawRecord
+from recon_stream.dismissals import Dismissing
 from recon_stream.domain.freshness import observation_ages
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.risk import RiskPolicy
@@ -69,6 +70,7 @@ from recon_stream.metrics import Metrics
 from recon_stream.notifier import DestinationNotifier, load_destinations
 from recon_stream.outbox import OutboxPublisher
 from recon_stream.policy import effective_policy
+from recon_stream.ports import OrganizationData
 from recon_stream.providers import ScanningProvider, ShodanProvider
 from recon_stream.retry import Backoff, Retrier
 from recon_stream.roles import ROLES
@@ -208,6 +210,13 @@ class Stores:
     queue: ScanQueue
     command_log: CommandLog
     consents: MongoConsents
+
+    @property
+    def of_organizations(self) -> tuple[OrganizationData, ...]:
+        """Every collection holding an organization's own documents (what `purge`
+        deletes): not `ip_scans` nor the scan queue (an IP's, shared by organizations),
+        nor the command log (it keeps the purge's outcome)."""
+        return (self.org_ips, self.snapshots, self.acceptances, self.history, self.consents)
 
     @classmethod
     def on(cls, db: AsyncDatabase[mongo.Document], settings: Settings) -> Stores:
@@ -460,6 +469,9 @@ def wire_commands(shared: Shared, worker: Worker) -> None:
         shared.retrying,
         consents=stores.consents,
         consent_history=stores.history,
+        dismissing=Dismissing(stores.org_ips, stores.history, shared.scope, shared.outbox),
+        snapshots=stores.snapshots,
+        organization_data=stores.of_organizations,
     )
     shared.subscribe(
         settings.topic_commands,
@@ -475,7 +487,7 @@ def wire_commands(shared: Shared, worker: Worker) -> None:
 
 def wire_scheduler(shared: Shared, worker: Worker) -> None:
     """One leader under a lease: rescans of stale IPs, retirement of unused pairs,
-    acceptance expiry, and the KEV and EPSS copies kept fresh."""
+    acceptance and dismissal expiry, attribution, and the KEV and EPSS copies kept fresh."""
     settings, stores = shared.settings, shared.stores
     holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     scheduler = Scheduler(
@@ -499,12 +511,11 @@ def wire_scheduler(shared: Shared, worker: Worker) -> None:
     shared.status.add_state("scheduler", lambda: scheduler.state)
     shared.run(lambda: scheduler.run(settings.scheduler_tick_seconds))
     _wire_feeds(shared, lambda: scheduler.state == "leading")
+    leading: Callable[[], bool] = lambda: scheduler.state == "leading"  # noqa: E731
     attribution = Attribution(stores.org_ips, shared.scope, shared.outbox, shared.metrics)
-    shared.run(
-        lambda: attribution.run(
-            settings.scheduler_tick_seconds, lambda: scheduler.state == "leading"
-        )
-    )
+    shared.run(lambda: attribution.run(settings.scheduler_tick_seconds, leading))
+    dismissing = Dismissing(stores.org_ips, stores.history, shared.scope, shared.outbox)
+    shared.run(lambda: dismissing.run(settings.scheduler_tick_seconds, leading))
     worker.scheduler = scheduler
 
 

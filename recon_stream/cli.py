@@ -342,6 +342,91 @@ def rescan(
     )
 
 
+@cli.command()
+def dismiss(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    ip: Annotated[str, typer.Option("--ip", help="an IP the organization's agents reported")],
+    reason: Annotated[str, typer.Option("--reason", help="why it is not the org's")],
+    by: Annotated[str, typer.Option("--by", help="who decides (user, ticket)")],
+    until: Annotated[
+        str | None, typer.Option("--until", help="expiry, RFC 3339; default: none")
+    ] = None,
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Wait = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Say an IP is not the organization's (a home office, a hotel): its open exposures
+    close (reason `dismissed`), no lookup is made for the organization and nothing more is
+    reported on it until `undismiss` or the expiry (publishes a `dismiss` command)."""
+    _send_command(
+        {
+            "command": "dismiss",
+            "organization_id": org,
+            "ip": ip,
+            "reason": reason,
+            "requested_by": by,
+            "expires_at": until,
+        },
+        command_id,
+        log_level,
+        wait,
+    )
+
+
+@cli.command()
+def undismiss(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    ip: Annotated[str, typer.Option("--ip")],
+    by: Annotated[str, typer.Option("--by", help="who decides (user, ticket)")],
+    reason: Annotated[str | None, typer.Option("--reason", help="why (kept in history)")] = None,
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Wait = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Take a dismissal back: the IP is the organization's again and is looked up afresh
+    (publishes an `undismiss` command)."""
+    _send_command(
+        {
+            "command": "undismiss",
+            "organization_id": org,
+            "ip": ip,
+            "reason": reason,
+            "requested_by": by,
+        },
+        command_id,
+        log_level,
+        wait,
+    )
+
+
+@cli.command()
+def purge(
+    org: Annotated[str, typer.Option("--org", help="organization_id")],
+    by: Annotated[str, typer.Option("--by", help="who decides (user, ticket)")],
+    yes: Annotated[
+        bool, typer.Option("--yes", help="confirm: the organization's data is deleted")
+    ] = False,
+    command_id: Annotated[str | None, typer.Option("--id", help="default: a new UUID")] = None,
+    wait: Wait = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Offboard an organization (publishes a `purge` command): its open exposures close
+    (reason `organization_purged`, with state tombstones), then its pairs, exposures,
+    acceptances, dismissals, consent and history are deleted. Heartbeats that still
+    arrive from its agents start it afresh."""
+    if not yes:
+        typer.echo(
+            f"purge deletes every record of organization {org}: add --yes to confirm", err=True
+        )
+        raise typer.Exit(2)
+    _send_command(
+        {"command": "purge", "organization_id": org, "requested_by": by},
+        command_id,
+        log_level,
+        wait,
+    )
+
+
 def _send_command(
     body: dict[str, object], command_id: str | None, log_level: str, wait: float | None = None
 ) -> None:

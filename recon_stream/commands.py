@@ -1,5 +1,5 @@
-"""The commands stage: `accept`, `unaccept`, `rescan` and `verification` from
-`recon.commands.v1`.
+"""The commands stage: `accept`, `unaccept`, `rescan`, `verification`, `dismiss`,
+`undismiss` and `purge` from `recon.commands.v1`.
 
 Each record is validated like a heartbeat (an invalid one goes to the DLQ with
 its reason and the batch goes on), then applied, in the order of its partition
@@ -18,9 +18,17 @@ after the whole batch. A command already marked applied does nothing again.
   record already says so, or a command requested later set it (`no_effect`). It needs
   no heartbeat first: consent may come before the organization's first agent.
 
+- `dismiss` / `undismiss`: "this IP is not ours", and taking it back (`dismissals`).
+- `purge`: the organization left. Its open exposures close first (reason
+  `organization_purged`: events, OCSF findings, state tombstones), then its pairs,
+  snapshots, acceptances, dismissals, consent and history are deleted. Every step is
+  idempotent: a purge cut short by a crash finishes on redelivery. An organization
+  with nothing on record: `no_effect`. The command log keeps the purge's outcome.
+
 An `accept` or `rescan` naming an IP the organization does not use goes to the DLQ
 (`unknown_target`): the budget is spent only on the organization's own IPs, and
-nobody accepts exposures on someone else's address. Every command's outcome is
+nobody accepts exposures on someone else's address. A `dismiss` or `undismiss` of an IP
+the organization never reported (whatever its status now) goes there too. Every command's outcome is
 recorded by id (`applied`, `no_effect`, `rejected` with the reason), which is what
 `recon-stream accept|unaccept|rescan --wait` reports.
 """
@@ -34,17 +42,24 @@ from datetime import UTC, datetime
 from functools import partial
 
 from recon_stream.dead_letters import DeadLetterSink, RawRecord, Rejected
+from recon_stream.dismissals import Dismissing
 from recon_stream.domain.commands import (
     AcceptCommand,
+    AnyCommand,
     CommandOutcome,
+    DismissCommand,
+    PurgeCommand,
     RescanCommand,
     UnacceptCommand,
+    UndismissCommand,
     VerificationCommand,
     acceptance_of,
     consent_of,
+    dismissal_of,
     parse_command,
 )
 from recon_stream.domain.messages import InvalidMessage, RejectReason
+from recon_stream.domain.pairs import DismissalEntry
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.metrics import Metrics
 from recon_stream.outbox import OutboxPublisher
@@ -53,14 +68,16 @@ from recon_stream.ports import (
     CommandLogStore,
     ConsentHistory,
     ConsentStore,
+    OrganizationData,
     OrgDirectory,
     ScanRequestQueue,
+    SnapshotStore,
 )
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
 
-Command = AcceptCommand | UnacceptCommand | RescanCommand | VerificationCommand
+Command = AnyCommand
 
 
 class CommandService:
@@ -77,7 +94,13 @@ class CommandService:
         *,
         consents: ConsentStore | None = None,
         consent_history: ConsentHistory | None = None,
+        dismissing: Dismissing | None = None,
+        snapshots: SnapshotStore | None = None,
+        organization_data: Sequence[OrganizationData] = (),
     ) -> None:
+        self._dismissing = dismissing
+        self._snapshots = snapshots
+        self._organization_data = tuple(organization_data)
         self._consents = consents
         self._consent_history = consent_history
         self._acceptances = acceptances
@@ -124,6 +147,10 @@ class CommandService:
             outcome = await self._rescan(command)
         elif isinstance(command, VerificationCommand):
             outcome = await self._verification(command)
+        elif isinstance(command, DismissCommand | UndismissCommand):
+            outcome = await self._dismissal(command)
+        elif isinstance(command, PurgeCommand):
+            outcome = await self._purge(command)
         else:
             outcome = await self._decide(command)
         await self._mark(command, outcome)
@@ -168,10 +195,17 @@ class CommandService:
 
     async def _unknown_target(self, command: Command) -> str | None:
         """Why the command names an IP the organization does not use, if it does."""
-        if isinstance(command, UnacceptCommand | VerificationCommand) or command.ip is None:
-            # Taking an acceptance back never needs the IP to be in use; consent names none.
+        if isinstance(command, UnacceptCommand | VerificationCommand | PurgeCommand):
+            # Taking an acceptance back never needs the IP to be in use; the others name none.
             return None
         org = command.organization_id
+        if isinstance(command, DismissCommand | UndismissCommand):
+            # Any status: a retired, excluded or shared IP can be dismissed (and back).
+            if await self._dismissals().known(org, command.ip):
+                return None
+            return f"{command.ip} was never reported by organization {org}"
+        if command.ip is None:
+            return None
         active = await self._retrying(
             "reading the org's IPs", partial(self._orgs.reported_ips, org)
         )
@@ -217,6 +251,55 @@ class CommandService:
             consent.requested_by,
         )
         return CommandOutcome.APPLIED
+
+    def _dismissals(self) -> Dismissing:
+        if self._dismissing is None:
+            raise RuntimeError("the commands stage was built without dismissals")
+        return self._dismissing
+
+    async def _dismissal(self, command: DismissCommand | UndismissCommand) -> CommandOutcome:
+        dismissing = self._dismissals()
+        if isinstance(command, DismissCommand):
+            done = await dismissing.dismiss(dismissal_of(command))
+        else:
+            entry = DismissalEntry.undismissed(
+                command.organization_id,
+                command.ip,
+                command.requested_by,
+                command.reason,
+                command.requested_at,
+                command.identity,
+            )
+            done = await dismissing.undismiss(entry)
+        return CommandOutcome.APPLIED if done else CommandOutcome.NO_EFFECT
+
+    async def _purge(self, command: PurgeCommand) -> CommandOutcome:
+        if self._snapshots is None or not self._organization_data:
+            raise RuntimeError("the commands stage was built without the organization's data")
+        org, retrying = command.organization_id, self._retrying
+        ips = await retrying("reading the org's snapshots", partial(self._snapshots.ips_of, org))
+        closed = 0
+        for ip in ips:
+            now = datetime.now(UTC)
+            outbox = await retrying(
+                "closing exposures", partial(self._outbox.updater.purge, org, ip, now)
+            )
+            closed += len(outbox.events)
+            # Published (events, OCSF, tombstones) before anything is deleted.
+            await self._outbox.publish(outbox)
+        deleted = 0
+        for data in self._organization_data:
+            deleted += await retrying(
+                "deleting the org's data", partial(data.forget_organization, org)
+            )
+        log.info(
+            "organization %s purged by %s: %d exposures closed, %d documents deleted",
+            org,
+            command.requested_by,
+            closed,
+            deleted,
+        )
+        return CommandOutcome.APPLIED if closed or deleted else CommandOutcome.NO_EFFECT
 
     async def _rescan(self, command: RescanCommand) -> CommandOutcome:
         org = command.organization_id

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import ExposureEvent
-from recon_stream.domain.pairs import PairStatus
+from recon_stream.domain.pairs import Dismissal, DismissalEntry, PairStatus
 from recon_stream.domain.scan_requests import ScanRequest
 from recon_stream.domain.scans import HostScan, ScanRecord
 from recon_stream.domain.sightings import PairKey, PairSighting
@@ -192,6 +192,50 @@ class PairStates(Protocol):
 
     async def sharing(self, ip: str) -> list[str]:
         """The organizations whose pairs on `ip` are active or shared egress."""
+        ...
+
+
+class Dismissals(Protocol):
+    """Organizations' "this IP is not ours" (`org_ips`): the commands stage and the
+    scheduler leader's expiry."""
+
+    async def status_of(self, organization_id: str, ip: str) -> PairStatus | None:
+        """The pair's status (None: the organization never reported the IP)."""
+        ...
+
+    async def dismiss(self, dismissal: Dismissal) -> PairStatus | None:
+        """Put the dismissal on record and the pair `dismissed`; the status before (None:
+        no such pair, nothing written)."""
+        ...
+
+    async def undismiss(
+        self,
+        organization_id: str,
+        ip: str,
+        status: PairStatus,
+        reason: str,
+        now: datetime,
+        only: str | None = None,
+    ) -> Dismissal | None:
+        """Give a dismissed pair `status` (active: looked up afresh) and drop its dismissal;
+        the dismissal taken back (None: the pair was not dismissed, or with `only`, not by
+        that command id: nothing written)."""
+        ...
+
+    async def expired_dismissals(self, now: datetime, limit: int) -> list[Dismissal]: ...
+
+
+class DismissalHistory(Protocol):
+    async def record_dismissal(self, entry: DismissalEntry) -> None:
+        """Keep a dismissal's start or end in history (idempotent by its id)."""
+        ...
+
+
+class OrganizationData(Protocol):
+    """A collection holding an organization's documents (`purge`)."""
+
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete every document of the organization; how many."""
         ...
 
 

@@ -22,6 +22,7 @@ from recon_stream.dead_letters import Rejected
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import Assessor, ExposureEvent
+from recon_stream.domain.pairs import Dismissal, DismissalEntry, PairStatus
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.scans import HostScan
@@ -115,6 +116,14 @@ class FakeSnapshots:
             for org, ip in keys[:limit]
         ]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        gone = [key for key in self.snapshots if key[0] == organization_id]
+        for key in gone:
+            del self.snapshots[key]
+            self.pending.pop(key, None)
+            self.pending_state.pop(key, None)
+        return len(gone)
+
 
 class FakeAcceptances:
     """`AcceptanceStore`: acceptances by (organization, IP or None, transport, port)."""
@@ -157,13 +166,36 @@ class FakeAcceptances:
         ):
             del self.kept[key]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        gone = [key for key in self.kept if key[0] == organization_id]
+        for key in gone:
+            del self.kept[key]
+        return len(gone)
+
 
 class FakeHistory:
-    """`HistoryLog` and `ConsentHistory`: entries by event id, consents by command id."""
+    """`HistoryLog`, `ConsentHistory` and `DismissalHistory`: entries by event id, consents
+    by command id, dismissals' starts and ends by entry id."""
 
     def __init__(self) -> None:
         self.entries: dict[str, ExposureEvent] = {}
         self.consents: dict[str, Consent] = {}
+        self.dismissals: dict[str, DismissalEntry] = {}
+
+    async def record_dismissal(self, entry: DismissalEntry) -> None:
+        self.dismissals[entry.entry_id] = entry
+
+    async def forget_organization(self, organization_id: str) -> int:
+        gone = [k for k, e in self.entries.items() if e.data.organization_id == organization_id]
+        gone_c = [k for k, c in self.consents.items() if c.organization_id == organization_id]
+        gone_d = [k for k, d in self.dismissals.items() if d.organization_id == organization_id]
+        for key in gone:
+            del self.entries[key]
+        for key in gone_c:
+            del self.consents[key]
+        for key in gone_d:
+            del self.dismissals[key]
+        return len(gone) + len(gone_c) + len(gone_d)
 
     async def record(self, events: Sequence[ExposureEvent]) -> None:
         self.entries.update((event.id, event) for event in events)
@@ -193,6 +225,10 @@ class FakeConsents:
 
     async def enabled_orgs(self, organization_ids: Iterable[str]) -> builtins.set[str]:
         return {o for o in organization_ids if (c := self.kept.get(o)) is not None and c.enabled}
+
+    async def forget_organization(self, organization_id: str) -> int:
+        self.newest.pop(organization_id, None)
+        return int(self.kept.pop(organization_id, None) is not None)
 
 
 class FakeFeeds:
@@ -305,6 +341,51 @@ class FakeOrgIps:
             return False
         pair["status"] = "retired"
         return True
+
+    async def status_of(self, organization_id: str, ip: str) -> PairStatus | None:
+        pair = self.pairs.get((organization_id, ip))
+        return None if pair is None else PairStatus(pair["status"])
+
+    async def dismiss(self, dismissal: Dismissal) -> PairStatus | None:
+        pair = self.pairs.get((dismissal.organization_id, dismissal.ip))
+        if pair is None:
+            return None
+        before = PairStatus(pair["status"])
+        pair.update(status="dismissed", reason=dismissal.reason, dismissal=dismissal)
+        return before
+
+    async def undismiss(
+        self,
+        organization_id: str,
+        ip: str,
+        status: PairStatus,
+        reason: str,
+        now: datetime,
+        only: str | None = None,
+    ) -> Dismissal | None:
+        pair = self.pairs.get((organization_id, ip))
+        if pair is None or pair["status"] != "dismissed":
+            return None
+        dismissal: Dismissal = pair["dismissal"]
+        if only is not None and dismissal.command_id != only:
+            return None
+        pair.update(status=status.value, reason=reason, dismissal=None)
+        if status is PairStatus.ACTIVE:
+            pair["requested_at"] = now  # its scan request due at once, as the adapter's
+        return dismissal
+
+    async def expired_dismissals(self, now: datetime, limit: int) -> list[Dismissal]:
+        return [
+            pair["dismissal"]
+            for _, pair in sorted(self.pairs.items())
+            if pair["status"] == "dismissed" and pair["dismissal"].expired(now)
+        ][:limit]
+
+    async def forget_organization(self, organization_id: str) -> int:
+        gone = [key for key in self.pairs if key[0] == organization_id]
+        for key in gone:
+            del self.pairs[key]
+        return len(gone)
 
 
 class FakeIpScans:

@@ -35,6 +35,11 @@ class Acceptances:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._collection: AsyncCollection[Document] = db[ACCEPTANCES]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete the organization's acceptances; how many."""
+        result = await self._collection.delete_many({"organization_id": organization_id})
+        return result.deleted_count
+
     async def accept(self, acceptance: Acceptance, command_id: str) -> None:
         """Put `acceptance` on record, replacing any for the same exposure and scope."""
         await self._collection.replace_one(

@@ -38,6 +38,11 @@ class MongoConsents:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._collection: AsyncCollection[Document] = db[VERIFICATION_CONSENTS]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete the organization's verification consent; how many."""
+        result = await self._collection.delete_many({"organization_id": organization_id})
+        return result.deleted_count
+
     async def set(self, consent: Consent) -> ConsentChange:
         """Store `consent` if it changes what is on record and no newer command was
         applied; idempotent by `consent.command_id`."""

@@ -54,6 +54,11 @@ class MongoSnapshots:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._collection: AsyncCollection[Document] = db[EXPOSURES]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete the organization's snapshots (`purge` closes them first); how many."""
+        result = await self._collection.delete_many({"organization_id": organization_id})
+        return result.deleted_count
+
     # -- snapshots --------------------------------------------------------------------
 
     async def load(self, organization_id: str, ip: str) -> Snapshot:

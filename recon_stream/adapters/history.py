@@ -6,11 +6,15 @@ a TTL index on `time` (created, and changed when the retention changes, by
 An organization's verification consent changes are entries too (`_id` =
 `verification:<command id>`), about no single exposure: `ip` and `port` are `*`,
 `change` is `verification`, `reason` `enabled` or `disabled`, with who and why.
+So are dismissals (`_id` = `dismiss:`, `undismiss:` or `dismissal_expired:` and a command
+id): `ip` is the IP, `port` `*`, `change` `dismissal`, `reason` `dismissed`,
+`undismissed` or `dismissal_expired`, with who and why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReplaceOne
@@ -19,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.collections import HISTORY
 from recon_stream.domain.exposures import ExposureEvent
+from recon_stream.domain.pairs import DismissalEntry
 from recon_stream.domain.verification_consent import Consent
 
 Document = dict[str, Any]
@@ -38,6 +43,11 @@ class History:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self._collection: AsyncCollection[Document] = db[HISTORY]
 
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete the organization's history entries; how many."""
+        result = await self._collection.delete_many({"organization_id": organization_id})
+        return result.deleted_count
+
     async def record(self, events: Sequence[ExposureEvent]) -> None:
         """Keep each event's entry (idempotent by event id)."""
         if not events:
@@ -52,6 +62,12 @@ class History:
         entry_id = f"verification:{consent.command_id}"
         await self._collection.replace_one(
             {"_id": entry_id}, _consent_doc(consent, entry_id), upsert=True
+        )
+
+    async def record_dismissal(self, entry: DismissalEntry) -> None:
+        """Keep a dismissal's start or end (idempotent by the entry's id)."""
+        await self._collection.replace_one(
+            {"_id": entry.entry_id}, _dismissal_doc(entry), upsert=True
         )
 
     async def entries(
@@ -102,23 +118,60 @@ def _history_doc(event: ExposureEvent) -> Document:
     }
 
 
-def _consent_doc(consent: Consent, entry_id: str) -> Document:
-    # The same fields as an exposure's entry, so `recon-stream history` lists it with them.
+def _decision_doc(
+    entry_id: str,
+    organization_id: str,
+    ip: str,
+    at: datetime,
+    change: str,
+    reason: str,
+    requested_by: str,
+    why: str | None,
+) -> Document:
+    # A decision about no single exposure (consent, dismissal): the same fields as an
+    # exposure's entry, so `recon-stream history` lists it with them.
     return {
-        "organization_id": consent.organization_id,
-        "ip": "*",
+        "organization_id": organization_id,
+        "ip": ip,
         "transport": "tcp",
         "port": "*",
-        "time": consent.at,
-        "change": "verification",
-        "reason": "enabled" if consent.enabled else "disabled",
+        "time": at,
+        "change": change,
+        "reason": reason,
         "changed_fields": [],
         "severity": "",
         "accepted": False,
-        "requested_by": consent.requested_by,
-        "acceptance_reason": consent.reason,
+        "requested_by": requested_by,
+        "acceptance_reason": why,
         "event_id": entry_id,
         "service": {},
         "scan": None,
         "verification": None,
     }
+
+
+def _consent_doc(consent: Consent, entry_id: str) -> Document:
+    reason = "enabled" if consent.enabled else "disabled"
+    return _decision_doc(
+        entry_id,
+        consent.organization_id,
+        "*",
+        consent.at,
+        "verification",
+        reason,
+        consent.requested_by,
+        consent.reason,
+    )
+
+
+def _dismissal_doc(entry: DismissalEntry) -> Document:
+    return _decision_doc(
+        entry.entry_id,
+        entry.organization_id,
+        entry.ip,
+        entry.at,
+        "dismissal",
+        entry.change.value,
+        entry.requested_by,
+        entry.why,
+    )

@@ -28,7 +28,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from recon_stream.adapters.collections import ORG_IPS
-from recon_stream.domain.pairs import PairStatus
+from recon_stream.domain.pairs import Dismissal, PairStatus
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext
 from recon_stream.ports import Created
@@ -409,14 +409,89 @@ class MongoOrgIps:
         if status is PairStatus.ACTIVE:
             fields["scan_request"] = {"state": "pending", "claim_until": now}
         pair = {"organization_id": organization_id, "ip": ip}
+        # A dismissal changes only by `undismiss` or its expiry: attribution's passes,
+        # which read statuses a moment earlier, never overwrite one.
+        unchanged = [status.value, PairStatus.DISMISSED.value]
         before = await self._collection.find_one_and_update(
-            {**pair, "status": {"$ne": status.value}}, {"$set": fields}, projection={"status": 1}
+            {**pair, "status": {"$nin": unchanged}}, {"$set": fields}, projection={"status": 1}
         )
         if before is None:
-            # Already so (nothing written, no extra lookup), or no such pair.
+            # Already so or dismissed (nothing written, no extra lookup), or no such pair.
             return status if await self._collection.find_one(pair, {"_id": 1}) else None
-        was = before.get("status", "active")
-        return PairStatus(was) if was in PairStatus._value2member_map_ else PairStatus.ACTIVE
+        return _status(before)
+
+    # -- dismissals (`dismiss`, `undismiss`, their expiry) -------------------------------
+
+    async def status_of(self, organization_id: str, ip: str) -> PairStatus | None:
+        doc = await self._collection.find_one(
+            {"organization_id": organization_id, "ip": ip}, {"status": 1}
+        )
+        return None if doc is None else _status(doc)
+
+    async def dismiss(self, dismissal: Dismissal) -> PairStatus | None:
+        """Put the dismissal on record and the pair `dismissed`; the status before (None:
+        the organization never reported the IP, nothing written)."""
+        before = await self._collection.find_one_and_update(
+            {"organization_id": dismissal.organization_id, "ip": dismissal.ip},
+            {
+                "$set": {
+                    "status": PairStatus.DISMISSED.value,
+                    "status_reason": dismissal.reason,
+                    "status_at": dismissal.dismissed_at,
+                    "dismissal": {
+                        "reason": dismissal.reason,
+                        "requested_by": dismissal.requested_by,
+                        "dismissed_at": dismissal.dismissed_at,
+                        "expires_at": dismissal.expires_at,
+                        "command_id": dismissal.command_id,
+                    },
+                }
+            },
+            projection={"status": 1},
+        )
+        return None if before is None else _status(before)
+
+    async def undismiss(
+        self,
+        organization_id: str,
+        ip: str,
+        status: PairStatus,
+        reason: str,
+        now: datetime,
+        only: str | None = None,
+    ) -> Dismissal | None:
+        """Give a dismissed pair `status` (active: its scan request due at once) and drop
+        its dismissal; the dismissal taken back, or None when the pair was not dismissed
+        (or, with `only`, not by that command)."""
+        query: Document = {
+            "organization_id": organization_id,
+            "ip": ip,
+            "status": PairStatus.DISMISSED.value,
+        }
+        if only is not None:
+            query["dismissal.command_id"] = only
+        fields: Document = {"status": status.value, "status_reason": reason, "status_at": now}
+        if status is PairStatus.ACTIVE:
+            fields["scan_request"] = {"state": "pending", "claim_until": now}
+        before = await self._collection.find_one_and_update(
+            query,
+            {"$set": fields, "$unset": {"dismissal": ""}},
+            projection={"organization_id": 1, "ip": 1, "dismissal": 1},
+        )
+        return None if before is None else _dismissal(before)
+
+    async def expired_dismissals(self, now: datetime, limit: int) -> list[Dismissal]:
+        docs = await self._collection.find(
+            {"status": PairStatus.DISMISSED.value, "dismissal.expires_at": {"$lte": now}},
+            {"organization_id": 1, "ip": 1, "dismissal": 1},
+            limit=limit,
+        ).to_list()
+        return [_dismissal(doc) for doc in docs]
+
+    async def forget_organization(self, organization_id: str) -> int:
+        """Delete every pair of the organization (`purge`); how many."""
+        result = await self._collection.delete_many({"organization_id": organization_id})
+        return result.deleted_count
 
     async def reason_of(self, organization_id: str, ip: str) -> str | None:
         doc = await self._collection.find_one(
@@ -482,3 +557,29 @@ class MongoOrgIps:
 
     async def active_count(self) -> int:
         return await self._collection.count_documents({"status": "active"})
+
+
+def _status(doc: Document) -> PairStatus:
+    was = doc.get("status", "active")
+    return PairStatus(was) if was in PairStatus._value2member_map_ else PairStatus.ACTIVE
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # MongoDB hands back naive UTC times unless the client is tz-aware.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _dismissal(doc: Document) -> Dismissal:
+    d = doc.get("dismissal") or {}
+    at = _aware(d.get("dismissed_at"))
+    return Dismissal(
+        organization_id=doc["organization_id"],
+        ip=doc["ip"],
+        reason=d.get("reason", ""),
+        requested_by=d.get("requested_by", ""),
+        dismissed_at=at if at is not None else datetime.fromtimestamp(0, UTC),
+        expires_at=_aware(d.get("expires_at")),
+        command_id=d.get("command_id", ""),
+    )

@@ -10,6 +10,10 @@ organization's commands are applied in the order they were sent.
 - `rescan`: a fresh lookup of one IP or of every active IP of the organization.
 - `verification`: the organization consents to TCP verification of its exposures
   (`enabled` true), or takes its consent back (false), with who and why.
+- `dismiss`: "this IP is not ours" (a home office, a hotel): the IP is treated as
+  excluded for the organization, until `undismiss` or the optional expiry.
+- `undismiss`: takes a dismissal back.
+- `purge`: the organization left: its exposures close and its data is deleted.
 
 A command without `command_id` is identified by its content: the same message
 delivered twice is one command.
@@ -39,6 +43,7 @@ from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.addresses import InvalidAddress, parse_address
 from recon_stream.domain.identifiers import Identifier, IpText
 from recon_stream.domain.messages import parse_message
+from recon_stream.domain.pairs import Dismissal
 from recon_stream.domain.scans import Transport
 from recon_stream.domain.verification_consent import Consent
 
@@ -129,7 +134,45 @@ class VerificationCommand(_Command):
     reason: StatedReason = Field(description="Why (not blank).")
 
 
-AnyCommand = AcceptCommand | UnacceptCommand | RescanCommand | VerificationCommand
+class DismissCommand(_Command):
+    """ "This IP is not ours": no lookup on the organization's behalf, its open exposures
+    close (reason `dismissed`), nothing more is reported on it until `undismiss` or
+    `expires_at`. Only an IP the organization's agents reported can be dismissed."""
+
+    command: Literal["dismiss"]
+    ip: IpText
+    reason: StatedReason = Field(description="Why the IP is not the organization's (not blank).")
+    expires_at: AwareDatetime | None = Field(None, description="Absent: until undismissed.")
+
+
+class UndismissCommand(_Command):
+    """Take a dismissal back: the IP is the organization's again, and looked up afresh."""
+
+    command: Literal["undismiss"]
+    ip: IpText
+    reason: Reason | None = Field(None, description="Why (kept in history).")
+
+
+class PurgeCommand(_Command):
+    """The organization left: its open exposures close (reason `organization_purged`,
+    with state tombstones), then its pairs, exposures, acceptances, dismissals, consent
+    and history are deleted. Late heartbeats of the organization start it afresh."""
+
+    command: Literal["purge"]
+    requested_by: NamedRequester = Field(
+        description="Who decides: a user, a service, a ticket (not blank)."
+    )
+
+
+AnyCommand = (
+    AcceptCommand
+    | UnacceptCommand
+    | RescanCommand
+    | VerificationCommand
+    | DismissCommand
+    | UndismissCommand
+    | PurgeCommand
+)
 Command = Annotated[AnyCommand, Field(discriminator="command")]
 
 
@@ -151,7 +194,8 @@ class CommandOutcome(enum.StrEnum):
     APPLIED = "applied"
     NO_EFFECT = "no_effect"
     """Nothing to do: an `unaccept` that matched no acceptance, a `rescan` already pending,
-    a `verification` the consent on record already says (or older than the one that set it)."""
+    a `verification` the consent on record already says (or older than the one that set it),
+    an `undismiss` of an IP not dismissed, a `purge` of an organization with no data."""
     REJECTED = "rejected"
     """It went to the DLQ (the reason is recorded with it)."""
 
@@ -180,6 +224,19 @@ def acceptance_of(command: AcceptCommand) -> Acceptance:
         requested_by=command.requested_by,
         accepted_at=command.requested_at,
         expires_at=command.expires_at,
+    )
+
+
+def dismissal_of(command: DismissCommand) -> Dismissal:
+    """What a `dismiss` command puts on record (decided when it was requested)."""
+    return Dismissal(
+        organization_id=command.organization_id,
+        ip=command.ip,
+        reason=command.reason,
+        requested_by=command.requested_by,
+        dismissed_at=command.requested_at,
+        expires_at=command.expires_at,
+        command_id=command.identity,
     )
 
 

@@ -20,6 +20,8 @@ by the decision that set them (the scope file, the shared-egress count, `undismi
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from datetime import datetime
 
 from recon_stream.domain.exposures import ChangeReason
 
@@ -48,3 +50,84 @@ _REASONS = {
     PairStatus.DISMISSED: ChangeReason.DISMISSED,
     PairStatus.RETIRED: ChangeReason.IP_RETIRED,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Dismissal:
+    """An organization's "this IP is not ours" on record (`dismiss`), with who and why."""
+
+    organization_id: str
+    ip: str
+    reason: str
+    requested_by: str
+    dismissed_at: datetime
+    expires_at: datetime | None
+    command_id: str
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+class DismissalChange(enum.StrEnum):
+    """A dismissal's history entry: how it started or ended (the entry's reason)."""
+
+    DISMISSED = "dismissed"
+    UNDISMISSED = "undismissed"
+    EXPIRED = "dismissal_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class DismissalEntry:
+    """A dismissal's start or end in the organization's history (idempotent by `entry_id`)."""
+
+    entry_id: str
+    organization_id: str
+    ip: str
+    change: DismissalChange
+    at: datetime
+    requested_by: str
+    why: str | None
+
+    @classmethod
+    def started(cls, dismissal: Dismissal) -> DismissalEntry:
+        return cls(
+            f"dismiss:{dismissal.command_id}",
+            dismissal.organization_id,
+            dismissal.ip,
+            DismissalChange.DISMISSED,
+            dismissal.dismissed_at,
+            dismissal.requested_by,
+            dismissal.reason,
+        )
+
+    @classmethod
+    def undismissed(
+        cls,
+        organization_id: str,
+        ip: str,
+        requested_by: str,
+        why: str | None,
+        at: datetime,
+        command_id: str,
+    ) -> DismissalEntry:
+        return cls(
+            f"undismiss:{command_id}",
+            organization_id,
+            ip,
+            DismissalChange.UNDISMISSED,
+            at,
+            requested_by,
+            why,
+        )
+
+    @classmethod
+    def expired(cls, dismissal: Dismissal, now: datetime) -> DismissalEntry:
+        return cls(
+            f"dismissal_expired:{dismissal.command_id}",
+            dismissal.organization_id,
+            dismissal.ip,
+            DismissalChange.EXPIRED,
+            now,
+            dismissal.requested_by,
+            dismissal.reason,
+        )

@@ -38,6 +38,7 @@ STAGES = {
     "rerating",
     "verifier",
     "attribution",
+    "dismissals",
 }
 SUPPORT = {
     "settings",
