@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from recon_stream.cli import Role
+from recon_stream.domain.scope import EMPTY_SCOPE, load_scope
 from recon_stream.notifier import load_destinations
 
 pytestmark = pytest.mark.deploy
@@ -358,3 +359,31 @@ def test_the_notifier_reads_the_mounted_notify_file(
     for name in RECON:
         if name != "notifier":
             assert "RECON_NOTIFY_FILE" not in stack["services"][name]["environment"]
+
+
+def test_every_worker_reads_the_mounted_scope_file(
+    stack: dict[str, Any], root: Path, load_settings: Any
+) -> None:
+    """deploy/scope.yaml, mounted read-only where RECON_SCOPE_FILE points in every
+    worker, is a scope file the workers start with and excludes nothing as shipped;
+    the example's entries, put there, load too."""
+    sources = set()
+    for name in WORKERS:
+        service = stack["services"][name]
+        settings = load_settings(service["environment"])
+        assert settings.scope_file is not None, name
+        binds = {v["target"]: v for v in service["volumes"] if v["type"] == "bind"}
+        mount = binds[str(settings.scope_file)]
+        assert mount["read_only"] is True, name
+        sources.add(in_repo(stack, root, mount["source"]))
+        # Beside the risk policy, as in the chart.
+        assert settings.risk_policy_file is not None
+        assert str(settings.risk_policy_file) in binds, name
+    assert sources == {root / "deploy" / "scope.yaml"}
+    (source,) = sources
+    assert load_scope(source) == EMPTY_SCOPE
+    example = load_scope(root / "deploy" / "scope.example.yaml")
+    assert example != EMPTY_SCOPE
+    assert example.shared_egress_threshold is not None
+    # init reads no scope file and mounts nothing.
+    assert not stack["services"]["init"].get("volumes")

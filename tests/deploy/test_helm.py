@@ -24,6 +24,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
+from recon_stream.domain.scope import load_scope
 from recon_stream.notifier import load_destinations
 
 pytestmark = pytest.mark.deploy
@@ -39,6 +40,9 @@ FULLNAME = f"{RELEASE}-recon-stream"
 KEV_URL = "https://www.cisa.gov/sites/default/files/feeds/known_exploited_vulnerabilities.json"
 EPSS_URL = "https://epss.empiricalsecurity.com/epss_scores-current.csv.gz"
 DASHBOARD = ROOT / "deploy" / "grafana" / "recon-stream.json"
+# The example scope file: the entries an MSP writes (own egress, SASE ASNs, guest Wi-Fi).
+SCOPE_EXAMPLE = (ROOT / "deploy" / "scope.example.yaml").read_text(encoding="utf-8")
+SCOPE_DIR = "/etc/recon-stream-scope"
 NOTIFY_FILE = """\
 destinations:
   - name: psa
@@ -110,9 +114,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "labelValue": "1",
             "annotations": {"grafana_folder": "Security"},
         },
-        # What a production install adds: the public feeds, a policy.
+        # What a production install adds: the public feeds, a policy, a scope file.
         "vulnFeeds": {"kevSource": KEV_URL, "epssSource": EPSS_URL},
         "riskPolicy": "organizations:\n  acme:\n    - port: tcp/8443\n      severity: info\n",
+        "scope": SCOPE_EXAMPLE,
         "shodan": {"apiKey": "shodan-test-key"},
         "tracing": {
             "enabled": True,
@@ -366,6 +371,7 @@ def test_lint_reports_a_broken_value() -> None:
             {"networkPolicy": {"egress": {"verificationExcept": ["office"]}}},
             "an excepted range that is no CIDR",
         ),
+        ({"scope": {"version": 1}}, "the scope file is text, as the risk policy is"),
         ({"replicas": 3}, "unknown top-level key"),
     ],
 )
@@ -557,6 +563,18 @@ def test_settings_are_what_the_app_accepts(
             expected = yaml.safe_load(merged["notifier"]["notifyFile"])["destinations"]
             assert [d.name for d in destinations] == [d["name"] for d in expected]
             assert all(d.secret is not None for d in destinations)
+        if merged["scope"]:
+            # The scope file as mounted: the worker loads what the value says.
+            scope = rendered.one("ConfigMap", f"{FULLNAME}-scope")["data"]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "scope"]
+            assert settings.scope_file is not None
+            assert settings.scope_file.parent == Path(mount["mountPath"])
+            mounted, given = tmp_path / "mounted-scope.yaml", tmp_path / "given-scope.yaml"
+            mounted.write_text(scope[settings.scope_file.name], encoding="utf-8")
+            given.write_text(merged["scope"], encoding="utf-8")
+            assert load_scope(mounted) == load_scope(given)
+        else:
+            assert settings.scope_file is None
         if not merged["existingSecret"]:
             assert settings.mongodb_uri.get_secret_value() == merged["mongodb"]["uri"]
         for key, value in merged["settings"]["extra"].items():
@@ -649,8 +667,8 @@ def test_init_hook_runs_first_with_the_same_settings(case: Any) -> None:
         if name.startswith("RECON_") and "value" in entry
     }
     # All of them but the files of release ConfigMaps a hook cannot mount (init
-    # reads neither the risk policy nor the notify file).
-    unmountable = {"RECON_RISK_POLICY_FILE", "RECON_NOTIFY_FILE"}
+    # reads none of the risk policy, the scope file and the notify file).
+    unmountable = {"RECON_RISK_POLICY_FILE", "RECON_SCOPE_FILE", "RECON_NOTIFY_FILE"}
     assert inline == {k: v for k, v in rendered.settings().items() if k not in unmountable}
     # The same credentials as the workers (the MongoDB key's password included).
     (scheduler,) = containers(rendered.one("Deployment", f"{FULLNAME}-scheduler"))
@@ -1183,6 +1201,121 @@ def test_a_risk_policy_is_mounted_into_every_worker(render: Any) -> None:
     assert not [c for c in default.of("ConfigMap") if c["metadata"]["name"].endswith("policy")]
 
 
+# ------------------------------------------------------------- scope file
+def effective_env(rendered: Rendered, container: dict[str, Any]) -> dict[str, str]:
+    """The plain variables a container starts with: its envFrom ConfigMaps, then `env`."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(rendered.one("ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def test_a_scope_file_is_mounted_into_every_worker_and_not_into_init(
+    render: Any, tmp_path: Path
+) -> None:
+    rendered = render(
+        {
+            "scope": SCOPE_EXAMPLE,
+            "notifier": {"enabled": True, "notifyFile": "destinations: []\n"},
+            # With the TLS Secrets mounted too: none may land inside another mount.
+            "kafka": {"securityProtocol": "SSL", "tls": {"existingSecret": "kafka-ca"}},
+            "mongodb": {"tls": {"enabled": True, "existingSecret": "mongo-ca"}},
+        }
+    )
+    config = rendered.one("ConfigMap", f"{FULLNAME}-scope")
+    assert config["data"] == {"scope.yaml": SCOPE_EXAMPLE}
+    path = f"{SCOPE_DIR}/scope.yaml"
+    assert rendered.settings()["RECON_SCOPE_FILE"] == path
+    deployments = {d["metadata"]["name"]: d for d in rendered.of("Deployment")}
+    assert set(deployments) == {f"{FULLNAME}-{role}" for role in ALL_ROLES}
+    for name, deployment in deployments.items():
+        spec = pod_spec(deployment)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["scope"] == {"name": "scope", "configMap": {"name": f"{FULLNAME}-scope"}}
+        (container,) = spec["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["scope"] == {"name": "scope", "mountPath": SCOPE_DIR, "readOnly": True}
+        paths = [m["mountPath"] for m in mounts.values()]
+        nested = [(a, b) for a in paths for b in paths if a != b and b.startswith(a + "/")]
+        assert nested == [], name
+        # The variable each worker starts with names the mounted file, and that file
+        # (the ConfigMap's key under the mount) is the example, as the app loads it.
+        env = effective_env(rendered, container)
+        assert env["RECON_SCOPE_FILE"] == path, name
+        mounted = tmp_path / Path(path).relative_to("/")
+        mounted.parent.mkdir(parents=True, exist_ok=True)
+        key = Path(path).relative_to(SCOPE_DIR).as_posix()
+        mounted.write_text(config["data"][key], encoding="utf-8")
+        assert load_scope(mounted) == load_scope(ROOT / "deploy" / "scope.example.yaml")
+    # The init hook runs before the ConfigMap exists: no volume, no mount, no variable.
+    (job,) = rendered.of("Job")
+    spec = pod_spec(job)
+    (init,) = spec["containers"]
+    assert "scope" not in {v["name"] for v in spec["volumes"]}
+    assert SCOPE_DIR not in {m["mountPath"] for m in init["volumeMounts"]}
+    assert "RECON_SCOPE_FILE" not in effective_env(rendered, init)
+    assert ("ConfigMap", f"{FULLNAME}-scope") not in referenced_objects(spec)
+    # No value, no file: nothing mounted, nothing set.
+    default = render({})
+    assert "RECON_SCOPE_FILE" not in default.settings()
+    assert not [c for c in default.of("ConfigMap") if c["metadata"]["name"].endswith("-scope")]
+    for workload in default.workloads():
+        assert "scope" not in {v["name"] for v in pod_spec(workload)["volumes"]}
+
+
+def test_a_changed_scope_file_rolls_every_worker_and_nothing_else_changes(
+    render: Any, chart: helm.Chart
+) -> None:
+    """The workers read the file at start: the pod annotation checksum/scope is how a
+    change reaches them (a new pod template, so a rolling restart)."""
+    base = {"notifier": {"enabled": True, "notifyFile": "destinations: []\n"}}
+    widened = SCOPE_EXAMPLE + "  org-c:\n    exclude:\n      - {asn: AS64500, reason: x}\n"
+
+    def templates(rendered: Rendered) -> dict[str, dict[str, Any]]:
+        return {d["metadata"]["name"]: d["spec"]["template"] for d in rendered.of("Deployment")}
+
+    none, example, changed = (
+        templates(render({**base, "scope": s})) for s in ("", SCOPE_EXAMPLE, widened)
+    )
+    # A second render of its own (render() caches): the checksum is stable.
+    again = templates(
+        Rendered(chart.render({**base, "scope": SCOPE_EXAMPLE}, name=RELEASE, namespace=NAMESPACE))
+    )
+    assert set(example) == {f"{FULLNAME}-{role}" for role in ALL_ROLES}
+    for name, template in example.items():
+        checksum = template["metadata"]["annotations"]["checksum/scope"]
+        assert re.fullmatch(r"[0-9a-f]{64}", checksum)
+        # The same file, the same pods; another file (or none), a roll.
+        assert again[name] == template
+        assert changed[name]["metadata"]["annotations"]["checksum/scope"] != checksum
+        assert none[name]["metadata"]["annotations"]["checksum/scope"] != checksum
+        # Only the scope checksum differs: the file's path is the same, the settings too.
+        before = copy.deepcopy(template)
+        after = copy.deepcopy(changed[name])
+        before["metadata"]["annotations"].pop("checksum/scope")
+        after["metadata"]["annotations"].pop("checksum/scope")
+        assert before == after, name
+    assert len({t["metadata"]["annotations"]["checksum/scope"] for t in example.values()}) == 1
+
+
+@pytest.mark.parametrize(
+    ("scope", "message"),
+    [
+        ("exclude: [\n", "scope is not a YAML mapping"),
+        ("- {asn: AS62044, reason: Zscaler}\n", "scope is not a YAML mapping"),
+        ("exclude:\n  - {asn: AS62044, reason: Zscaler}\n", "`version: 1`"),
+        ("extends: default\n", "`version: 1`"),  # a risk policy, in the wrong value
+        ("version: 2\n", "`version: 1`"),
+    ],
+)
+def test_the_chart_refuses_a_scope_that_is_no_scope_file(
+    chart: helm.Chart, scope: str, message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render({"scope": scope}, name=RELEASE)
+
+
 # ----------------------------------------------------------------- notifier
 def test_the_notifier_is_off_by_default(render: Any) -> None:
     rendered = render({})
@@ -1325,10 +1458,11 @@ def hook_weight(doc: dict[str, Any]) -> int | None:
     [
         {},
         {"riskPolicy": "extends: default\n"},
+        {"scope": SCOPE_EXAMPLE},
         {"notifier": {"enabled": True, "notifyFile": "destinations: []\n"}},
         {"mongodb": {"tls": {"enabled": True, "existingSecret": "mongo-ca"}}},
     ],
-    ids=["as-is", "risk-policy", "notifier", "mongodb-tls"],
+    ids=["as-is", "risk-policy", "scope", "notifier", "mongodb-tls"],
 )
 def test_hooks_use_only_what_exists_before_hooks_run(case: Any, render: Any, extra: Any) -> None:
     """A pre-install hook runs before the release's ordinary objects exist: a hook
@@ -1351,12 +1485,16 @@ def test_hooks_use_only_what_exists_before_hooks_run(case: Any, render: Any, ext
 
 def test_the_hook_check_notices_a_release_configmap(render: Any) -> None:
     """The check above is real: the workers' pods (no hooks) do use release objects."""
-    rendered = render({"riskPolicy": "extends: default\n"})
+    rendered = render({"riskPolicy": "extends: default\n", "scope": SCOPE_EXAMPLE})
     made = {(d["kind"], d["metadata"]["name"]) for d in rendered.docs}
     deployment = rendered.one("Deployment", f"{FULLNAME}-scanner")
     used = referenced_objects(pod_spec(deployment)) & made
     assert ("ConfigMap", f"{FULLNAME}-risk-policy") in used
+    assert ("ConfigMap", f"{FULLNAME}-scope") in used
     assert ("ConfigMap", FULLNAME) in used
+    # And the init hook uses none of them: only objects that exist before it runs.
+    (job,) = rendered.of("Job")
+    assert not [ref for ref in referenced_objects(pod_spec(job)) & made if ref[0] == "ConfigMap"]
 
 
 def test_init_gets_the_encrypted_mongodb_keys_password(render: Any) -> None:

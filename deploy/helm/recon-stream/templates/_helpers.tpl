@@ -7,6 +7,13 @@
 {{- $roles | toJson -}}
 {{- end -}}
 
+{{/*
+Where the scope ConfigMap is mounted (RECON_SCOPE_FILE is scope.yaml there): a
+directory of its own, like the risk policy's, outside /etc/recon-stream where
+the TLS Secrets mount.
+*/}}
+{{- define "recon-stream.scopeDir" -}}/etc/recon-stream-scope{{- end -}}
+
 {{/* Where the notifier's ConfigMap is mounted, and the file RECON_NOTIFY_FILE names. */}}
 {{- define "recon-stream.notifyDir" -}}/etc/recon-stream-notifier{{- end -}}
 
@@ -173,6 +180,9 @@ first install, gets them inline. Keys set here win over settings.extra.
 {{- end -}}
 {{- if $v.riskPolicy -}}
 {{- $_ := set $s "RECON_RISK_POLICY_FILE" "/etc/recon-stream-policy/risk-policy.yaml" -}}
+{{- end -}}
+{{- if $v.scope -}}
+{{- $_ := set $s "RECON_SCOPE_FILE" (printf "%s/scope.yaml" (include "recon-stream.scopeDir" .)) -}}
 {{- end -}}
 {{- if $v.notifier.enabled -}}
 {{- $_ := set $s "RECON_NOTIFY_FILE" (printf "%s/notify.yaml" (include "recon-stream.notifyDir" .)) -}}
@@ -351,8 +361,8 @@ The credentials as env entries read from the Secret. Call with
 {{/*
 The workers' volumes. Call with (dict "root" $ "hook" BOOL): a hook (the init Job)
 runs before the release's own ConfigMaps and Secrets exist, so it gets only what
-exists by then: the emptyDir and the TLS Secrets you made. The risk policy is a
-release ConfigMap (and init does not read it).
+exists by then: the emptyDir and the TLS Secrets you made. The risk policy and
+the scope file are release ConfigMaps (and init reads neither).
 */}}
 {{- define "recon-stream.volumes" -}}
 {{- $root := .root -}}
@@ -363,6 +373,11 @@ release ConfigMap (and init does not read it).
 - name: risk-policy
   configMap:
     name: {{ include "recon-stream.fullname" $root }}-risk-policy
+{{- end }}
+{{- if and $root.Values.scope (not .hook) }}
+- name: scope
+  configMap:
+    name: {{ include "recon-stream.fullname" $root }}-scope
 {{- end }}
 {{- with $root }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
@@ -392,6 +407,11 @@ release ConfigMap (and init does not read it).
   mountPath: /etc/recon-stream-policy
   readOnly: true
 {{- end }}
+{{- if and $root.Values.scope (not .hook) }}
+- name: scope
+  mountPath: {{ include "recon-stream.scopeDir" $root }}
+  readOnly: true
+{{- end }}
 {{- with $root }}
 {{- if and (include "recon-stream.kafkaTls" .) .Values.kafka.tls.existingSecret }}
 - name: kafka-tls
@@ -419,6 +439,16 @@ release ConfigMap (and init does not read it).
 {{- fail (printf "notifier.notifyFile names secret_env %s, which has no value in notifier.secrets (or set notifier.existingSecret)" .) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.scope -}}
+{{- /* The app checks the rest (schemas/scope.v1.json) when a worker starts, and exits 2. */ -}}
+{{- $scope := . | fromYaml -}}
+{{- if hasKey $scope "Error" -}}
+{{- fail (printf "scope is not a YAML mapping (a scope file, schemas/scope.v1.json): %s" (index $scope "Error")) -}}
+{{- end -}}
+{{- if ne (toString (index $scope "version")) "1" -}}
+{{- fail "scope: a scope file says `version: 1` (schemas/scope.v1.json); check it with `recon-stream scope check FILE`" -}}
 {{- end -}}
 {{- end -}}
 {{- range $key, $value := include "recon-stream.freshnessSettings" . | fromJson -}}
