@@ -397,9 +397,10 @@ class MongoOrgIps:
         reason: str | None = None,
         now: datetime | None = None,
     ) -> PairStatus | None:
-        """Give the pair `status` (with why and when); the status before, or None when
-        the organization never reported the IP (nothing written). A pair made active
-        again has its scan request due at once: it is looked up for the org afresh."""
+        """Give the pair `status` (with why and when); the status before, `status` itself
+        when nothing was written (already so, or dismissed: only `undismiss` ends a
+        dismissal), or None when the organization never reported the IP. A pair made
+        active again has its scan request due at once: it is looked up for the org afresh."""
         now = now or datetime.now(UTC)
         fields: dict[str, Any] = {
             "status": status.value,

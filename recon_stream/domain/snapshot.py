@@ -195,13 +195,19 @@ class Update:
 
 def plan_lookup(before: Snapshot, org: OrgContext, scan: HostScan, now: datetime) -> Plan | None:
     """A lookup of the IP, for `org`; None when the snapshot is as new or newer
-    (idempotent: a redelivered or reused lookup changes nothing).
+    (idempotent: a redelivered or reused lookup changes nothing), or, when the snapshot
+    was closed for the org, newer.
 
     A port a TCP check closed stays closed while the provider's observation of it is
     no newer than that check (Shodan's record lags for days); a newer one reopens it.
     """
-    if before.last_queried is not None and _aware(before.last_queried) >= _aware(scan.queried_at):
-        return None
+    if before.last_queried is not None:
+        last, this = _aware(before.last_queried), _aware(scan.queried_at)
+        # A closed-for-the-org snapshot (retired, excluded, dismissed...) takes the very
+        # lookup it last held: the org is told again (the scanner asks only for orgs
+        # whose pair is active), and a stored result reused for it is no newer.
+        if this < last or (this == last and not before.retired):
+            return None
     at = max(_aware(now), _aware(scan.queried_at))
     held = {
         key

@@ -47,7 +47,11 @@ async def test_statuses_hold_through_heartbeats_and_active_again_asks_for_a_look
     await pairs.mark_requested(
         [doc["_id"] for doc in await pairs.all_pairs()], now - timedelta(minutes=1)
     )
-    await pairs.set_status("a", "81.2.69.10", PairStatus.ACTIVE, "undismissed", now)
+    # Attribution's passes never overwrite a dismissal; only undismiss ends it.
+    await pairs.set_status("a", "81.2.69.10", PairStatus.ACTIVE, "no longer shared", now)
+    assert await pairs.status_of("a", "81.2.69.10") is PairStatus.DISMISSED
+    assert await pairs.claim_unsent(now + timedelta(seconds=1), 10) == {}
+    await pairs.undismiss("a", "81.2.69.10", PairStatus.ACTIVE, "undismissed", now)
     due = await pairs.claim_unsent(now + timedelta(seconds=1), 10)
     assert list(due) == [("a", "81.2.69.10")]
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from recon_stream.domain.acceptance import Acceptance
-from recon_stream.domain.exposures import Assessor, ExposureEvent
+from recon_stream.domain.exposures import Assessor, ChangeReason, ExposureEvent
 from recon_stream.domain.policy_file import DEFAULT_POLICY, parse_policy
 from recon_stream.domain.risk import Severity
 from recon_stream.domain.scans import HostScan, ScanRecord, ScanStatus, Service
@@ -149,6 +149,25 @@ def test_retirement_closes_every_open_exposure_and_marks_the_snapshot_retired() 
         {},
     )
     assert all(row.value is None for row in update.state)
+
+
+def test_a_snapshot_closed_for_the_org_reopens_on_the_lookup_it_last_held() -> None:
+    """An org told again about an IP (undismissed, no longer excluded or shared, seen
+    again after retirement) is served the stored lookup: no newer than the snapshot,
+    yet it reopens, once; an older one does not."""
+    first = after_lookup(EMPTY, lookup(RDP))
+    closed = decide(
+        plan_retirement(first.after, T0 + timedelta(hours=1), ChangeReason.DISMISSED, "dismissed")
+        or pytest.fail("no plan"),
+        [],
+        BUILT_IN,
+    )
+    assert closed is not None
+    assert plan_lookup(closed.after, ORG, lookup(RDP, at=T0 - timedelta(days=1)), T0) is None
+    again = after_lookup(closed.after, lookup(RDP))
+    assert changes(again) == [("opened", 3389, "", None)]
+    assert again.after.status == "active"
+    assert plan_lookup(again.after, ORG, lookup(RDP), T0) is None
 
 
 def test_nothing_to_retire_or_reassess_is_no_plan() -> None:
