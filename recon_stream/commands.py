@@ -35,6 +35,7 @@ recorded by id (`applied`, `no_effect`, `rejected` with the reason), which is wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -76,6 +77,9 @@ from recon_stream.ports import (
 from recon_stream.retry import Retrier
 
 log = logging.getLogger(__name__)
+
+PURGE_PARALLEL = 32
+"""IPs a purge closes at once."""
 
 Command = AnyCommand
 
@@ -278,15 +282,21 @@ class CommandService:
             raise RuntimeError("the commands stage was built without the organization's data")
         org, retrying = command.organization_id, self._retrying
         ips = await retrying("reading the org's snapshots", partial(self._snapshots.ips_of, org))
-        closed = 0
-        for ip in ips:
+
+        async def close(ip: str) -> int:
             now = datetime.now(UTC)
             outbox = await retrying(
                 "closing exposures", partial(self._outbox.updater.purge, org, ip, now)
             )
-            closed += len(outbox.events)
-            # Published (events, OCSF, tombstones) before anything is deleted.
             await self._outbox.publish(outbox)
+            return len(outbox.events)
+
+        closed = 0
+        # A few IPs at a time (each a compare-and-swap and a publish); every event,
+        # OCSF finding and tombstone is published before anything is deleted.
+        for start in range(0, len(ips), PURGE_PARALLEL):
+            chunk = ips[start : start + PURGE_PARALLEL]
+            closed += sum(await asyncio.gather(*(close(ip) for ip in chunk)))
         deleted = 0
         for data in self._organization_data:
             deleted += await retrying(
