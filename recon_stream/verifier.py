@@ -86,7 +86,9 @@ class Verifier:
         if scan is None or not (ports := _tcp_ports(scan)):
             return False
         checks = await self.round(scan.ip, ports, "rescan")
-        return bool(checks) and all(check.state is CheckState.OPEN for check in checks)
+        # A check that failed on our side (no Check) says nothing: that port did not
+        # answer open, so the scan decides.
+        return {check.port for check in checks if check.state is CheckState.OPEN} == set(ports)
 
     def after_lookup(self, scan: HostScan) -> None:
         """Check the ports a lookup left open, in the background."""
