@@ -15,7 +15,9 @@ When: after every lookup that leaves TCP ports open (in the background, so `open
 is never held back), before a rescan's scan (`agrees`: when every reported port
 answers, no scan credit is spent), and `confirm` seconds after a round that found a
 port refused or silent, to confirm it (two such checks close the exposure; see
-`domain.snapshot.plan_verification`). A follow-up lost in a crash is made by the
+`domain.snapshot.plan_verification`): the refused ports again, or, when one was
+silent, every port of the round, since silence closes a port only while another
+answers in the same round. A follow-up lost in a crash is made by the
 next lookup or rescan.
 """
 
@@ -119,7 +121,11 @@ class Verifier:
             await self._outbox.publish(outbox)
         failing = [check.port for check in checks if check.state is not CheckState.OPEN]
         if failing and trigger != "confirm":
-            self._spawn(self._confirm_later(ip, failing))
+            # A silent port closes only when another port of the IP answered in the same
+            # round (`plan_verification`): its confirming round checks every port again,
+            # not the silent ones alone (which could never close then).
+            silent = any(check.state is CheckState.NO_ANSWER for check in checks)
+            self._spawn(self._confirm_later(ip, list(ports) if silent else failing))
         return checks
 
     async def _check_all(self, ip: str, ports: Sequence[int]) -> list[Check]:
