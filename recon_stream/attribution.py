@@ -12,7 +12,8 @@ start) and with how many organizations share the IP:
 - an IP reported by at least `shared_egress_organizations` organizations is shared
   egress (a SASE or VPN exit, a hotel, CGNAT): every pair on it whose organization
   did not declare the network `own` becomes `shared_egress`; when fewer share it,
-  those pairs become `active` again.
+  those pairs become `active` again. It is looked up at most once per rescan
+  interval: a stored lookup younger than that serves every request for it (`shared`).
 
 A pair leaving `active` closes its open exposures with the status's reason
 (`excluded`, `shared_egress`), through the same snapshot decision as retirement.
@@ -89,6 +90,17 @@ class Attribution:
         why = f"reported by {len(sharing)} organizations (RECON_SCOPE_FILE: {threshold} or more)"
         await self.move(organization_id, scan.ip, PairStatus.SHARED_EGRESS, why)
         return False
+
+    async def shared(self, ip: str) -> bool:
+        """Whether `ip` is shared egress: reported by at least the scope file's
+        `shared_egress_organizations` (whoever owns it)."""
+        threshold = self._scope.shared_egress_threshold
+        if threshold is None:
+            return False
+        sharing = await self._outbox.retrying(
+            "counting who shares an IP", partial(self._pairs.sharing, ip)
+        )
+        return len(sharing) >= threshold
 
     async def reconcile(self) -> int:
         """Bring every pair's status in step with the scope file and the sharing count;

@@ -385,7 +385,17 @@ class ScannerService:
             asked = item.requested_at
             return stored if asked is not None and stored.queried_at >= asked else None
         age = (datetime.now(UTC) - stored.queried_at).total_seconds()
-        return stored if age < self._reuse_age else None
+        if age < self._reuse_age:
+            return stored
+        # Shared egress (a SASE exit behind dozens of organizations) is looked up at most
+        # once per rescan interval: a newcomer on it is told nothing anyway.
+        if (
+            age < self._ip_scans.rescan_interval
+            and self.attribution is not None
+            and await self.attribution.shared(item.ip)
+        ):
+            return stored
+        return None
 
     async def _look_up(self, item: QueueItem) -> HostScan | None:
         reserved = time.monotonic()

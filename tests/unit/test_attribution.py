@@ -3,16 +3,18 @@ and a pair leaving `active` closes its open exposures with the status's reason."
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from recon_stream.attribution import Attribution
 from recon_stream.domain.pairs import PairStatus
+from recon_stream.domain.scan_requests import ScanReason
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.scope import EMPTY_SCOPE, Scope, parse_scope
 from recon_stream.domain.snapshot import OrgContext
-from tests.fakes import Parts
+from tests.fakes import FakeIpScans, FakeProvider, Parts, request
+from tests.unit.test_stages import scanner
 
 pytestmark = pytest.mark.unit
 
@@ -149,3 +151,22 @@ async def test_a_newcomer_on_a_shared_ip_is_never_told_about_it() -> None:
     assert not await keeper.judge_lookup("d", scan)
     assert pairs.status[("d", "81.2.69.50")] is PairStatus.SHARED_EGRESS
     assert parts.events.published == []
+
+
+async def test_a_shared_ip_is_looked_up_at_most_once_per_rescan_interval() -> None:
+    """A stored lookup too old to serve a new organization (past the reuse age) still
+    serves a request for a shared IP while it is younger than the rescan interval."""
+    ip, old = "81.2.69.60", datetime.now(UTC) - timedelta(hours=2)
+    parts = Parts(ip_scans=FakeIpScans(rescan_interval=3 * 3600.0))
+    pairs = Pairs(*((org, ip) for org in ("a", "b", "c", "d")))
+    shared = scope("version: 1\nshared_egress_organizations: 3\n")
+    for threshold, expected in ((shared, []), (EMPTY_SCOPE, [ip])):
+        provider = FakeProvider()
+        await parts.ip_scans.put(HostScan(ip=ip, provider="api", queried_at=old, services=(RDP,)))
+        service = scanner(parts, provider, reuse_age=3600.0)
+        service.attribution = Attribution(pairs, threshold, parts.outbox, parts.metrics)
+        await parts.queue.enqueue([request("d", ip, ScanReason.NEW)])
+        item = await parts.queue.claim(timedelta(minutes=1))
+        assert item is not None
+        await service.process(item)
+        assert provider.lookups == expected
