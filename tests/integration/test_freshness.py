@@ -16,6 +16,7 @@ from recon_stream.app import snapshot_updater
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.snapshot import OrgContext
+from recon_stream.domain.verification import Check, CheckReason
 from recon_stream.settings import Settings
 from tests.emulators.shodan import ShodanEmulator
 
@@ -105,6 +106,18 @@ async def test_the_snapshots_carrying_a_cve_and_the_critical_observations(db: An
     # RDP is critical under the built-in policy; the one without a timestamp is not counted.
     observed = await snapshots.critical_observations()
     assert [round((datetime.now(UTC) - at) / timedelta(days=1)) for at in observed] == [5]
+    # A TCP check that found a port open later than Shodan's crawl is the newer
+    # observation; one that found it refused is not an observation of it open.
+    checked = datetime.now(UTC) - timedelta(hours=12)
+    opened = Check("45.33.60.3", 3389, CheckReason.CONN_ACCEPT, checked)
+    await updater.verify("acme", "45.33.60.3", [opened], timedelta(minutes=1))
+    refused = Check("45.33.60.1", 3389, CheckReason.CONN_REFUSED, checked)
+    await updater.verify("acme", "45.33.60.1", [refused], timedelta(minutes=1))
+    observed = await snapshots.critical_observations()
+    assert [round((datetime.now(UTC) - at) / timedelta(hours=1)) for at in observed] == [
+        120,
+        12,
+    ]
 
 
 async def test_a_refresh_marks_only_cves_whose_kev_listing_or_epss_score_changed(
