@@ -199,8 +199,11 @@ class IngestService:
             pending = pairs.get(pair_key)
             if pending is None:
                 sighting = PairSighting(hb.organization_id, entry.ip, observed, observed)
-                # The scope is asked about pairs new to this worker only (a miss).
-                reason = excluded_by(hb.organization_id, entry.ip) if new else None
+                # The scope is asked about pairs new to this worker only (a miss); the
+                # answer stays with the cache entry for the pair's later heartbeats.
+                if new:
+                    entry.excluded = excluded_by(hb.organization_id, entry.ip)
+                reason = entry.excluded
                 pending = pairs[pair_key] = _Pending(sighting, [(cache_key, entry)], record, reason)
             elif all(key != cache_key for key, _ in pending.cache):
                 # Another spelling of the same address (e.g. IPv6 case).

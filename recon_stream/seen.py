@@ -28,6 +28,9 @@ class SeenEntry:
     written_at: float = float("-inf")
     agents: set[str] = field(default_factory=set)
     sites: set[str] = field(default_factory=set)
+    excluded: str | None = None
+    """The scope's reason, when the pair was excluded as it was first seen: its later
+    heartbeats are counted `excluded` too, without asking the scope again."""
 
 
 class SeenPairs:

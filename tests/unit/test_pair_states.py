@@ -80,3 +80,17 @@ async def test_excluded_new_pairs_are_counted_stored_and_not_announced() -> None
     again = await ingest.handle_batch(records(heartbeat("org-1", "8.8.8.8", "a1")))
     assert again.duplicate == 1
     assert requests.pairs() == [("org-2", "8.8.8.8")]
+
+
+async def test_an_excluded_pairs_later_heartbeats_from_new_agents_stay_excluded() -> None:
+    """A heartbeat of a known excluded pair that still needs a write (a new agent, in a
+    later batch) is counted `excluded` as the first was, and never announced."""
+    store, requests, metrics = ScopedOrgIps(), FakeScanRequests(), Metrics()
+    ingest = service(store, requests, metrics)
+    await ingest.handle_batch(records(heartbeat("org-1", "8.8.8.8", "a1")))
+    later = await ingest.handle_batch(records(heartbeat("org-1", "8.8.8.8", "a2")))
+    await ingest.flush()
+    assert (later.excluded, later.accepted) == (1, 0)
+    assert count(metrics, "excluded") == 2
+    assert count(metrics, "accepted") == 0
+    assert requests.pairs() == []
