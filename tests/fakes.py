@@ -213,6 +213,9 @@ class FakeConsents:
 
     async def set(self, consent: Consent) -> ConsentChange:
         org = consent.organization_id
+        # As the adapter: MongoDB keeps milliseconds.
+        at = consent.at.replace(microsecond=consent.at.microsecond // 1000 * 1000)
+        consent = dataclasses.replace(consent, at=at)
         change = decide_consent(self.kept.get(org), self.newest.get(org), consent)
         if change in (ConsentChange.CHANGED, ConsentChange.UNCHANGED):
             self.newest[org] = consent.order

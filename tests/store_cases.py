@@ -252,6 +252,17 @@ async def a_no_effect_command_still_orders_the_ones_after_it(consents: Any) -> N
     assert (await consents.get("acme")).enabled is True
 
 
+async def commands_of_the_same_millisecond_take_effect_in_arrival_order(consents: Any) -> None:
+    # Microseconds apart when sent, the same instant once MongoDB has stored them; the
+    # second's id sorts first (the CLI's ids are random).
+    assert await consents.set(_consent(True, "z-1", T0)) is ConsentChange.CHANGED
+    again = _consent(True, "m-2", T0 + timedelta(microseconds=300))
+    assert await consents.set(again) is ConsentChange.UNCHANGED
+    off = _consent(False, "a-3", T0 + timedelta(microseconds=600))
+    assert await consents.set(off) is ConsentChange.CHANGED
+    assert (await consents.get("acme")).enabled is False
+
+
 async def enabled_orgs_are_those_whose_consent_is_on_record_as_enabled(consents: Any) -> None:
     assert await consents.enabled_orgs([]) == set()
     assert await consents.set(_consent(True, "a-1", T0, "acme")) is ConsentChange.CHANGED
@@ -267,5 +278,6 @@ async def enabled_orgs_are_those_whose_consent_is_on_record_as_enabled(consents:
 CONSENT_CASES: list[Callable[[Any], Awaitable[None]]] = [
     a_consent_is_kept_and_changed_by_newer_commands_only,
     a_no_effect_command_still_orders_the_ones_after_it,
+    commands_of_the_same_millisecond_take_effect_in_arrival_order,
     enabled_orgs_are_those_whose_consent_is_on_record_as_enabled,
 ]

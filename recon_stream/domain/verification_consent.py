@@ -4,9 +4,12 @@ changes it.
 The scanner connects to an organization's exposures only while its consent is on
 record as enabled (and `RECON_VERIFY_TCP` is on). Consent is one record per
 organization: the last decision, who made it, when and why. Commands are applied in
-the order they were requested (`requested_at`, then the command id), so a redelivered
-older command never overrides a newer one, and a command repeating what is on record
-changes nothing (who and when stay those of the decision that set it).
+the order they were requested (`requested_at`, as MongoDB stores it: to the
+millisecond), so a redelivered older command never overrides a newer one, and a
+command repeating what is on record changes nothing (who and when stay those of the
+decision that set it). Commands requested in the same millisecond take effect in the
+order they arrive: an organization's commands share a partition (key = organization),
+and a redelivered one was marked applied before any later one was read.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def decide_consent(
     newest command seen for the organization so far (`newest`: applied or not)."""
     if stored is not None and stored.command_id == wanted.command_id:
         return ConsentChange.REPEATED
-    if newest is not None and wanted.order <= newest:
+    if newest is not None and (wanted.at < newest[0] or wanted.order == newest):
         return ConsentChange.OUTDATED
     if stored is not None and stored.enabled == wanted.enabled:
         return ConsentChange.UNCHANGED

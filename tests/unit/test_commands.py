@@ -305,9 +305,11 @@ def test_a_consent_changes_only_for_a_newer_command_that_says_otherwise() -> Non
     assert decide_consent(on, on.order, _decided(True, "c-2", 1)) is ConsentChange.UNCHANGED
     assert decide_consent(on, on.order, _decided(False, "c-2", 1)) is ConsentChange.CHANGED
     assert decide_consent(on, on.order, _decided(False, "c-0", -1)) is ConsentChange.OUTDATED
-    # The same instant: the command id orders them, the same way everywhere.
+    # The same instant (MongoDB keeps milliseconds): the later to arrive wins, whatever
+    # its id (the CLI's ids are random).
     assert decide_consent(on, on.order, _decided(False, "c-2", 0)) is ConsentChange.CHANGED
-    assert decide_consent(on, on.order, _decided(False, "c-0", 0)) is ConsentChange.OUTDATED
+    assert decide_consent(on, on.order, _decided(False, "c-0", 0)) is ConsentChange.CHANGED
+    assert decide_consent(None, on.order, on) is ConsentChange.OUTDATED  # seen, no effect
     # A newer command that had no effect still orders those after it.
     newest = _decided(True, "c-3", 5).order
     assert decide_consent(on, newest, _decided(False, "c-2", 3)) is ConsentChange.OUTDATED
