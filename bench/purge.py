@@ -25,14 +25,11 @@ Prints one JSON object on stdout (logs go to stderr). Example:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
-import tempfile
 import time
 import uuid
-from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,9 +40,9 @@ from recon_stream.adapters.command_log import CommandLog
 from recon_stream.app import snapshot_updater
 from recon_stream.domain.scans import HostScan, Service
 from recon_stream.domain.snapshot import OrgContext
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import run_on_servers
 from tests.integration import support
 from tests.integration.support import prepare, running
 
@@ -193,23 +190,7 @@ def main() -> None:
     parser.add_argument("--kafka", help="bootstrap servers (default: embedded Tansu)")
     parser.add_argument("--mongodb", help="MongoDB URI (default: embedded)")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("faststream.access.kafka").addFilter(
-        lambda record: record.levelno >= logging.WARNING
-    )
-    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON only
-    with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        if args.mongodb:
-            mongodb, mongodb_server = args.mongodb, "external"
-        else:
-            embedded = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
-            mongodb, mongodb_server = embedded.uri, f"embedded {embedded.engine}"
-        result = asyncio.run(run(kafka, mongodb, mongodb_server, args))
-    print(json.dumps(result, indent=2), file=out)
+    run_on_servers(run, args)
 
 
 if __name__ == "__main__":

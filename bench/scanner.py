@@ -34,13 +34,11 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import logging
 import random
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,12 +46,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from recon_stream.app import build_worker
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from recon_stream.settings import Settings
 
 # The emulator lives with the tests; make the repository root importable when
 # this file is run as a script (`python bench/scanner.py`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import run_on_servers
 from tests.emulators.shodan import ShodanEmulator
 from tests.integration import support
 from tests.integration.support import prepare, running
@@ -453,27 +451,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.backlog = min(args.pairs, 30), min(args.backlog, 40)
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("faststream").setLevel(logging.WARNING)
-    # FastStream's broker logger gets its own level (INFO) and a stdout handler at
-    # every broker start; a filter survives that.
-    logging.getLogger("faststream.access.kafka").addFilter(
-        lambda record: record.levelno >= logging.WARNING
-    )
-    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON only
-
-    with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recon-bench-")))
-        kafka = args.kafka or stack.enter_context(EmbeddedKafka(log_dir=tmp)).bootstrap_servers
-        if args.mongodb:
-            mongodb, mongodb_server = args.mongodb, "external"
-        else:
-            embedded = stack.enter_context(EmbeddedMongo(data_dir=tmp / "mongo", log_dir=tmp))
-            mongodb, mongodb_server = embedded.uri, f"embedded {embedded.engine}"
-        result = asyncio.run(run(kafka, mongodb, mongodb_server, args))
-    print(json.dumps(result, indent=2), file=out)
+    run_on_servers(run, args)
 
 
 if __name__ == "__main__":
