@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING
@@ -15,6 +15,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.collections import ACCEPTANCES
+from recon_stream.adapters.mongo import aware, delete_organization
 from recon_stream.domain.acceptance import Acceptance
 
 Document = dict[str, Any]
@@ -37,8 +38,7 @@ class Acceptances:
 
     async def forget_organization(self, organization_id: str) -> int:
         """Delete the organization's acceptances; how many."""
-        result = await self._collection.delete_many({"organization_id": organization_id})
-        return result.deleted_count
+        return await delete_organization(self._collection, organization_id)
 
     async def accept(self, acceptance: Acceptance, command_id: str) -> None:
         """Put `acceptance` on record, replacing any for the same exposure and scope."""
@@ -125,10 +125,6 @@ def _acceptance_of(doc: Document) -> Acceptance:
         port=int(doc["port"]),
         reason=doc["reason"],
         requested_by=doc["requested_by"],
-        accepted_at=_aware(doc["accepted_at"]),
-        expires_at=_aware(doc["expires_at"]) if doc.get("expires_at") else None,
+        accepted_at=aware(doc["accepted_at"]),
+        expires_at=aware(doc["expires_at"]) if doc.get("expires_at") else None,
     )
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

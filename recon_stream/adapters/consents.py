@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from recon_stream.adapters.collections import VERIFICATION_CONSENTS
+from recon_stream.adapters.mongo import aware, delete_organization
 from recon_stream.domain.verification_consent import Consent, ConsentChange, decide_consent
 
 Document = dict[str, Any]
@@ -40,8 +41,7 @@ class MongoConsents:
 
     async def forget_organization(self, organization_id: str) -> int:
         """Delete the organization's verification consent; how many."""
-        result = await self._collection.delete_many({"organization_id": organization_id})
-        return result.deleted_count
+        return await delete_organization(self._collection, organization_id)
 
     async def set(self, consent: Consent) -> ConsentChange:
         """Store `consent` if it changes what is on record and no newer command was
@@ -112,7 +112,7 @@ def _consent_of(doc: Document) -> Consent | None:
         enabled=bool(doc["enabled"]),
         requested_by=doc["requested_by"],
         reason=doc["reason"],
-        at=_aware(doc["at"]),
+        at=aware(doc["at"]),
         command_id=doc["command_id"],
     )
 
@@ -120,13 +120,9 @@ def _consent_of(doc: Document) -> Consent | None:
 def _newest_of(doc: Document) -> tuple[datetime, str] | None:
     if doc.get("newest_at") is None:
         return None
-    return (_aware(doc["newest_at"]), str(doc["newest_command_id"]))
+    return (aware(doc["newest_at"]), str(doc["newest_command_id"]))
 
 
 def _stored_precision(consent: Consent) -> Consent:
     at = consent.at.astimezone(UTC)
     return dataclasses.replace(consent, at=at.replace(microsecond=at.microsecond // 1000 * 1000))
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

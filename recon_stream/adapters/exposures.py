@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from recon_stream.adapters.collections import EXPOSURES
+from recon_stream.adapters.mongo import delete_organization
 from recon_stream.domain.acceptance import AcceptanceInfo
 from recon_stream.domain.exposures import ExposureEvent, ExposureKey, ExposureState
 from recon_stream.domain.risk import Severity
@@ -56,8 +57,7 @@ class MongoSnapshots:
 
     async def forget_organization(self, organization_id: str) -> int:
         """Delete the organization's snapshots (`purge` closes them first); how many."""
-        result = await self._collection.delete_many({"organization_id": organization_id})
-        return result.deleted_count
+        return await delete_organization(self._collection, organization_id)
 
     # -- snapshots --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from recon_stream.adapters.collections import HISTORY
+from recon_stream.adapters.mongo import delete_organization
 from recon_stream.domain.exposures import ExposureEvent
 from recon_stream.domain.pairs import DismissalEntry
 from recon_stream.domain.verification_consent import Consent
@@ -45,8 +46,7 @@ class History:
 
     async def forget_organization(self, organization_id: str) -> int:
         """Delete the organization's history entries; how many."""
-        result = await self._collection.delete_many({"organization_id": organization_id})
-        return result.deleted_count
+        return await delete_organization(self._collection, organization_id)
 
     async def record(self, events: Sequence[ExposureEvent]) -> None:
         """Keep each event's entry (idempotent by event id)."""

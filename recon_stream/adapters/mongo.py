@@ -6,9 +6,11 @@ Each collection has one owner among the adapters; `adapters.collections` names t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.monitoring import CommandListener
 
 from recon_stream.settings import Settings
@@ -39,3 +41,15 @@ def connect(
         if settings.mongodb_tls_allow_invalid_hostnames:
             options["tlsAllowInvalidHostnames"] = True
     return AsyncMongoClient(settings.mongodb_uri.get_secret_value(), **options)
+
+
+def aware(moment: datetime) -> datetime:
+    """`moment` as UTC with its zone: a client that is not tz-aware hands times back
+    naive."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def delete_organization(collection: AsyncCollection[Document], organization_id: str) -> int:
+    """Delete the organization's documents in `collection` (`purge`); how many."""
+    result = await collection.delete_many({"organization_id": organization_id})
+    return result.deleted_count

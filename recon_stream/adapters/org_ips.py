@@ -28,6 +28,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from recon_stream.adapters.collections import ORG_IPS
+from recon_stream.adapters.mongo import aware, delete_organization
 from recon_stream.domain.pairs import Dismissal, PairStatus
 from recon_stream.domain.sightings import PairKey, PairSighting
 from recon_stream.domain.snapshot import OrgContext
@@ -491,8 +492,7 @@ class MongoOrgIps:
 
     async def forget_organization(self, organization_id: str) -> int:
         """Delete every pair of the organization (`purge`); how many."""
-        result = await self._collection.delete_many({"organization_id": organization_id})
-        return result.deleted_count
+        return await delete_organization(self._collection, organization_id)
 
     async def reason_of(self, organization_id: str, ip: str) -> str | None:
         doc = await self._collection.find_one(
@@ -565,22 +565,15 @@ def _status(doc: Document) -> PairStatus:
     return PairStatus(was) if was in PairStatus._value2member_map_ else PairStatus.ACTIVE
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # MongoDB hands back naive UTC times unless the client is tz-aware.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def _dismissal(doc: Document) -> Dismissal:
     d = doc.get("dismissal") or {}
-    at = _aware(d.get("dismissed_at"))
+    at, expires = d.get("dismissed_at"), d.get("expires_at")
     return Dismissal(
         organization_id=doc["organization_id"],
         ip=doc["ip"],
         reason=d.get("reason", ""),
         requested_by=d.get("requested_by", ""),
-        dismissed_at=at if at is not None else datetime.fromtimestamp(0, UTC),
-        expires_at=_aware(d.get("expires_at")),
+        dismissed_at=aware(at) if at is not None else datetime.fromtimestamp(0, UTC),
+        expires_at=aware(expires) if expires is not None else None,
         command_id=d.get("command_id", ""),
     )
