@@ -18,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from recon_stream.adapters.scan_queue import PRIORITY, QueueItem
+from recon_stream.commands import CommandService
 from recon_stream.dead_letters import Rejected
+from recon_stream.dismissals import Dismissing
 from recon_stream.domain.acceptance import Acceptance
 from recon_stream.domain.commands import CommandOutcome
 from recon_stream.domain.exposures import Assessor, ExposureEvent
@@ -26,6 +28,7 @@ from recon_stream.domain.pairs import Dismissal, DismissalEntry, PairStatus
 from recon_stream.domain.policy_file import DEFAULT_POLICY
 from recon_stream.domain.scan_requests import ScanReason, ScanRequest
 from recon_stream.domain.scans import HostScan
+from recon_stream.domain.scope import EMPTY_SCOPE, Scope
 from recon_stream.domain.snapshot import OrgContext, Outbox, Snapshot, StateRow, Update
 from recon_stream.domain.verification_consent import Consent, ConsentChange, decide_consent
 from recon_stream.domain.vulns import Feed, FeedStatus, VulnContext
@@ -659,6 +662,30 @@ class Parts:
             self.metrics,
             self.retrying,
             ocsf=self.ocsf,
+        )
+
+    def command_service(self, scope: Scope = EMPTY_SCOPE) -> CommandService:
+        """The commands stage on these fakes, wired as `app.wire_commands` wires it."""
+        return CommandService(
+            self.acceptances,
+            self.org_ips,
+            self.queue,
+            self.command_log,
+            self.outbox,
+            self.dead_letters,
+            self.metrics,
+            self.retrying,
+            consents=self.consents,
+            consent_history=self.history,
+            dismissing=Dismissing(self.org_ips, self.history, scope, self.outbox),
+            snapshots=self.snapshots,
+            organization_data=(
+                self.org_ips,
+                self.snapshots,
+                self.acceptances,
+                self.history,
+                self.consents,
+            ),
         )
 
 

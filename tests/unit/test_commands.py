@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recon_stream.commands import CommandService
 from recon_stream.domain.acceptance import Acceptance, AcceptanceInfo, acceptance_for
 from recon_stream.domain.commands import (
     AcceptCommand,
@@ -324,21 +323,6 @@ async def test_consent_store_fake(case: Callable[[Any], Awaitable[None]]) -> Non
     await case(FakeConsents())
 
 
-def _service(parts: Parts) -> CommandService:
-    return CommandService(
-        parts.acceptances,
-        parts.org_ips,
-        parts.queue,
-        parts.command_log,
-        parts.outbox,
-        parts.dead_letters,
-        parts.metrics,
-        parts.retrying,
-        consents=parts.consents,
-        consent_history=parts.history,
-    )
-
-
 def _record(**fields: Any) -> FakeRecord:
     return FakeRecord(json.dumps(verification(**fields)).encode(), key=b"acme")
 
@@ -349,7 +333,7 @@ def _count(parts: Parts, outcome: str) -> float:
 
 async def test_enabling_then_disabling_is_applied_once_each_with_history_entries() -> None:
     parts = Parts()  # no heartbeat from acme yet: consent may come first
-    service = _service(parts)
+    service = parts.command_service()
     enable = _record(command_id="v-1")
     later = "2026-11-01T13:00:00Z"
     assert await service.handle([enable, enable]) == 2  # the second is a duplicate
@@ -378,7 +362,7 @@ async def test_enabling_then_disabling_is_applied_once_each_with_history_entries
 
 async def test_an_older_verification_delivered_late_has_no_effect() -> None:
     parts = Parts()
-    service = _service(parts)
+    service = parts.command_service()
     newer = _record(command_id="v-2", enabled=False, requested_at="2026-11-01T13:00:00Z")
     older = _record(command_id="v-1", enabled=True)
     await service.handle([_record(command_id="v-0", requested_at="2026-11-01T11:00:00Z")])
@@ -390,7 +374,7 @@ async def test_an_older_verification_delivered_late_has_no_effect() -> None:
 
 async def test_a_verification_stored_before_a_crash_is_applied_and_kept_in_history() -> None:
     parts = Parts()
-    service = _service(parts)
+    service = parts.command_service()
     raw = verification(command_id="v-1")
     command = parse_command(json.dumps(raw).encode())
     assert isinstance(command, VerificationCommand)
@@ -414,7 +398,7 @@ async def test_a_bad_verification_goes_to_the_dlq_and_is_recorded_rejected(
     value: str, reason: RejectReason
 ) -> None:
     parts = Parts()
-    service = _service(parts)
+    service = parts.command_service()
     assert await service.handle([FakeRecord(value.encode()), _record(command_id="ok")]) == 1
     (rejected,) = parts.dead_letters.rejected
     assert rejected.reason is reason

@@ -11,7 +11,6 @@ from typing import Any
 import jsonschema
 import pytest
 
-from recon_stream.commands import CommandService
 from recon_stream.dismissals import Dismissing
 from recon_stream.domain.commands import (
     DismissCommand,
@@ -23,7 +22,7 @@ from recon_stream.domain.commands import (
 from recon_stream.domain.messages import InvalidMessage, RejectReason
 from recon_stream.domain.pairs import DismissalChange, PairStatus
 from recon_stream.domain.scans import HostScan, Service
-from recon_stream.domain.scope import EMPTY_SCOPE, Scope, parse_scope
+from recon_stream.domain.scope import EMPTY_SCOPE, parse_scope
 from recon_stream.domain.snapshot import OrgContext
 from recon_stream.domain.verification_consent import Consent
 from tests.fakes import FakeRecord, Parts
@@ -56,30 +55,6 @@ def command(kind: str, **fields: Any) -> dict[str, Any]:
 
 def record(kind: str, **fields: Any) -> FakeRecord:
     return FakeRecord(json.dumps(command(kind, **fields)).encode(), key=b"acme")
-
-
-def service(parts: Parts, scope: Scope = EMPTY_SCOPE) -> CommandService:
-    return CommandService(
-        parts.acceptances,
-        parts.org_ips,
-        parts.queue,
-        parts.command_log,
-        parts.outbox,
-        parts.dead_letters,
-        parts.metrics,
-        parts.retrying,
-        consents=parts.consents,
-        consent_history=parts.history,
-        dismissing=Dismissing(parts.org_ips, parts.history, scope, parts.outbox),
-        snapshots=parts.snapshots,
-        organization_data=(
-            parts.org_ips,
-            parts.snapshots,
-            parts.acceptances,
-            parts.history,
-            parts.consents,
-        ),
-    )
 
 
 async def opened(parts: Parts, org: str, ip: str, *services: Service) -> None:
@@ -144,7 +119,7 @@ async def test_a_dismissal_closes_the_ips_exposures_for_that_organization_only()
     parts = Parts()
     await opened(parts, "acme", IP, RDP, SMB)
     await opened(parts, "globex", IP, RDP)
-    commands = service(parts)
+    commands = parts.command_service()
     dismiss = record("dismiss", command_id="d-1")
     assert await commands.handle([dismiss, dismiss]) == 2  # the second: a duplicate
     assert sorted(closed(parts)) == [
@@ -173,7 +148,7 @@ async def test_a_dismissal_closes_the_ips_exposures_for_that_organization_only()
 async def test_an_ip_never_reported_cannot_be_dismissed_and_goes_to_the_dlq() -> None:
     parts = Parts()
     parts.org_ips.add("globex", IP)  # someone else's IP is not acme's to dismiss
-    commands = service(parts)
+    commands = parts.command_service()
     assert await commands.handle([record("dismiss", command_id="d-1")]) == 0
     (rejected,) = parts.dead_letters.rejected
     assert rejected.reason is RejectReason.UNKNOWN_TARGET
@@ -188,7 +163,7 @@ async def test_a_retired_or_excluded_ip_can_be_dismissed_and_a_heartbeat_keeps_i
     parts = Parts()
     parts.org_ips.add("acme", IP)
     parts.org_ips.pairs[("acme", IP)]["status"] = "retired"
-    commands = service(parts)
+    commands = parts.command_service()
     await commands.handle([record("dismiss", command_id="d-1")])
     assert parts.org_ips.pairs[("acme", IP)]["status"] == "dismissed"
     assert parts.dead_letters.rejected == []
@@ -203,7 +178,7 @@ async def test_undismiss_makes_the_ip_active_and_looked_up_again_or_excluded_by_
         f"    exclude: [{{cidr: {OTHER}/32, reason: guests}}]\n",
         "scope.yaml",
     )
-    commands = service(parts, scope)
+    commands = parts.command_service(scope)
     await commands.handle([record("dismiss", command_id="d-1")])
     await commands.handle([record("dismiss", ip=OTHER, command_id="d-2")])
     later = "2026-12-01T13:00:00Z"
@@ -268,7 +243,7 @@ async def test_a_dismissal_stored_before_a_crash_still_closes_on_redelivery() ->
     assert isinstance(parsed, DismissCommand)
     # Stored, then the worker died before closing, history and the outcome.
     assert await parts.org_ips.dismiss(dismissal_of(parsed)) is PairStatus.ACTIVE
-    await service(parts).handle([FakeRecord(json.dumps(raw).encode())])
+    await parts.command_service().handle([FakeRecord(json.dumps(raw).encode())])
     assert closed(parts) == [("acme", IP, 3389, "dismissed")]
     assert list(parts.history.dismissals) == ["dismiss:d-1"]
 
@@ -282,7 +257,7 @@ async def test_purge_closes_every_open_exposure_then_deletes_the_organization() 
     await opened(parts, "acme", OTHER)
     await opened(parts, "globex", IP)
     await parts.consents.set(Consent("acme", True, "ciso@acme", "contract", T0, "v-1"))
-    commands = service(parts)
+    commands = parts.command_service()
     events_before = len(parts.events.published)
     await commands.handle([record("purge", command_id="p-1")])
     assert parts.command_log.outcomes["p-1"][0].value == "applied"
@@ -314,7 +289,7 @@ async def test_purge_closes_every_open_exposure_then_deletes_the_organization() 
 async def test_purge_of_an_unknown_organization_has_no_effect() -> None:
     parts = Parts()
     await opened(parts, "globex", IP)
-    await service(parts).handle([record("purge", command_id="p-1")])
+    await parts.command_service().handle([record("purge", command_id="p-1")])
     assert parts.command_log.outcomes["p-1"][0].value == "no_effect"
     assert parts.dead_letters.rejected == []
     assert ("globex", IP) in parts.org_ips.pairs

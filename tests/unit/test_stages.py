@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from recon_stream.commands import CommandService
 from recon_stream.domain.messages import RejectReason
 from recon_stream.domain.scan_requests import ScanReason
 from recon_stream.domain.scans import HostScan, Service
@@ -180,19 +179,6 @@ async def test_a_bad_scan_request_goes_to_the_dlq_with_the_reason_a_heartbeat_ge
 # -- commands -------------------------------------------------------------------------
 
 
-def commands(parts: Parts) -> CommandService:
-    return CommandService(
-        parts.acceptances,
-        parts.org_ips,
-        parts.queue,
-        parts.command_log,
-        parts.outbox,
-        parts.dead_letters,
-        parts.metrics,
-        parts.retrying,
-    )
-
-
 def command(kind: str, **fields: Any) -> FakeRecord:
     body = {
         "command": kind,
@@ -214,7 +200,7 @@ async def open_rdp(parts: Parts) -> None:
 async def test_accept_changes_the_open_exposure_once_per_command_id() -> None:
     parts = Parts()
     await open_rdp(parts)
-    service = commands(parts)
+    service = parts.command_service()
     accept = command("accept", ip=IP, port=3389, reason="jump host", command_id="c-1")
     assert await service.handle([accept, accept]) == 2  # the second is a duplicate
     changed = [e for e in parts.events.published if e.data.change.value == "changed"]
@@ -227,7 +213,7 @@ async def test_accept_changes_the_open_exposure_once_per_command_id() -> None:
 async def test_unaccept_takes_the_acceptance_back() -> None:
     parts = Parts()
     await open_rdp(parts)
-    service = commands(parts)
+    service = parts.command_service()
     await service.handle([command("accept", port=3389, reason="everywhere")])
     await service.handle([command("unaccept", port=3389)])
     reasons = [e.data.reason for e in parts.events.published if e.data.change.value == "changed"]
@@ -238,7 +224,7 @@ async def test_unaccept_takes_the_acceptance_back() -> None:
 async def test_a_rescan_queues_a_manual_request_for_the_orgs_own_ips_only() -> None:
     parts = Parts()
     parts.org_ips.add("acme", IP)
-    service = commands(parts)
+    service = parts.command_service()
     await service.handle([command("rescan", ip=OTHER), command("rescan")])
     (rejected,) = parts.dead_letters.rejected
     assert rejected.reason is RejectReason.UNKNOWN_TARGET
@@ -249,7 +235,7 @@ async def test_a_rescan_queues_a_manual_request_for_the_orgs_own_ips_only() -> N
 async def test_an_invalid_command_goes_to_the_dlq_and_the_batch_goes_on() -> None:
     parts = Parts()
     parts.org_ips.add("acme", IP)
-    service = commands(parts)
+    service = parts.command_service()
     applied = await service.handle(
         [FakeRecord(b"{"), command("accept", port=70000, reason="x"), command("rescan")]
     )
@@ -304,7 +290,7 @@ async def test_a_pair_unused_for_the_retention_closes_its_exposures() -> None:
 async def test_an_expired_acceptance_is_applied_then_forgotten() -> None:
     parts = Parts()
     await open_rdp(parts)
-    service = commands(parts)
+    service = parts.command_service()
     soon = now() + timedelta(seconds=1)
     await service.handle(
         [command("accept", ip=IP, port=3389, reason="change window", expires_at=soon.isoformat())]
@@ -353,7 +339,7 @@ async def test_every_commands_outcome_is_recorded_by_id() -> None:
     parts = Parts()
     await open_rdp(parts)
     await parts.queue.enqueue([request("acme", IP, ScanReason.MANUAL, now())])
-    service = commands(parts)
+    service = parts.command_service()
     await service.handle(
         [
             command("accept", ip=IP, port=3389, reason="jump host", command_id="applied"),
