@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import SecretStr
 
 from recon_stream.adapters import initialize
 from recon_stream.app import Worker, build_worker
+from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from recon_stream.settings import Settings
+from tests.emulators.shodan import ShodanEmulator
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -274,3 +278,59 @@ def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -
         timeout=120,
         check=False,
     )
+
+
+Command = tuple[bytes, bytes, list[Any]]
+"""A command record for `produce`: key (the organization), value, headers."""
+
+
+def command(kind: str, org: str = "acme", **fields: Any) -> Command:
+    """A command of `kind` for `org`, requested now by a technician, with a new id."""
+    body = {
+        "command": kind,
+        "organization_id": org,
+        "requested_by": "tech@msp.example",
+        "requested_at": datetime.now(UTC).isoformat(),
+        "command_id": str(uuid.uuid4()),
+        **fields,
+    }
+    return org.encode(), json.dumps(body).encode(), []
+
+
+async def send(settings: Settings, *commands: Command) -> None:
+    await produce(settings.kafka_bootstrap_servers, settings.topic_commands, list(commands))
+
+
+@asynccontextmanager
+async def verification_world(
+    workdir: str, scanner_group_id: str, **overrides: Any
+) -> AsyncIterator[tuple[Settings, ShodanEmulator]]:
+    """Tansu, mongod and the Shodan emulator (run it inside a test's network namespace),
+    and settings for them with TCP verification on: a confirm interval and a connect
+    timeout of 1 s unless `overrides` say otherwise."""
+    base = Path(workdir)
+    with (
+        EmbeddedKafka(log_dir=base / "logs") as kafka,
+        EmbeddedMongo(data_dir=base / "mongo", log_dir=base / "logs") as mongo,
+        ShodanEmulator(rate=None) as shodan,
+    ):
+        values: dict[str, Any] = {
+            "shodan_provider": "api",
+            "shodan_api_key": SecretStr(shodan.api_key),
+            "shodan_api_url": shodan.url,
+            "shodan_rate": 20.0,
+            "shodan_timeout_seconds": 2.0,
+            "exposure_relay_interval_seconds": 0.5,
+            "gauge_sample_seconds": 0.5,
+            "verify_tcp": True,
+            "verify_rate": 20.0,
+            "verify_timeout_seconds": 1.0,
+            "verify_confirm_seconds": 1.0,
+            "scanner_group_id": scanner_group_id,
+            **overrides,
+        }
+        settings = make_settings(
+            kafka.bootstrap_servers, mongo.uri, uuid.uuid4().hex[:10], **values
+        )
+        await prepare(settings)
+        yield settings, shodan

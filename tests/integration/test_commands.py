@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +26,7 @@ from tests.store_cases import CONSENT_CASES
 from .support import (
     NOW,
     banner,
+    command,
     events_on,
     eventually,
     heartbeat,
@@ -36,23 +36,8 @@ from .support import (
     run_cli,
     running,
     sample,
+    send,
 )
-
-
-def command(kind: str, org: str = "acme", **fields: Any) -> tuple[bytes, bytes, list[Any]]:
-    body = {
-        "command": kind,
-        "organization_id": org,
-        "requested_by": "tech@msp.example",
-        "requested_at": datetime.now(UTC).isoformat(),
-        "command_id": str(uuid.uuid4()),
-        **fields,
-    }
-    return org.encode(), json.dumps(body).encode(), []
-
-
-async def send(settings: Settings, *commands: tuple[bytes, bytes, list[Any]]) -> None:
-    await produce(settings.kafka_bootstrap_servers, settings.topic_commands, commands)
 
 
 def host_requests(emulator: ShodanEmulator, ip: str) -> int:

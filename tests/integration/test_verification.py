@@ -19,30 +19,25 @@ import asyncio
 import json
 import socket
 import threading
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from tests import netns
-from tests.emulators.shodan import ShodanEmulator
 
 from .support import (
     NOW,
     banner,
+    command,
     eventually,
     heartbeat,
     host,
-    make_settings,
-    prepare,
     produce,
     read_all,
     running,
     sample,
+    verification_world,
 )
 
 IP = netns.PUBLIC_ADDRESS
@@ -67,47 +62,12 @@ def _listen(port: int) -> socket.socket:
     return server
 
 
-def _command(kind: str, org: str, **fields: Any) -> tuple[bytes, bytes, list[Any]]:
-    body = {
-        "command": kind,
-        "organization_id": org,
-        "requested_by": "tech@msp.example",
-        "requested_at": datetime.now(UTC).isoformat(),
-        "command_id": str(uuid.uuid4()),
-        **fields,
-    }
-    return org.encode(), json.dumps(body).encode(), []
-
-
 async def scene(workdir: str) -> dict[str, Any]:
     """Runs inside the namespace."""
-    base = Path(workdir)
     rdp = _listen(3389)
-    with (
-        EmbeddedKafka(log_dir=base / "logs") as kafka,
-        EmbeddedMongo(data_dir=base / "mongo", log_dir=base / "logs") as mongo,
-        ShodanEmulator(rate=None) as shodan,
-    ):
-        settings = make_settings(
-            kafka.bootstrap_servers,
-            mongo.uri,
-            uuid.uuid4().hex[:10],
-            shodan_provider="api",
-            shodan_api_key=SecretStr(shodan.api_key),
-            shodan_api_url=shodan.url,
-            shodan_rate=20.0,
-            shodan_timeout_seconds=2.0,
-            exposure_relay_interval_seconds=0.5,
-            gauge_sample_seconds=0.5,
-            verify_tcp=True,
-            verify_rate=20.0,
-            verify_timeout_seconds=1.0,
-            verify_confirm_seconds=1.0,
-            scanner_group_id="scanner-verify",
-        )
-        await prepare(settings)
+    async with verification_world(workdir, "scanner-verify") as (settings, shodan):
         shodan.set_host(IP, host(IP, banner(3389, "rdp"), banner(445, "smb")))
-        consent = _command("verification", "acme", enabled=True, reason="contract §4 allows it")
+        consent = command("verification", "acme", enabled=True, reason="contract §4 allows it")
         await produce(settings.kafka_bootstrap_servers, settings.topic_commands, [consent])
         async with running(settings, ("ingest", "scanner")) as worker:
 
@@ -140,7 +100,7 @@ async def scene(workdir: str) -> dict[str, Any]:
             await produce(
                 settings.kafka_bootstrap_servers,
                 settings.topic_commands,
-                [_command("rescan", "acme", ip=IP)],
+                [command("rescan", "acme", ip=IP)],
             )
 
             async def rescanned() -> bool:

@@ -31,20 +31,16 @@ import json
 import socket
 import struct
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
 from pymongo import AsyncMongoClient
 
 from recon_stream.adapters.collections import SCAN_CREDITS, SCAN_QUEUE
 from recon_stream.adapters.scan_credits import MongoScanCredits
 from recon_stream.app import Worker
-from recon_stream.embedded import EmbeddedKafka, EmbeddedMongo
 from recon_stream.settings import Settings
 from tests import netns
 from tests.emulators.shodan import ShodanEmulator
@@ -52,15 +48,16 @@ from tests.emulators.shodan import ShodanEmulator
 from .support import (
     NOW,
     banner,
+    command,
     eventually,
     heartbeat,
     host,
-    make_settings,
-    prepare,
     produce,
     read_all,
     running,
     sample,
+    send,
+    verification_world,
 )
 
 IP = netns.PUBLIC_ADDRESS
@@ -74,57 +71,9 @@ RESULTS = ("open", "closed", "no_answer", "error", "not_checkable")
 # -- run inside the namespace (Namespace.call) ---------------------------------------------
 
 
-@asynccontextmanager
-async def _world(workdir: str, **overrides: Any) -> AsyncIterator[tuple[Settings, ShodanEmulator]]:
-    """Tansu, mongod and the Shodan emulator inside the namespace, and settings for them
-    with verification on (confirm interval and connect timeout of 1 s)."""
-    base = Path(workdir)
-    with (
-        EmbeddedKafka(log_dir=base / "logs") as kafka,
-        EmbeddedMongo(data_dir=base / "mongo", log_dir=base / "logs") as mongo,
-        ShodanEmulator(rate=None) as shodan,
-    ):
-        settings = make_settings(
-            kafka.bootstrap_servers,
-            mongo.uri,
-            uuid.uuid4().hex[:10],
-            shodan_provider="api",
-            shodan_api_key=SecretStr(shodan.api_key),
-            shodan_api_url=shodan.url,
-            shodan_rate=20.0,
-            shodan_timeout_seconds=2.0,
-            exposure_relay_interval_seconds=0.5,
-            gauge_sample_seconds=0.5,
-            verify_tcp=True,
-            verify_rate=20.0,
-            verify_timeout_seconds=TIMEOUT,
-            verify_confirm_seconds=CONFIRM,
-            scanner_group_id="scanner-rules",
-            **overrides,
-        )
-        await prepare(settings)
-        yield settings, shodan
-
-
-def _command(kind: str, org: str, **fields: Any) -> tuple[bytes, bytes, list[Any]]:
-    body = {
-        "command": kind,
-        "organization_id": org,
-        "requested_by": "tech@msp.example",
-        "requested_at": datetime.now(UTC).isoformat(),
-        "command_id": str(uuid.uuid4()),
-        **fields,
-    }
-    return org.encode(), json.dumps(body).encode(), []
-
-
-async def _send(settings: Settings, *commands: tuple[bytes, bytes, list[Any]]) -> None:
-    await produce(settings.kafka_bootstrap_servers, settings.topic_commands, list(commands))
-
-
 async def _consent_and_report(settings: Settings, worker: Worker, ip: str) -> None:
     """acme consents to verification, then its agent reports `ip`."""
-    await _send(settings, _command("verification", "acme", enabled=True, reason="contract"))
+    await send(settings, command("verification", "acme", enabled=True, reason="contract"))
 
     async def consented() -> bool:
         applied = sample(worker, "recon_commands_total", command="verification", outcome="applied")
@@ -229,7 +178,9 @@ async def one_port_silent(workdir: str) -> dict[str, Any]:
     rdp = await _answering(3389)
     listening, filler = await _silent(5900)
     try:
-        async with _world(workdir) as (settings, shodan):
+        async with verification_world(
+            workdir, "scanner-rules", verify_confirm_seconds=CONFIRM, verify_timeout_seconds=TIMEOUT
+        ) as (settings, shodan):
             shodan.set_host(IP, host(IP, banner(3389, "rdp"), banner(5900, "vnc")))
             async with running(settings, ("ingest", "scanner")) as worker:
                 await _consent_and_report(settings, worker, IP)
@@ -255,7 +206,9 @@ async def one_port_silent(workdir: str) -> dict[str, Any]:
 
 async def whole_ip_silent(workdir: str) -> dict[str, Any]:
     """Every reported port of SILENT_IP unreachable: four rounds, nothing closes."""
-    async with _world(workdir) as (settings, shodan):
+    async with verification_world(
+        workdir, "scanner-rules", verify_confirm_seconds=CONFIRM, verify_timeout_seconds=TIMEOUT
+    ) as (settings, shodan):
         shodan.set_host(SILENT_IP, host(SILENT_IP, banner(3389, "rdp"), banner(445, "smb")))
         async with running(settings, ("ingest", "scanner")) as worker:
             await _consent_and_report(settings, worker, SILENT_IP)
@@ -267,7 +220,7 @@ async def whole_ip_silent(workdir: str) -> dict[str, Any]:
             await _until(silent_twice, worker, settings)
             await _idle(worker)
             # A rescan: one more round (and its confirming one), seconds later.
-            await _send(settings, _command("rescan", "acme", ip=SILENT_IP))
+            await send(settings, command("rescan", "acme", ip=SILENT_IP))
 
             async def silent_four_times() -> bool:
                 rounds = _rounds(worker, "rescan") >= 1 and _rounds(worker, "confirm") >= 2
@@ -287,8 +240,11 @@ async def rescans_with_credits(workdir: str) -> dict[str, Any]:
     rdp, https = await _answering(3389), await _answering(443)
     seen: dict[str, Any] = {}
     try:
-        async with _world(
+        async with verification_world(
             workdir,
+            "scanner-rules",
+            verify_confirm_seconds=CONFIRM,
+            verify_timeout_seconds=TIMEOUT,
             shodan_scan_credits_per_day=3,
             shodan_scan_poll_seconds=0.2,
             shodan_scan_timeout_seconds=30.0,
@@ -314,7 +270,7 @@ async def rescans_with_credits(workdir: str) -> dict[str, Any]:
                 # 1. Every reported port answers: Shodan's record stands, no credit spent.
                 before = _lookups(shodan)
                 started = time.monotonic()
-                await _send(settings, _command("rescan", "acme", ip=IP))
+                await send(settings, command("rescan", "acme", ip=IP))
 
                 async def rescanned() -> bool:
                     return (
@@ -346,7 +302,7 @@ async def rescans_with_credits(workdir: str) -> dict[str, Any]:
                 except ConnectionRefusedError:
                     refused = True
                 started = time.monotonic()
-                await _send(settings, _command("rescan", "acme", ip=IP))
+                await send(settings, command("rescan", "acme", ip=IP))
 
                 async def scanned() -> bool:
                     return (
