@@ -251,6 +251,10 @@ async def test_a_failing_destination_gets_everything_in_order_and_never_delays_a
             )
             >= 1
         )
+        # Counted once the answer is read, which the receiver may not have sent yet.
+        await until(
+            lambda: sample(worker, "recon_notifier_delivered_total", destination="down") == 40
+        )
         assert sample(worker, "recon_notifier_delivered_total", destination="down") == 40
     for got in (up, down):
         assert len(got) == 40  # each event once, none lost
